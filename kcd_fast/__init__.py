@@ -1,0 +1,12 @@
+"""kcd_fast: GPU-accelerated Knowledge Condensation Distillation (Li et al., ECCV 2022).
+
+* :mod:`kcd_fast.ops` — the operators: ``update_values`` (Eq. 7, 12), ``rank``
+  (Eq. 13), ``condense`` (Eq. 8, 13-15) and ``vaks_mix_`` (Eq. 14).
+* :mod:`kcd_fast.reference` — the float64 reference of every equation.
+"""
+from kcd_fast import ops, reference
+from kcd_fast.ops import CondensePlan, condense, rank, update_values, vaks_mix_
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "reference", "update_values", "rank", "condense", "vaks_mix_", "CondensePlan", "__version__"]

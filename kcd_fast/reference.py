@@ -1,0 +1,222 @@
+"""Float64 reference implementation of the KCD equations (Li et al., ECCV 2022).
+
+Plain, readable PyTorch, one function per equation. It is the oracle for the
+tests and the specification for the fast paths in :mod:`kcd_fast.ops`; it is
+deliberately slow (Python loops where the paper describes a sequence).
+
+Conventions used throughout kcd_fast:
+
+* ``values`` is V^F(x), the running mean of the student's prediction entropy
+  (Eq. 12); ``counts`` is F(x), how often x was recorded.
+* Ranking positions R are 0-based: R = 0 is the most valuable point.
+* ``tau`` is the kept *fraction* at a stage. Eq. 8 read literally
+  (y = 1 iff 1 - R/N >= tau) would keep the top 1 - tau, which contradicts the
+  paper's own |K^| = |K| tau^t, its cost C (Eq. 16) and the official code; we
+  follow the latter three: y = 1 for the ``num_kept(N, tau)`` = floor(tau N)
+  highest-ranked points, i.e. iff R < floor(tau N).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "entropy",
+    "record_values",
+    "score",
+    "rank",
+    "rank_likelihood",
+    "tau",
+    "num_kept",
+    "relative_cost",
+    "Partition",
+    "partition",
+    "vaks_eps",
+    "vaks_mix",
+]
+
+
+def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Prediction entropy V(x) = -sum_c p_S(x,c) log p_S(x,c) (Eq. 7).
+
+    ``p_S = softmax(logits / temperature)``, in float64. A row with any
+    non-finite logit has no defined entropy and yields NaN.
+    Returns float64 [B].
+    """
+    z = logits.detach().to(torch.float64) / float(temperature)
+    logp = torch.log_softmax(z, dim=1)
+    h = -(logp.exp() * logp).sum(dim=1)
+    finite = torch.isfinite(z).all(dim=1)
+    return torch.where(finite, h, torch.full_like(h, float("nan")))
+
+
+def record_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
+                  entropies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online value recording (Eq. 12), one visit at a time, in batch order.
+
+    For each visit of x with entropy V(x): F(x) += 1, then
+    V^F(x) = (F - 1)/F * V^{F-1}(x) + V(x)/F.
+    Duplicate indices in one batch are successive visits. A NaN entropy (a
+    row with non-finite logits) is not a visit: value and count stay.
+    Returns new (values float64 [N], counts int64 [N]); inputs are untouched.
+    """
+    v = values.detach().to(torch.float64).cpu().clone()
+    f = counts.detach().to(torch.int64).cpu().clone()
+    for i, e in zip(indices.tolist(), entropies.detach().to(torch.float64).cpu().tolist()):
+        if math.isnan(e):
+            continue
+        f[i] += 1
+        n = float(f[i])
+        v[i] = (n - 1.0) / n * v[i] + e / n
+    return v, f
+
+
+def score(values: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Cost-aware value V^F(x) * F(x)^alpha (Eq. 13), float64 [N].
+
+    With alpha = 0 the score is V (0^0 = 1); a never-seen point (F = 0) with
+    alpha > 0 scores 0.
+    """
+    v = values.detach().to(torch.float64).cpu()
+    f = counts.detach().to(torch.float64).cpu()
+    return v * f.pow(float(alpha))
+
+
+def ranking_keys(values: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The keys ranked by Eq. 13: the float64 score rounded to float32.
+
+    float32 is the precision ``values`` are stored in; scores equal at that
+    precision are ties (broken by index, see :func:`rank`). NaN ranks last.
+    """
+    k = score(values, counts, alpha).to(torch.float32)
+    return torch.where(torch.isnan(k), torch.full_like(k, -math.inf), k)
+
+
+def rank(values: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """R_V = argsort of V^F * F^alpha, descending (Eq. 13); ties by lower index.
+
+    Returns ``order`` int64 [N]: ``order[r]`` is the point at position r.
+    """
+    keys = ranking_keys(values, counts, alpha)
+    n = keys.numel()
+    # Sort by (-key, index): a stable sort on the negated keys keeps index order in ties.
+    neg = -keys.to(torch.float64) + 0.0  # + 0.0 maps -0.0 to 0.0
+    return torch.sort(neg, stable=True).indices.to(torch.int64).reshape(n)
+
+
+def rank_likelihood(order: torch.Tensor) -> torch.Tensor:
+    """p_R(y; x) = 1 - R_V(x) / |X| (Eq. 8), float64 [N], indexed by point."""
+    n = order.numel()
+    p = torch.empty(n, dtype=torch.float64)
+    p[order.cpu()] = 1.0 - torch.arange(n, dtype=torch.float64) / n
+    return p
+
+
+def tau(stage: int, rho: float, num_stages: int, schedule: str = "exp") -> float:
+    """Condensation threshold tau^t at stage t = 0, 1, ... (Sec. 3.5, Sec. 4).
+
+    ``"exp"``: tau^t = rho^((t+1)/S), S = I/T stages; tau^0 = 0.9423 and
+    tau^{S-1} = rho for rho = 0.7, S = 6.
+    ``"linear"`` (the official code): tau^t = max(rho, 1 - (t+1)(1-rho)/S).
+    """
+    if schedule == "exp":
+        return float(rho) ** ((stage + 1) / num_stages)
+    if schedule == "linear":
+        return max(float(rho), 1.0 - (stage + 1) * (1.0 - float(rho)) / num_stages)
+    raise ValueError(f"schedule must be 'exp' or 'linear', got {schedule!r}")
+
+
+def num_kept(n: int, stage: int, rho: float, num_stages: int, schedule: str = "exp") -> int:
+    """|K1| at stage t: the number of points with y = 1 (Eq. 8 with tau^t).
+
+    ``"exp"``: floor(tau^t N). ``"linear"`` follows the official code's integer
+    steps: N - (t+1) floor((1-rho) N / S), but never below floor(rho N).
+    A small slack keeps floor() from losing a point to float rounding.
+    """
+    if schedule == "linear":
+        step = int(math.floor((1.0 - rho) * n / num_stages + 1e-9))
+        return max(int(math.floor(rho * n + 1e-9)), n - (stage + 1) * step)
+    return int(math.floor(tau(stage, rho, num_stages, schedule) * n + 1e-9))
+
+
+def relative_cost(taus: list[float], stage_epochs: int, epochs: int) -> float:
+    """Relative cost C = |K| (tau^0 + ... ) T / (|K| I) (Eq. 16)."""
+    return sum(taus) * stage_epochs / epochs
+
+
+@dataclass
+class Partition:
+    """Knowledge partition (Sec. 3.4), each index tensor ordered most valuable first."""
+
+    keep: torch.Tensor  # bool [N], y = 1
+    k1h: torch.Tensor   # int64, kept and not augmented
+    k1l: torch.Tensor   # int64 [L], the lowest-ranked kept points, augmented
+    k0: torch.Tensor    # int64 [L], their partners from K0
+    num_k0: int         # |K0| before pairing
+
+
+def partition(order: torch.Tensor, n_keep: int, previous_keep: torch.Tensor | None = None,
+              k0: str = "dropped") -> Partition:
+    """Split K into K1 (y = 1) and K0, then K1 into K1H and K1L (Sec. 3.4).
+
+    K1 is the top ``n_keep`` of ``order``. K0 is, by policy:
+
+    * ``"dropped"`` (official code): points kept before (``previous_keep``,
+      all points if None) and not kept now;
+    * ``"all"`` (paper text): every point with y = 0.
+
+    |K1L| = min(|K0|, |K1|): K1L is that many of the lowest-ranked kept points,
+    paired in rank order with the most valuable points of K0 (Eq. 14).
+    """
+    order = order.cpu().to(torch.int64)
+    n = order.numel()
+    keep = torch.zeros(n, dtype=torch.bool)
+    k1 = order[:n_keep]
+    keep[k1] = True
+    rest = order[n_keep:]
+    if k0 == "dropped":
+        prev = torch.ones(n, dtype=torch.bool) if previous_keep is None else previous_keep.cpu().bool()
+        k0_set = rest[prev[rest]]
+    elif k0 == "all":
+        k0_set = rest
+    else:
+        raise ValueError(f"k0 must be 'dropped' or 'all', got {k0!r}")
+    pairs = min(k0_set.numel(), n_keep)
+    k1l = k1[n_keep - pairs:]
+    k1h = k1[: n_keep - pairs]
+    return Partition(keep=keep, k1h=k1h, k1l=k1l, k0=k0_set[:pairs], num_k0=int(k0_set.numel()))
+
+
+def vaks_eps(num_pairs: int, eps_max: float, adaptive: bool = True) -> torch.Tensor:
+    """Perturbation ratio eps (Eq. 15) for the K1L points, most valuable first.
+
+    With 0-based rank positions x' in K1 and |K1L| = |K0| = L,
+    eps(x') = eps_m / L (x' - |K1|) + eps_m = eps_m j / L for the j-th K1L
+    point: it rises linearly from 0 to eps_m (exclusive), as in the official
+    code. ``adaptive=False`` is the ablation with eps = eps_m for all pairs.
+    Returns float64 [L].
+    """
+    if not adaptive:
+        return torch.full((num_pairs,), float(eps_max), dtype=torch.float64)
+    return float(eps_max) * torch.arange(num_pairs, dtype=torch.float64) / max(num_pairs, 1)
+
+
+def vaks_mix(buffer: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+             eps: torch.Tensor) -> torch.Tensor:
+    """Knowledge augmentation K_Aug = K1L (+) K0 (x) eps (Eq. 14), out of place.
+
+    Row-wise ``out[dst] = (1 - eps) * buffer[dst] + eps * buffer[src]`` in
+    float64, one pair at a time. The mix is convex, so probability rows stay
+    normalised. Integer buffers are rounded to nearest (ties to even) and
+    clamped to their range. Returns a new tensor of ``buffer``'s dtype.
+    """
+    out = buffer.detach().cpu().clone()
+    work = out.to(torch.float64)
+    for d, s, e in zip(dst.tolist(), src.tolist(), eps.to(torch.float64).tolist()):
+        work[d] = (1.0 - e) * work[d] + e * work[s]
+    if not buffer.dtype.is_floating_point:
+        info = torch.iinfo(buffer.dtype)
+        work = work.round().clamp(info.min, info.max)
+    return work.to(buffer.dtype)

@@ -1,0 +1,45 @@
+"""Shared helpers of the tests: random inputs and state snapshots."""
+import torch
+
+
+def make_state(n, *, seed=0, max_count=5, device="cpu"):
+    """Random (values float32 [n], counts int32 [n]) with some never-seen points."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(n, generator=g) * 4.0
+    counts = torch.randint(0, max_count + 1, (n,), generator=g, dtype=torch.int32)
+    values[counts == 0] = 0.0
+    return values.to(device), counts.to(device)
+
+
+def make_logits(b, c, *, dtype=torch.float32, seed=0, scale=3.0, strided=False, device="cpu"):
+    """Random [b, c] logits; ``strided`` gives a non-contiguous view (column stride 2, padded rows)."""
+    g = torch.Generator().manual_seed(seed)
+    if strided:
+        base = torch.randn(b, 2 * c + 3, generator=g) * scale
+        x = base.to(dtype)[:, 1 : 2 * c + 1 : 2]
+        assert not x.is_contiguous()
+    else:
+        x = (torch.randn(b, c, generator=g) * scale).to(dtype)
+    return x.to(device)
+
+
+def make_indices(b, n, *, seed=0, duplicates=True, dtype=torch.int64, device="cpu"):
+    """b indices in [0, n); with ``duplicates`` some repeat (several times when possible)."""
+    g = torch.Generator().manual_seed(seed)
+    if duplicates or b > n:
+        idx = torch.randint(0, n, (b,), generator=g)
+        if b >= 4:
+            idx[b // 2] = idx[0]
+            idx[b - 1] = idx[0]
+    else:
+        idx = torch.randperm(n, generator=g)[:b]
+    return idx.to(dtype).to(device)
+
+
+def snapshot(*tensors):
+    return [t.clone() for t in tensors]
+
+
+def assert_unchanged(before, *tensors):
+    for b, t in zip(before, tensors):
+        assert torch.equal(b, t), "state changed by a call that raised"
