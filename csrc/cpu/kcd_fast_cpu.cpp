@@ -1,0 +1,207 @@
+// CPU kernels of kcd_fast: parallel LSD radix sort for rank (Eq. 13) and the
+// VAKS row mixing (Eq. 14). Arguments are validated by kcd_fast/ops.py; the
+// TORCH_CHECKs here only guard the kernels' own assumptions.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../kcd_fast.h"
+
+namespace kcd_fast {
+namespace {
+
+constexpr int kRadixBits = 11;
+constexpr int kRadixBins = 1 << kRadixBits;
+
+// Stable LSD radix sort of (key, index) pairs by key, ascending, with a
+// per-chunk histogram and scatter on each of at::get_num_threads() chunks.
+// Passes whose digit is the same for every key are skipped.
+void radix_sort_pairs(std::vector<uint32_t>& keys, std::vector<int64_t>& idx) {
+  const int64_t n = static_cast<int64_t>(keys.size());
+  std::vector<uint32_t> keys_alt(n);
+  std::vector<int64_t> idx_alt(n);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16384 + 1));
+  const int64_t chunk = (n + chunks - 1) / chunks;
+  std::vector<int64_t> hist(chunks * kRadixBins);
+  for (int shift = 0; shift < 32; shift += kRadixBits) {
+    std::fill(hist.begin(), hist.end(), 0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int64_t* h = hist.data() + c * kRadixBins;
+        const int64_t end = std::min(n, (c + 1) * chunk);
+        for (int64_t i = c * chunk; i < end; ++i) ++h[(keys[i] >> shift) & (kRadixBins - 1)];
+      }
+    });
+    // Skip the pass if one bin holds everything.
+    bool trivial = false;
+    for (int b = 0; b < kRadixBins && !trivial; ++b) {
+      int64_t total = 0;
+      for (int64_t c = 0; c < chunks; ++c) total += hist[c * kRadixBins + b];
+      if (total == n) trivial = true;
+      else if (total != 0) break;
+    }
+    if (trivial) continue;
+    // Exclusive prefix in (bin, chunk) order: stable across chunks.
+    int64_t running = 0;
+    for (int b = 0; b < kRadixBins; ++b) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        int64_t cnt = hist[c * kRadixBins + b];
+        hist[c * kRadixBins + b] = running;
+        running += cnt;
+      }
+    }
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int64_t* h = hist.data() + c * kRadixBins;
+        const int64_t end = std::min(n, (c + 1) * chunk);
+        for (int64_t i = c * chunk; i < end; ++i) {
+          const int64_t dst = h[(keys[i] >> shift) & (kRadixBins - 1)]++;
+          keys_alt[dst] = keys[i];
+          idx_alt[dst] = idx[i];
+        }
+      }
+    });
+    keys.swap(keys_alt);
+    idx.swap(idx_alt);
+  }
+}
+
+// Eq. 7: entropy of softmax(row / T) in fp32, two passes over the row (max,
+// then the sums s = sum e^(z-m), t = sum e^(z-m)(z-m)); H = log s - t / s.
+// NaN if any logit is not finite.
+template <typename scalar_t>
+float row_entropy(const scalar_t* row, int64_t stride, int64_t classes, float inv_temperature) {
+  float m = -INFINITY;
+  for (int64_t c = 0; c < classes; ++c) {
+    const float x = static_cast<float>(row[c * stride]);
+    if (!std::isfinite(x)) return NAN;
+    m = std::max(m, x * inv_temperature);
+  }
+  float s = 0.0f, t = 0.0f;
+  for (int64_t c = 0; c < classes; ++c) {
+    const float d = static_cast<float>(row[c * stride]) * inv_temperature - m;
+    const float e = std::exp(d);
+    s += e;
+    t += e * d;
+  }
+  return std::log(s) - t / s;
+}
+
+at::Tensor update_values_cpu(at::Tensor& values, at::Tensor& counts, const at::Tensor& indices,
+                             const at::Tensor& logits, double temperature) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && counts.scalar_type() == at::kInt && values.is_contiguous() &&
+                  counts.is_contiguous(),
+              "kcd_fast::update_values: values must be contiguous float32 and counts contiguous int32");
+  TORCH_CHECK(logits.dim() == 2 && indices.dim() == 1 && indices.size(0) == logits.size(0),
+              "kcd_fast::update_values: logits must be [B, C] and indices [B]");
+  const int64_t batch = logits.size(0), classes = logits.size(1), n = values.numel();
+  at::Tensor entropy = at::empty({batch}, values.options());
+  if (batch == 0) return entropy;
+  const at::Tensor idx = indices.to(at::kLong);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t is = idx.stride(0);
+  // Check every index before anything changes: state stays untouched on error.
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(ip[b * is] >= 0 && ip[b * is] < n, "update_values: `indices` must lie in [0, ", n,
+                      "), found ", ip[b * is]);
+  }
+  float* ep = entropy.data_ptr<float>();
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "update_values_cpu", [&] {
+    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    at::parallel_for(0, batch, std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) ep[b] = row_entropy(base + b * s0, s1, classes, inv_t);
+    });
+  });
+  // Eq. 12, one visit at a time in batch order (duplicates are successive visits).
+  float* vp = values.data_ptr<float>();
+  int32_t* fp = counts.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float e = ep[b];
+    if (std::isnan(e)) continue;
+    const int64_t i = ip[b * is];
+    const int32_t f = ++fp[i];
+    vp[i] += (e - vp[i]) / static_cast<float>(f);
+  }
+  return entropy;
+}
+
+at::Tensor rank_cpu(const at::Tensor& values, const at::Tensor& counts, double alpha) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && counts.scalar_type() == at::kInt,
+              "kcd_fast::rank: values must be float32 and counts int32");
+  TORCH_CHECK(values.dim() == 1 && counts.sizes() == values.sizes(),
+              "kcd_fast::rank: values and counts must be 1-D of the same size");
+  const at::Tensor v = values.contiguous();
+  const at::Tensor f = counts.contiguous();
+  const int64_t n = v.numel();
+  const float* vp = v.data_ptr<float>();
+  const int32_t* fp = f.data_ptr<int32_t>();
+  std::vector<uint32_t> keys(n);
+  std::vector<int64_t> idx(n);
+  const CostTable table = make_cost_table(alpha);
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int32_t c = fp[i];
+      const double w = (c >= 0 && c < kCostTable) ? table.cost[c] : std::pow(static_cast<double>(c), alpha);
+      keys[i] = descending_bits(ranking_key_from_cost(vp[i], w));
+      idx[i] = i;
+    }
+  });
+  radix_sort_pairs(keys, idx);
+  at::Tensor order = at::empty({n}, v.options().dtype(at::kLong));
+  std::copy(idx.begin(), idx.end(), order.data_ptr<int64_t>());
+  return order;
+}
+
+template <typename scalar_t>
+inline scalar_t from_float(float x) {
+  return static_cast<scalar_t>(x);
+}
+template <>
+inline uint8_t from_float<uint8_t>(float x) {
+  // Round to nearest, ties to even (the default FP environment), then clamp.
+  return static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, std::nearbyint(x))));
+}
+
+void vaks_mix_cpu(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& src, const at::Tensor& eps) {
+  TORCH_CHECK(buffer.is_contiguous(), "kcd_fast::vaks_mix_: buffer must be contiguous");
+  TORCH_CHECK(dst.scalar_type() == at::kLong && src.scalar_type() == at::kLong && eps.scalar_type() == at::kFloat,
+              "kcd_fast::vaks_mix_: dst/src must be int64 and eps float32");
+  const int64_t pairs = dst.numel();
+  if (pairs == 0 || buffer.numel() == 0) return;
+  const int64_t row = buffer.numel() / buffer.size(0);
+  const at::Tensor d = dst.contiguous(), s = src.contiguous(), e = eps.contiguous();
+  const int64_t* dp = d.data_ptr<int64_t>();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  const float* ep = e.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, buffer.scalar_type(), "vaks_mix_cpu", [&] {
+    scalar_t* base = buffer.data_ptr<scalar_t>();
+    at::parallel_for(0, pairs, std::max<int64_t>(1, 32768 / std::max<int64_t>(row, 1)), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        scalar_t* out = base + dp[p] * row;
+        const scalar_t* other = base + sp[p] * row;
+        const float w = ep[p];
+        const float keep = 1.0f - w;
+        for (int64_t j = 0; j < row; ++j) {
+          out[j] = from_float<scalar_t>(keep * static_cast<float>(out[j]) + w * static_cast<float>(other[j]));
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kcd_fast, CPU, m) {
+  m.impl("update_values", &update_values_cpu);
+  m.impl("rank", &rank_cpu);
+  m.impl("vaks_mix_", &vaks_mix_cpu);
+}
+
+}  // namespace kcd_fast
