@@ -1,0 +1,447 @@
+"""Public operators of kcd_fast: the per-step value recording and the stage-end condensation.
+
+=====================  ==========================================  ===============================
+op                     CPU                                         CUDA
+=====================  ==========================================  ===============================
+``update_values``      C++ kernel                                  one fused Triton kernel
+``rank``               C++ parallel LSD radix sort                 CUB radix sort, int32 payloads
+``condense``           ``rank`` + torch partition                  ``rank`` + torch partition
+``vaks_mix_``          C++ kernel                                  one fused CUDA kernel
+=====================  ==========================================  ===============================
+
+All ops give the same results on both devices and are specified by
+:mod:`kcd_fast.reference` (float64). Every op validates its arguments and
+raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
+device, range or value) naming the argument and what was expected, before it
+changes any state.
+
+Checks that need the tensors' *contents* (indices in range, no duplicate
+destinations, eps in [0, 1]) would make the host wait for the GPU. They always
+run on the CPU; on CUDA they run only in debug mode (:func:`set_debug` or the
+environment variable ``KCD_FAST_DEBUG=1``). Without debug mode, the CUDA
+``update_values`` still never writes outside ``values``/``counts``: it skips an
+out-of-range index and raises a flag that :func:`check_errors` (called by the
+condenser at each stage end) turns into an error.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import torch
+
+from kcd_fast import _ext
+
+__all__ = [
+    "update_values",
+    "rank",
+    "condense",
+    "CondensePlan",
+    "vaks_mix_",
+    "set_debug",
+    "debug_enabled",
+    "check_errors",
+]
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_BUFFER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
+_K0_POLICIES = ("dropped", "all")
+
+_debug = os.environ.get("KCD_FAST_DEBUG", "0").lower() in ("1", "true", "yes", "on")
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn on (or off) the content checks that synchronise with the GPU."""
+    global _debug
+    _debug = bool(enabled)
+
+
+def debug_enabled() -> bool:
+    """Whether the synchronising content checks run on CUDA tensors."""
+    return _debug
+
+
+def _checks_contents(device: torch.device) -> bool:
+    return device.type != "cuda" or _debug
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _tensor(op: str, name: str, x, dtypes=None, dim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: `{name}` must have dtype {want}, got {str(x.dtype).replace('torch.', '')}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{op}: `{name}` must be {dim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def _same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}; "
+                             f"all tensors must be on one device")
+
+
+def _check_state(op: str, values, counts) -> None:
+    _tensor(op, "values", values, (torch.float32,), 1)
+    _tensor(op, "counts", counts, (torch.int32,), 1)
+    _same_device(op, "values", values, counts=counts)
+    if counts.shape != values.shape:
+        raise ValueError(f"{op}: `counts` must have the shape of `values` {tuple(values.shape)}, "
+                         f"got {tuple(counts.shape)}")
+
+
+def _check_range(op: str, name: str, idx: torch.Tensor, n: int) -> None:
+    if idx.numel() and _checks_contents(idx.device):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{op}: `{name}` must lie in [0, {n}), found {bad}")
+
+
+def _real(op: str, name: str, x, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"{op}: `{name}` must be a real number, got {type(x).__name__}")
+    x = float(x)
+    ok = math.isfinite(x)
+    if lo is not None:
+        ok = ok and (x > lo if lo_open else x >= lo)
+    if hi is not None:
+        ok = ok and (x < hi if hi_open else x <= hi)
+    if not ok:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
+        raise ValueError(f"{op}: `{name}` must be a finite number in {rng}, got {x}")
+    return x
+
+
+# --------------------------------------------------------------------------- update_values (Eq. 7 + 12)
+
+_error_flags: dict[torch.device, torch.Tensor] = {}
+
+
+def _error_flag(device: torch.device) -> torch.Tensor:
+    flag = _error_flags.get(device)
+    if flag is None:
+        flag = _error_flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return flag
+
+
+def check_errors(device: torch.device | str | None = None) -> None:
+    """Raise if a CUDA ``update_values`` call skipped an out-of-range index since the last check.
+
+    This synchronises with the GPU; call it where a sync is cheap (a stage
+    end, an epoch end). The flag is cleared.
+    """
+    devices = list(_error_flags) if device is None else [torch.device(device)]
+    for dev in devices:
+        flag = _error_flags.get(dev)
+        if flag is not None and int(flag.item()) != 0:
+            flag.zero_()
+            raise ValueError(f"update_values: `indices` held values outside [0, N) on {dev}; those visits "
+                             f"were not recorded. Run with KCD_FAST_DEBUG=1 to fail at the offending call.")
+
+
+def _update_values_torch(values, counts, indices, logits, temperature):
+    """Vectorised torch twin of the C++ and Triton kernels, checked against them in the tests.
+
+    Each finite visit i of sample x adds (e_i - V_old(x)) / F_new(x) to V(x),
+    which sums to the exact result of k successive Eq. 12 updates.
+    """
+    z = logits.float() / temperature
+    finite = torch.isfinite(z).all(dim=1)
+    logp = torch.log_softmax(z, dim=1)
+    h = -(logp.exp() * logp).sum(dim=1)
+    h = torch.where(finite, h, torch.full_like(h, math.nan))
+    idx = indices.long()
+    counts.index_add_(0, idx, finite.to(torch.int32))
+    f_new = counts.index_select(0, idx).float()
+    step = torch.where(finite, (h - values.index_select(0, idx)) / f_new.clamp_min(1.0), torch.zeros_like(h))
+    values.index_add_(0, idx, step)
+    return h
+
+
+def _update_values_cuda(values, counts, indices, logits, temperature: float) -> torch.Tensor:
+    from kcd_fast.kernels.update_values import update_values_triton
+
+    if _debug:
+        _check_range("update_values", "indices", indices, values.numel())
+    with torch.cuda.device(logits.device):
+        return update_values_triton(values, counts, indices, logits, temperature, _error_flag(logits.device))
+
+
+def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor, *,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Record the student's prediction entropy of a batch (Eq. 7) into the running values (Eq. 12).
+
+    Args:
+        values: float32 [N], V^F(x), the running mean entropy of every sample. Updated in place.
+        counts: int32 [N], F(x), how often each sample was recorded. Updated in place.
+        indices: int32 or int64 [B], the dataset indices of the batch's samples.
+            A duplicate index is a successive visit (exactly as k updates in batch order).
+        logits: [B, C] float32, float16 or bfloat16, any strides: the student's logits.
+        temperature: softmax temperature of the entropy, > 0.
+
+    Returns:
+        float32 [B]: each row's entropy H(softmax(logits / temperature)).
+        A row with a non-finite logit gets NaN and is not recorded.
+
+    On CUDA this is one fused Triton kernel with no host synchronisation, safe
+    inside CUDA-graph capture, under autocast and no_grad; it never builds an
+    autograd graph. On the CPU it is a C++ kernel (rows in parallel, then the
+    visits applied in batch order); :func:`_update_values_torch` is its
+    vectorised-torch twin. Works under ``torch.compile`` as the operator
+    ``torch.ops.kcd_fast.update_values``.
+    """
+    op = "update_values"
+    _check_state(op, values, counts)
+    _tensor(op, "indices", indices, _INDEX_DTYPES, 1)
+    _tensor(op, "logits", logits, _LOGIT_DTYPES, 2)
+    _same_device(op, "values", values, indices=indices, logits=logits)
+    if logits.shape[0] != indices.shape[0]:
+        raise ValueError(f"{op}: `logits` must have one row per index ({indices.shape[0]}), "
+                         f"got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{op}: `logits` must have at least one class, got shape {tuple(logits.shape)}")
+    if not values.is_contiguous() or not counts.is_contiguous():
+        raise ValueError(f"{op}: `values` and `counts` must be contiguous (they are updated in place)")
+    temperature = _real(op, "temperature", temperature, lo=0.0, lo_open=True)
+    logits = logits.detach()
+    if logits.device.type == "cuda" and not torch.compiler.is_compiling():
+        return _update_values_cuda(values, counts, indices, logits, temperature)
+    _ext.require(op)  # the CUDA kernel of this op is the Triton kernel, registered below
+    return torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
+
+
+# --------------------------------------------------------------------------- rank (Eq. 13)
+
+
+def rank(values: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Cost-aware ranking R_V (Eq. 13): points by V^F * F^alpha, descending.
+
+    Args:
+        values: float32 [N], counts: int32 [N] (as in :func:`update_values`).
+        alpha: the cost weight, >= 0 (the paper uses 0.03; 0 ranks by value only).
+
+    Returns:
+        int64 [N] ``order``: ``order[r]`` is the point at rank position r. The
+        score is computed in float64 and ranked at float32 precision; equal
+        keys are ordered by the lower index; NaN ranks last.
+
+    CPU: a parallel LSD radix sort in C++. CUDA: a CUB radix sort of the keys
+    carrying int32 payloads. No host synchronisation on CUDA.
+    """
+    op = "rank"
+    _check_state(op, values, counts)
+    alpha = _real(op, "alpha", alpha, lo=0.0)
+    if _checks_contents(values.device) and values.numel():
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{op}: `values` must be finite")
+        if int(counts.min()) < 0:
+            raise ValueError(f"{op}: `counts` must be >= 0, found {int(counts.min())}")
+    _ext.require(op, values.device)
+    return torch.ops.kcd_fast.rank(values, counts, alpha)
+
+
+# --------------------------------------------------------------------------- condense (Eq. 8, 13-15)
+
+
+@dataclass
+class CondensePlan:
+    """The outcome of one E-step over the whole knowledge space.
+
+    Attributes:
+        keep: bool [N], the value label y (Eq. 8): the condensed set K^ = K1.
+        order: int64 [N], the ranking R_V (Eq. 13), most valuable first.
+        k1l: int64 [L], the lowest-ranked kept points, augmented (Sec. 3.4), most valuable first.
+        k0: int64 [L], their partners from K0, most valuable first (Eq. 14).
+        eps: float32 [L], the perturbation ratio of each pair (Eq. 15).
+        num_kept: |K1|.
+        num_k0: |K0| (before truncation to L = min(|K0|, |K1|) pairs).
+    """
+
+    keep: torch.Tensor
+    order: torch.Tensor
+    k1l: torch.Tensor
+    k0: torch.Tensor
+    eps: torch.Tensor
+    num_kept: int
+    num_k0: int
+
+    @property
+    def k1h(self) -> torch.Tensor:
+        """int64 [|K1| - L], the kept points that are not augmented, most valuable first."""
+        return self.order[: self.num_kept - self.k1l.numel()]
+
+    def to(self, device) -> "CondensePlan":
+        """A copy of the plan on ``device``."""
+        return CondensePlan(self.keep.to(device), self.order.to(device), self.k1l.to(device), self.k0.to(device),
+                            self.eps.to(device), self.num_kept, self.num_k0)
+
+
+def _num_kept(op: str, keep, n: int) -> int:
+    if isinstance(keep, bool) or not isinstance(keep, (Integral, Real)):
+        raise TypeError(f"{op}: `keep` must be a count (int) or a fraction (float), got {type(keep).__name__}")
+    if isinstance(keep, Integral):
+        if not 1 <= int(keep) <= n:
+            raise ValueError(f"{op}: `keep` as a count must lie in [1, {n}], got {keep}")
+        return int(keep)
+    frac = _real(op, "keep", keep, lo=0.0, hi=1.0, lo_open=True)
+    count = int(math.floor(frac * n + 1e-9))
+    if count < 1:
+        raise ValueError(f"{op}: `keep`={frac} keeps no point of {n}")
+    return count
+
+
+def condense(values: torch.Tensor, counts: torch.Tensor, *, keep, alpha: float, eps_max: float,
+             previous_keep: torch.Tensor | None = None, k0: str = "dropped", adaptive_eps: bool = True,
+             order: torch.Tensor | None = None) -> CondensePlan:
+    """One E-step (Alg. 1, lines 9-13): rank, label, partition and pair the knowledge points.
+
+    Args:
+        values, counts: the recorded V^F and F (see :func:`update_values`).
+        keep: |K1| as a count, or as a fraction tau of N (floor(tau N) points).
+        alpha: cost weight of Eq. 13 (>= 0).
+        eps_max: eps_m of Eq. 15, in [0, 1].
+        previous_keep: bool [N], the condensed set in force until now (None: all points).
+        k0: which points form K0, the partners of the augmentation:
+
+            * ``"dropped"`` (the official code): the points in ``previous_keep``
+              that are not kept now. Only knowledge that just left the set is
+              mixed in, so the augmentation follows the condensation step by step.
+            * ``"all"`` (the paper's text, Sec. 3.4): every point with y = 0,
+              most valuable first.
+
+            Both pair |K1L| = min(|K0|, |K1|) points: the lowest-ranked kept ones.
+        adaptive_eps: True for Eq. 15's linear ramp; False is the ablation eps = eps_m.
+        order: a precomputed ranking to use instead of :func:`rank` (e.g. a
+            random permutation for the "OGVE w/ random" ablation).
+
+    Returns:
+        A :class:`CondensePlan` on the input's device. This synchronises once
+        (the number of pairs is data-dependent); it runs once per stage.
+    """
+    op = "condense"
+    _check_state(op, values, counts)
+    n = values.numel()
+    n_keep = _num_kept(op, keep, n)
+    alpha = _real(op, "alpha", alpha, lo=0.0)
+    eps_max = _real(op, "eps_max", eps_max, lo=0.0, hi=1.0)
+    if k0 not in _K0_POLICIES:
+        raise ValueError(f"{op}: `k0` must be one of {_K0_POLICIES}, got {k0!r}")
+    if previous_keep is not None:
+        _tensor(op, "previous_keep", previous_keep, (torch.bool,), 1)
+        _same_device(op, "values", values, previous_keep=previous_keep)
+        if previous_keep.shape != values.shape:
+            raise ValueError(f"{op}: `previous_keep` must have shape {tuple(values.shape)}, "
+                             f"got {tuple(previous_keep.shape)}")
+    if order is None:
+        order = rank(values, counts, alpha)
+    else:
+        _tensor(op, "order", order, (torch.int64,), 1)
+        _same_device(op, "values", values, order=order)
+        if order.shape != values.shape:
+            raise ValueError(f"{op}: `order` must have shape {tuple(values.shape)}, got {tuple(order.shape)}")
+        if _checks_contents(order.device) and not torch.equal(
+                torch.sort(order).values, torch.arange(n, device=order.device)):
+            raise ValueError(f"{op}: `order` must be a permutation of 0..{n - 1}")
+    device = values.device
+    keep_mask = torch.zeros(n, dtype=torch.bool, device=device)
+    keep_mask[order[:n_keep]] = True
+    rest = order[n_keep:]
+    if k0 == "dropped" and previous_keep is not None:
+        k0_set = rest[previous_keep[rest]]
+    else:  # "all", or "dropped" with everything kept before
+        k0_set = rest
+    pairs = min(k0_set.numel(), n_keep)
+    k1l = order[n_keep - pairs:n_keep]
+    if adaptive_eps:
+        eps = (eps_max / max(pairs, 1)) * torch.arange(pairs, device=device, dtype=torch.float64)
+    else:
+        eps = torch.full((pairs,), eps_max, device=device, dtype=torch.float64)
+    return CondensePlan(keep=keep_mask, order=order, k1l=k1l, k0=k0_set[:pairs], eps=eps.float(),
+                        num_kept=n_keep, num_k0=int(k0_set.numel()))
+
+
+# --------------------------------------------------------------------------- vaks_mix_ (Eq. 14)
+
+
+def vaks_mix_(buffer: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, eps) -> torch.Tensor:
+    """Adaptive knowledge augmentation (Eq. 14), in place: ``buffer[dst] = (1-eps) buffer[dst] + eps buffer[src]``.
+
+    Args:
+        buffer: [N, ...] contiguous float32, float16, bfloat16 or uint8 (images
+            or soft labels). The math is fp32; uint8 rounds to nearest (ties to
+            even). The mix is convex, so soft-label rows stay normalised.
+        dst: int32/int64 [P], the rows to augment (K1L). Must be distinct.
+        src: int32/int64 [P], their partners (K0). Must not share an index with
+            ``dst``: a row is never both read as a partner and written.
+        eps: float tensor [P] (or a number for all pairs), each in [0, 1].
+
+    Returns ``buffer``. One fused kernel on CUDA (gather, mix, scatter), a C++
+    kernel on the CPU. The content checks (range, distinct, disjoint, eps in
+    [0, 1]) always run on the CPU and in debug mode on CUDA.
+    """
+    op = "vaks_mix_"
+    _tensor(op, "buffer", buffer, _BUFFER_DTYPES)
+    if buffer.dim() < 1:
+        raise ValueError(f"{op}: `buffer` must be [N, ...], got a 0-d tensor")
+    if not buffer.is_contiguous():
+        raise ValueError(f"{op}: `buffer` must be contiguous")
+    _tensor(op, "dst", dst, _INDEX_DTYPES, 1)
+    _tensor(op, "src", src, _INDEX_DTYPES, 1)
+    _same_device(op, "buffer", buffer, dst=dst, src=src)
+    pairs = dst.shape[0]
+    if src.shape[0] != pairs:
+        raise ValueError(f"{op}: `src` must have one index per `dst` index ({pairs}), got {src.shape[0]}")
+    if isinstance(eps, torch.Tensor):
+        _tensor(op, "eps", eps, (torch.float32, torch.float64, torch.float16, torch.bfloat16), 1)
+        _same_device(op, "buffer", buffer, eps=eps)
+        if eps.shape[0] != pairs:
+            raise ValueError(f"{op}: `eps` must have one value per pair ({pairs}), got {eps.shape[0]}")
+        eps_t = eps.to(torch.float32)
+    else:
+        eps_t = torch.full((pairs,), _real(op, "eps", eps, lo=0.0, hi=1.0), dtype=torch.float32,
+                           device=buffer.device)
+    n = buffer.shape[0]
+    if pairs and _checks_contents(buffer.device):
+        _check_range(op, "dst", dst, n)
+        _check_range(op, "src", src, n)
+        if not bool(((eps_t >= 0) & (eps_t <= 1)).all()):
+            raise ValueError(f"{op}: `eps` must lie in [0, 1]")
+        hits = torch.zeros(n, dtype=torch.int32, device=buffer.device)
+        hits.index_add_(0, dst.long(), torch.ones_like(dst, dtype=torch.int32))
+        if int(hits.max()) > 1:
+            raise ValueError(f"{op}: `dst` must not repeat an index")
+        if bool(hits.index_select(0, src.long()).any()):
+            raise ValueError(f"{op}: `dst` and `src` must not share an index")
+    _ext.require(op, buffer.device)
+    if pairs:
+        torch.ops.kcd_fast.vaks_mix_(buffer, dst.long(), src.long(), eps_t.contiguous())
+    return buffer
+
+
+if _ext.available():
+    @torch.library.impl("kcd_fast::update_values", "CUDA")
+    def _update_values_cuda_op(values, counts, indices, logits, temperature):
+        return _update_values_cuda(values, counts, indices, logits, temperature)
+
+    @torch.library.register_fake("kcd_fast::update_values")
+    def _update_values_fake(values, counts, indices, logits, temperature):
+        return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("kcd_fast::rank")
+    def _rank_fake(values, counts, alpha):
+        return values.new_empty(values.shape, dtype=torch.int64)
+
+    @torch.library.register_fake("kcd_fast::vaks_mix_")
+    def _vaks_mix_fake(buffer, dst, src, eps):
+        return None

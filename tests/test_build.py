@@ -1,0 +1,91 @@
+"""The build: the compiled library, its registration, the layout, and life without it."""
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import kcd_fast
+from kcd_fast import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_extension_is_built_and_registered():
+    assert _ext.available(), f"kcd_fast._C did not import: {_ext.LOAD_ERROR}"
+    for op in ("rank", "vaks_mix_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kcd_fast::{op}", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("kcd_fast::update_values", "CPU")
+    # The CUDA kernel of update_values is the Triton kernel, registered from Python.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("kcd_fast::update_values", "CUDA")
+
+
+@pytest.mark.skipif(os.environ.get("KCD_FAST_EXPECT_CUDA") != "1", reason="set KCD_FAST_EXPECT_CUDA=1 when the "
+                    "build must contain the CUDA kernels (CI does)")
+def test_cuda_kernels_are_built():
+    assert _ext.has_cuda_kernels(), "kcd_fast._C was built without its CUDA kernels"
+    for op in ("rank", "vaks_mix_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kcd_fast::{op}", "CUDA")
+
+
+def test_kernels_is_a_subpackage_not_a_top_level_module(tmp_path):
+    spec = importlib.util.find_spec("kcd_fast.kernels.update_values")
+    assert spec is not None and Path(spec.origin).parent == ROOT / "kernels"
+    code = "import importlib.util, sys; s = importlib.util.find_spec('kernels'); print(s.origin if s else None)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    origin = out.stdout.strip()
+    assert origin == "None" or str(ROOT) not in origin, f"a top-level 'kernels' from this project is importable: {origin}"
+
+
+def test_import_without_compiled_library_raises_helpful_error(tmp_path):
+    code = textwrap.dedent("""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "kcd_fast._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, kcd_fast
+        from kcd_fast._ext import ExtensionNotBuiltError
+        v, f = torch.zeros(4), torch.zeros(4, dtype=torch.int32)
+        for call in (lambda: kcd_fast.update_values(v, f, torch.tensor([1]), torch.randn(1, 3)),
+                     lambda: kcd_fast.rank(v, f, 0.03),
+                     lambda: kcd_fast.vaks_mix_(torch.zeros(4, 2), torch.tensor([0]), torch.tensor([1]), 0.1),
+                     lambda: kcd_fast.condense(v, f, keep=2, alpha=0.03, eps_max=0.3)):
+            try:
+                call()
+            except ExtensionNotBuiltError as e:
+                assert "pip install --no-build-isolation -e ." in str(e), e
+            else:
+                raise AssertionError("no error")
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_compiled_ops_under_torch_compile():
+    values = torch.rand(100)
+    counts = torch.randint(0, 4, (100,), dtype=torch.int32)
+    buf = torch.rand(100, 8)
+    ref_buf = buf.clone()
+    dst, src, eps = torch.arange(5), torch.arange(50, 55), torch.full((5,), 0.2)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def f(v, c, b):
+        order = torch.ops.kcd_fast.rank(v, c, 0.03)
+        torch.ops.kcd_fast.vaks_mix_(b, dst, src, eps)
+        return order
+
+    order = f(values, counts, buf)
+    assert torch.equal(order, kcd_fast.rank(values, counts, 0.03))
+    kcd_fast.vaks_mix_(ref_buf, dst, src, eps)
+    torch.testing.assert_close(buf, ref_buf)
+    torch.library.opcheck(torch.ops.kcd_fast.rank.default, (values, counts, 0.03))
+    torch.library.opcheck(torch.ops.kcd_fast.vaks_mix_.default, (buf.clone(), dst, src, eps))
+    torch.library.opcheck(torch.ops.kcd_fast.update_values.default,
+                          (values.clone(), counts.clone(), torch.tensor([1, 5, 1]), torch.randn(3, 7), 1.0))

@@ -1,0 +1,121 @@
+"""The CUDA paths (Triton kernel, CUB rank, CUDA mix) against the reference and the CPU paths.
+
+Skipped without a GPU; run on the lent GPU by benchmarks/gpu_check.sh, which
+commits its results under benchmarks/results/.
+"""
+import pytest
+import torch
+
+from kcd_fast import ops, reference as R
+from helpers import make_indices, make_logits, make_state
+
+pytestmark = pytest.mark.cuda
+DEV = "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,c", [(1, 1), (3, 3), (127, 1000), (256, 1000), (64, 1001), (8, 32000)])
+@pytest.mark.parametrize("duplicates", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_update_values_triton(dtype, b, c, duplicates, strided):
+    n = 5000
+    values, counts = make_state(n, seed=b + c)
+    idx = make_indices(b, n, seed=b, duplicates=duplicates)
+    logits = make_logits(b, c, dtype=dtype, seed=c, strided=strided)
+    if b > 2:
+        logits[1, 0] = float("nan")
+    ent_ref = R.entropy(logits.float(), 1.5)
+    v_ref, f_ref = R.record_values(values, counts, idx, ent_ref)
+    v, f = values.to(DEV), counts.to(DEV)
+    ent = ops.update_values(v, f, idx.to(DEV), logits.to(DEV), temperature=1.5)
+    assert torch.equal(torch.isnan(ent.cpu()), torch.isnan(ent_ref))
+    torch.testing.assert_close(ent.cpu().double().nan_to_num(), ent_ref.nan_to_num(), atol=2e-5, rtol=2e-5)
+    assert torch.equal(f.cpu().long(), f_ref)
+    torch.testing.assert_close(v.cpu().double(), v_ref, atol=2e-5, rtol=2e-5)
+
+
+def test_update_values_no_sync_and_cuda_graph():
+    values, counts = make_state(10_000, device=DEV)
+    idx = make_indices(256, 10_000, seed=1, device=DEV)
+    logits = make_logits(256, 1000, dtype=torch.bfloat16, device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.update_values(values, counts, idx, logits)  # warm-up (compiles the kernel)
+        ops.update_values(values, counts, idx, logits)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    v0, f0 = values.clone(), counts.clone()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        ops.update_values(values, counts, idx, logits)
+        with torch.cuda.graph(graph, stream=stream):
+            ent = ops.update_values(values, counts, idx, logits)
+    torch.cuda.synchronize()
+    values.copy_(v0)
+    counts.copy_(f0)
+    graph.replay()
+    graph.replay()
+    v_ref, f_ref = v0.clone(), f0.clone()
+    ops.update_values(v_ref, f_ref, idx, logits)
+    ops.update_values(v_ref, f_ref, idx, logits)
+    assert torch.equal(counts, f_ref)
+    torch.testing.assert_close(values, v_ref)
+    assert torch.isfinite(ent).all()
+
+
+def test_update_values_out_of_range_flag():
+    values, counts = make_state(10, device=DEV)
+    before = (values.clone(), counts.clone())
+    ops.update_values(values, counts, torch.tensor([3, 12], device=DEV), torch.randn(2, 4, device=DEV))
+    with pytest.raises(ValueError, match="outside"):
+        ops.check_errors(DEV)
+    assert counts[3] == before[1][3] + 1 and torch.equal(values[:3], before[0][:3])
+    ops.check_errors(DEV)  # cleared
+    ops.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match=r"indices.*\[0, 10\)"):
+            ops.update_values(values, counts, torch.tensor([12], device=DEV), torch.randn(1, 4, device=DEV))
+    finally:
+        ops.set_debug(False)
+
+
+@pytest.mark.parametrize("n", [1, 1001, 1_281_167])
+@pytest.mark.parametrize("alpha", [0.0, 0.03])
+def test_rank_cuda_equals_cpu(n, alpha):
+    values, counts = make_state(n, seed=n, max_count=15)
+    values[: n // 3] = values[n // 3: 2 * (n // 3)]  # ties
+    assert torch.equal(ops.rank(values.to(DEV), counts.to(DEV), alpha).cpu(), ops.rank(values, counts, alpha))
+
+
+@pytest.mark.parametrize("policy", ["dropped", "all"])
+def test_condense_cuda_equals_cpu(policy):
+    values, counts = make_state(100_003, seed=5)
+    prev = torch.rand(100_003, generator=torch.Generator().manual_seed(2)) < 0.95
+    cpu = ops.condense(values, counts, keep=0.8, alpha=0.03, eps_max=0.3, previous_keep=prev, k0=policy)
+    gpu = ops.condense(values.to(DEV), counts.to(DEV), keep=0.8, alpha=0.03, eps_max=0.3,
+                       previous_keep=prev.to(DEV), k0=policy)
+    for name in ("keep", "order", "k1l", "k0", "eps"):
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("shape", [(1000, 1000), (999, 1001), (500, 7), (300, 3, 32, 32)])
+def test_vaks_mix_cuda(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    buf = (torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if dtype == torch.uint8
+           else torch.rand(shape, generator=g).to(dtype))
+    perm = torch.randperm(shape[0], generator=g)
+    p = shape[0] // 3
+    dst, src = perm[:p], perm[p:2 * p]
+    eps = torch.rand(p, generator=g) * 0.3
+    ref = R.vaks_mix(buf, dst, src, eps)
+    cpu = ops.vaks_mix_(buf.clone(), dst, src, eps)
+    gpu = ops.vaks_mix_(buf.to(DEV), dst.to(DEV), src.to(DEV), eps.to(DEV)).cpu()
+    if dtype == torch.uint8:
+        assert int((gpu.int() - ref.int()).abs().max()) <= 1
+    else:
+        torch.testing.assert_close(gpu.double(), ref.double(), atol=1e-2 if dtype == torch.bfloat16 else 1e-3,
+                                   rtol=1e-2)
+    assert torch.equal(gpu, cpu), "CUDA and CPU kernels must agree bit for bit (same fp32 math)"

@@ -1,0 +1,230 @@
+"""kcd_fast.ops.update_values (CPU path) and the Triton kernel (interpreter) against the float64 reference."""
+import math
+
+import pytest
+import torch
+
+import kcd_fast
+from kcd_fast import reference as R
+from kcd_fast.ops import update_values
+from helpers import assert_unchanged, make_indices, make_logits, make_state, snapshot
+
+TOLS = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-5)}
+
+
+def expected(values, counts, indices, logits, temperature):
+    """Reference entropies and state. Low-precision logits are compared on their exact values."""
+    ent = R.entropy(logits.float(), temperature)
+    v, f = R.record_values(values, counts, indices, ent)
+    return ent, v, f
+
+
+def check(values, counts, indices, logits, temperature, fn):
+    ent_ref, v_ref, f_ref = expected(values, counts, indices, logits, temperature)
+    v, f = values.clone(), counts.clone()
+    ent = fn(v, f, indices, logits, temperature)
+    assert ent.dtype == torch.float32 and ent.shape == (logits.shape[0],)
+    assert torch.equal(torch.isnan(ent), torch.isnan(ent_ref))
+    atol, rtol = TOLS[logits.dtype]
+    torch.testing.assert_close(ent.double().nan_to_num(), ent_ref.nan_to_num(), atol=atol, rtol=rtol)
+    assert torch.equal(f.long(), f_ref), "counts differ from Eq. 12's F"
+    torch.testing.assert_close(v.double(), v_ref, atol=1e-5, rtol=1e-5)
+    return ent
+
+
+def ops_fn(v, f, idx, x, t):
+    return update_values(v, f, idx, x, temperature=t)
+
+
+def torch_twin_fn(v, f, idx, x, t):
+    from kcd_fast.ops import _update_values_torch
+
+    return _update_values_torch(v, f, idx, x, t)
+
+
+def triton_fn(v, f, idx, x, t):
+    from kcd_fast.kernels.update_values import update_values_triton
+
+    flag = torch.zeros(1, dtype=torch.int32, device=v.device)
+    out = update_values_triton(v, f, idx, x, t, flag)
+    assert flag.item() == 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,c", [(1, 1), (3, 3), (127, 1000), (64, 1001), (256, 100)])
+@pytest.mark.parametrize("duplicates", [False, True])
+@pytest.mark.parametrize("fn", [ops_fn, torch_twin_fn], ids=["cpp", "torch_twin"])
+def test_cpu_matches_reference(dtype, b, c, duplicates, fn):
+    n = 300
+    values, counts = make_state(n, seed=b + c)
+    idx = make_indices(b, n, seed=b, duplicates=duplicates)
+    logits = make_logits(b, c, dtype=dtype, seed=c)
+    check(values, counts, idx, logits, 1.0, fn)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 4.0])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_cpu_strided_temperature_int32(temperature, index_dtype):
+    values, counts = make_state(50, seed=3)
+    idx = make_indices(33, 50, seed=4, dtype=index_dtype)
+    logits = make_logits(33, 17, seed=5, strided=True)
+    check(values, counts, idx, logits, temperature, ops_fn)
+    idx_strided = make_indices(66, 50, seed=6, dtype=index_dtype)[::2]
+    check(values, counts, idx_strided, logits, temperature, ops_fn)
+
+
+def test_non_finite_rows_are_not_recorded():
+    values, counts = make_state(10, seed=0)
+    idx = torch.tensor([1, 2, 2, 3, 4])
+    logits = make_logits(5, 6, seed=1)
+    logits[0, 1] = float("nan")
+    logits[1, 0] = float("inf")
+    logits[3, 5] = -float("inf")
+    v, f = values.clone(), counts.clone()
+    ent = update_values(v, f, idx, logits)
+    assert torch.isnan(ent[[0, 1, 3]]).all() and torch.isfinite(ent[[2, 4]]).all()
+    assert v[1] == values[1] and f[1] == counts[1] and v[3] == values[3] and f[3] == counts[3]
+    assert f[2] == counts[2] + 1  # only the finite one of its two visits counts
+    check(values, counts, idx, logits, 1.0, ops_fn)
+    check(values, counts, idx, logits, 1.0, torch_twin_fn)
+
+
+def test_many_duplicates_of_one_sample():
+    values, counts = make_state(5, seed=2)
+    idx = torch.full((40,), 3)
+    logits = make_logits(40, 9, seed=3)
+    check(values, counts, idx, logits, 1.0, ops_fn)
+    check(values, counts, idx, logits, 1.0, torch_twin_fn)
+
+
+def test_empty_batch():
+    values, counts = make_state(5)
+    before = snapshot(values, counts)
+    ent = update_values(values, counts, torch.empty(0, dtype=torch.int64), torch.empty(0, 4))
+    assert ent.shape == (0,)
+    assert_unchanged(before, values, counts)
+
+
+def test_no_autograd_graph_and_autocast():
+    values, counts = make_state(20)
+    w = torch.randn(8, 5, requires_grad=True)
+    logits = torch.randn(3, 8) @ w
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ent = update_values(values, counts, torch.tensor([0, 1, 2]), logits)
+    assert not ent.requires_grad and ent.grad_fn is None and ent.dtype == torch.float32
+    assert not values.requires_grad
+
+
+def test_torch_compile_custom_op():
+    values, counts = make_state(30)
+    idx = make_indices(12, 30, seed=9)
+    logits = make_logits(12, 10, seed=9)
+    ref_v, ref_f = values.clone(), counts.clone()
+    ref = update_values(ref_v, ref_f, idx, logits)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(v, f, i, x):
+        return kcd_fast.ops.update_values(v, f, i, x * 1.0)
+
+    ent = step(values, counts, idx, logits)
+    torch.testing.assert_close(ent, ref)
+    torch.testing.assert_close(values, ref_v)
+    assert torch.equal(counts, ref_f)
+
+
+# --------------------------------------------------------------------------- bad input: clear errors, state untouched
+
+def _bad_cases():
+    v, f = make_state(10)
+    idx = torch.tensor([0, 1, 2])
+    x = torch.randn(3, 4)
+    ok = dict(values=v, counts=f, indices=idx, logits=x)
+    yield "values dtype", {**ok, "values": v.double()}, TypeError, "values.*float32"
+    yield "counts dtype", {**ok, "counts": f.long()}, TypeError, "counts.*int32"
+    yield "counts shape", {**ok, "counts": f[:5].clone()}, ValueError, "counts.*shape"
+    yield "values 2-D", {**ok, "values": v.view(2, 5)}, ValueError, "values.*1-D"
+    yield "values not a tensor", {**ok, "values": [0.0] * 10}, TypeError, "values.*torch.Tensor"
+    yield "indices dtype", {**ok, "indices": idx.float()}, TypeError, "indices.*int32 or int64"
+    yield "indices range high", {**ok, "indices": torch.tensor([0, 1, 10])}, ValueError, r"indices.*\[0, 10\).*10"
+    yield "indices range low", {**ok, "indices": torch.tensor([0, -1, 2])}, ValueError, r"indices.*\[0, 10\).*-1"
+    yield "logits dtype", {**ok, "logits": x.double()}, TypeError, "logits.*float32 or float16 or bfloat16"
+    yield "logits rows", {**ok, "logits": torch.randn(4, 4)}, ValueError, "logits.*one row per index"
+    yield "logits 1-D", {**ok, "logits": torch.randn(3)}, ValueError, "logits.*2-D"
+    yield "logits no class", {**ok, "logits": torch.randn(3, 0)}, ValueError, "logits.*at least one class"
+    yield "values strided", {**ok, "values": torch.zeros(20)[::2], "counts": torch.zeros(10, dtype=torch.int32)}, \
+        ValueError, "contiguous"
+
+
+@pytest.mark.parametrize("name,kwargs,exc,match", list(_bad_cases()), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_raises_and_leaves_state(name, kwargs, exc, match):
+    before = snapshot(kwargs["values"], kwargs["counts"]) if isinstance(kwargs["values"], torch.Tensor) else None
+    with pytest.raises(exc, match=match):
+        update_values(**kwargs)
+    if before is not None:
+        assert_unchanged(before, kwargs["values"], kwargs["counts"])
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0, math.inf, math.nan, "1"])
+def test_bad_temperature(t):
+    v, f = make_state(4)
+    before = snapshot(v, f)
+    with pytest.raises((ValueError, TypeError), match="temperature"):
+        update_values(v, f, torch.tensor([0]), torch.randn(1, 3), temperature=t)
+    assert_unchanged(before, v, f)
+
+
+def test_device_mismatch_message():
+    v, f = make_state(4)
+    meta = torch.empty(1, 3, device="meta")
+    with pytest.raises(ValueError, match="logits.*meta.*values.*cpu"):
+        update_values(v, f, torch.tensor([0]), meta)
+
+
+# --------------------------------------------------------------------------- the Triton kernel, interpreted on the CPU
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,c", [(1, 1), (3, 3), (7, 1001), (5, 5000)])
+def test_triton_kernel_matches_reference(dtype, b, c):
+    n = 40
+    values, counts = make_state(n, seed=c)
+    idx = make_indices(b, n, seed=b)
+    logits = make_logits(b, c, dtype=dtype, seed=b * c)
+    check(values, counts, idx, logits, 1.0, triton_fn)
+
+
+def test_triton_kernel_duplicates_strided_nonfinite_temperature():
+    n = 12
+    values, counts = make_state(n, seed=5)
+    idx = torch.tensor([4, 7, 4, 4, 1, 7, 11, 4, 0], dtype=torch.int32)
+    logits = make_logits(9, 37, seed=6, strided=True, dtype=torch.bfloat16)
+    logits[2, 3] = float("inf")   # a duplicate visit with a non-finite row
+    logits[6, 0] = float("nan")   # a single visit with a non-finite row
+    ent = check(values, counts, idx, logits, 2.0, triton_fn)
+    assert torch.isnan(ent[[2, 6]]).all()
+
+
+def test_triton_kernel_flags_out_of_range_without_writing():
+    from kcd_fast.kernels.update_values import update_values_triton
+
+    values, counts = make_state(6, seed=1)
+    before = snapshot(values, counts)
+    flag = torch.zeros(1, dtype=torch.int32)
+    idx = torch.tensor([6, -1])
+    update_values_triton(values, counts, idx, torch.randn(2, 5), 1.0, flag)
+    assert flag.item() == 1
+    assert_unchanged(before, values, counts)
+
+
+def test_triton_kernel_matches_cpu_path_bitwise_counts():
+    n = 25
+    values, counts = make_state(n, seed=7)
+    idx = make_indices(16, n, seed=8)
+    logits = make_logits(16, 129, seed=9)
+    v1, f1 = values.clone(), counts.clone()
+    v2, f2 = values.clone(), counts.clone()
+    e1 = update_values(v1, f1, idx, logits)
+    e2 = triton_fn(v2, f2, idx, logits, 1.0)
+    assert torch.equal(f1, f2)
+    torch.testing.assert_close(e1, e2, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(v1, v2, atol=2e-6, rtol=2e-6)

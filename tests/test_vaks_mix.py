@@ -1,0 +1,86 @@
+"""kcd_fast.ops.vaks_mix_ (C++ CPU kernel) against the reference mixing of Eq. 14."""
+import pytest
+import torch
+
+from kcd_fast import reference as R
+from kcd_fast.ops import vaks_mix_
+from helpers import assert_unchanged, snapshot
+
+
+def make_pairs(n, p, seed=0, dtype=torch.int64):
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:p].to(dtype), perm[p:2 * p].to(dtype)
+
+
+def make_buffer(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    x = torch.rand(shape, generator=g)
+    return (x / x.sum(dim=tuple(range(1, x.dim())), keepdim=True) if x.dim() > 1 else x).to(dtype)
+
+
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("shape,pairs", [((2,), 1), ((7, 3), 3), ((101, 1000), 50), ((64, 1001), 31),
+                                          ((40, 5, 6, 3), 20)])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_matches_reference(dtype, shape, pairs, index_dtype):
+    buf = make_buffer(shape, dtype, seed=shape[0])
+    dst, src = make_pairs(shape[0], pairs, seed=pairs, dtype=index_dtype)
+    eps = torch.rand(pairs, generator=torch.Generator().manual_seed(3)) * 0.3
+    ref = R.vaks_mix(buf, dst, src, eps)
+    out = vaks_mix_(buf, dst, src, eps)
+    assert out is buf
+    if dtype == torch.uint8:
+        diff = (buf.int() - ref.int()).abs()
+        assert int(diff.max()) <= 1  # fp32 vs float64 at a .5 rounding boundary
+        assert float((diff == 0).float().mean()) > 0.99
+    else:
+        torch.testing.assert_close(buf.double(), ref.double(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_soft_labels_stay_normalised_and_untouched_rows_stay():
+    buf = make_buffer((50, 100), torch.float32, seed=1)
+    orig = buf.clone()
+    dst, src = make_pairs(50, 10)
+    vaks_mix_(buf, dst, src, torch.linspace(0, 0.3, 10))
+    torch.testing.assert_close(buf.sum(1), torch.ones(50))
+    others = torch.ones(50, dtype=torch.bool)
+    others[dst] = False
+    assert torch.equal(buf[others], orig[others])
+
+
+def test_scalar_eps_and_empty_pairs():
+    buf = make_buffer((6, 4), torch.float32)
+    ref = R.vaks_mix(buf, torch.tensor([0, 1]), torch.tensor([4, 5]), torch.tensor([0.25, 0.25]))
+    vaks_mix_(buf, torch.tensor([0, 1]), torch.tensor([4, 5]), 0.25)
+    torch.testing.assert_close(buf.double(), ref.double())
+    before = buf.clone()
+    vaks_mix_(buf, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty(0))
+    assert torch.equal(buf, before)
+
+
+def test_bad_input_leaves_buffer():
+    buf = make_buffer((10, 4), torch.float32)
+    before = snapshot(buf)
+    d, s, e = torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0.1, 0.2])
+    cases = [
+        ((buf.double(), d, s, e), TypeError, "buffer.*float32 or float16 or bfloat16 or uint8"),
+        ((buf.t(), d, s, e), ValueError, "buffer.*contiguous"),
+        ((buf, d.float(), s, e), TypeError, "dst.*int32 or int64"),
+        ((buf, d, s[:1], e), ValueError, "src.*one index per"),
+        ((buf, d, s, e[:1]), ValueError, "eps.*one value per pair"),
+        ((buf, torch.tensor([0, 10]), s, e), ValueError, r"dst.*\[0, 10\)"),
+        ((buf, d, torch.tensor([-1, 3]), e), ValueError, r"src.*\[0, 10\)"),
+        ((buf, torch.tensor([1, 1]), s, e), ValueError, "dst.*repeat"),
+        ((buf, d, torch.tensor([1, 3]), e), ValueError, "dst.*src.*share"),
+        ((buf, d, s, torch.tensor([0.1, 1.5])), ValueError, r"eps.*\[0, 1\]"),
+        ((buf, d, s, 2.0), ValueError, "eps"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            vaks_mix_(*args)
+    assert_unchanged(before, buf)
