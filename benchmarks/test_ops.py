@@ -1,0 +1,125 @@
+"""First benchmark per op, each against the alternatives (see benchmarks/baselines.py).
+
+Group names are the rows of the report (benchmarks/report.py); the
+``provider`` parameter is its columns.
+"""
+import pytest
+import torch
+
+from kcd_fast import ops
+from benchmarks import baselines
+from benchmarks.conftest import ON_GPU, sync
+
+PROVIDERS_UPDATE = ["kcd_fast", "eager", "official"]
+
+
+def _state(n, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = (torch.rand(n, generator=g) * 4).to(device)
+    counts = torch.randint(1, 15, (n,), generator=g, dtype=torch.int32).to(device)
+    return values, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("provider", PROVIDERS_UPDATE)
+def test_update_values(benchmark, run, sizes, device, provider, dtype):
+    """Per-step recording of a [B, C] batch into N values (Eq. 7 + 12), wall time with launch."""
+    benchmark.group = f"update_values B={sizes['B']} C={sizes['C']} {str(dtype)[6:]}"
+    values, counts = _state(sizes["N"], device)
+    idx = torch.randperm(sizes["N"], device=device)[: sizes["B"]]
+    logits = torch.randn(sizes["B"], sizes["C"], device=device).to(dtype)
+    if provider == "kcd_fast":
+        fn = lambda: ops.update_values(values, counts, idx, logits)  # noqa: E731
+    elif provider == "eager":
+        fn = lambda: baselines.eager_update_values(values, counts, idx, logits)  # noqa: E731
+    else:
+        rec = baselines.OfficialRecorder(sizes["N"])
+        fn = lambda: rec.observe(idx, logits)  # noqa: E731
+    run(fn, provider=provider, op="update_values", **{k: sizes[k] for k in ("B", "C", "N")})
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA-graph replay needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("provider", ["kcd_fast", "eager"])
+def test_update_values_device_time(benchmark, sizes, device, provider, dtype):
+    """Device time of update_values: 100 calls captured in one CUDA graph, replayed (launch cost excluded)."""
+    benchmark.group = f"update_values device time B={sizes['B']} C={sizes['C']} {str(dtype)[6:]}"
+    values, counts = _state(sizes["N"], device)
+    idx = torch.randperm(sizes["N"], device=device)[: sizes["B"]]
+    logits = torch.randn(sizes["B"], sizes["C"], device=device).to(dtype)
+    fn = ops.update_values if provider == "kcd_fast" else baselines.eager_update_values
+    calls = 100
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(values, counts, idx, logits)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn(values, counts, idx, logits)
+    torch.cuda.current_stream().wait_stream(stream)
+    sync()
+    benchmark.extra_info.update(provider=provider, op="update_values_graph", calls_per_round=calls,
+                                device=torch.cuda.get_device_name(), B=sizes["B"], C=sizes["C"])
+
+    def replay():
+        graph.replay()
+        sync()
+
+    benchmark(replay)
+
+
+@pytest.mark.parametrize("provider", ["kcd_fast", "eager", "official"])
+def test_estep(benchmark, run, sizes, device, provider):
+    """The whole E-step over N points: score, rank, partition, pairs, keep mask."""
+    n = sizes["N"]
+    benchmark.group = f"E-step N={n}"
+    values, counts = _state(n, device)
+    prev = torch.ones(n, dtype=torch.bool, device=device)
+    prev[torch.randperm(n, device=device)[: n // 20]] = False
+    n_keep = int(0.8 * n)
+    if provider == "kcd_fast":
+        fn = lambda: ops.condense(values, counts, keep=n_keep, alpha=0.03, eps_max=0.3,  # noqa: E731
+                                  previous_keep=prev)
+    elif provider == "eager":
+        fn = lambda: baselines.eager_condense(values, counts, n_keep, 0.03, 0.3, prev)  # noqa: E731
+    else:
+        g = torch.Generator().manual_seed(0)
+        record = (torch.rand(n, sizes["EPOCHS"], generator=g, dtype=torch.float64) * 4).numpy()
+        fn = lambda: baselines.official_estep(record, n_keep, int(prev.sum()))  # noqa: E731
+    run(fn, provider=provider, op="estep", N=n)
+
+
+@pytest.mark.parametrize("provider", ["kcd_fast", "eager", "official"])
+def test_rank(benchmark, run, sizes, device, provider):
+    """The global sort alone (Eq. 13)."""
+    n = sizes["N"]
+    benchmark.group = f"rank N={n}"
+    values, counts = _state(n, device)
+    if provider == "kcd_fast":
+        fn = lambda: ops.rank(values, counts, 0.03)  # noqa: E731
+    elif provider == "eager":
+        fn = lambda: torch.argsort(values.double() * counts.double().pow(0.03), descending=True,  # noqa: E731
+                                   stable=True)
+    else:
+        scores = (values.double() * counts.double().pow(0.03)).cpu().numpy()
+        fn = lambda: scores.argsort()[::-1]  # noqa: E731
+    run(fn, provider=provider, op="rank", N=n)
+
+
+@pytest.mark.parametrize("provider", ["kcd_fast", "eager", "official"])
+def test_vaks_mix(benchmark, run, sizes, device, provider):
+    """VAKS mixing of P pairs of fp16 rows (Eq. 14). Effective bytes: two rows read, one written per pair."""
+    pairs = sizes["OFFICIAL_PAIRS"] if provider == "official" else sizes["PAIRS"]
+    row = sizes["ROW"]
+    benchmark.group = f"vaks_mix_ {row}-wide fp16 rows"
+    n = 3 * pairs
+    buf = torch.rand(n, row, device=device).half()
+    perm = torch.randperm(n, device=device)
+    dst, src = perm[:pairs], perm[pairs: 2 * pairs]
+    eps = torch.rand(pairs, device=device) * 0.3
+    fn = {"kcd_fast": ops.vaks_mix_, "eager": baselines.eager_vaks_mix_,
+          "official": baselines.official_vaks_mix_}[provider]
+    run(fn, buf, dst, src, eps, provider=provider, op="vaks_mix_", pairs=pairs, row=row,
+        bytes=3 * pairs * row * buf.element_size())
