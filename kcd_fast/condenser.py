@@ -1,0 +1,562 @@
+"""The KCD stage loop (Alg. 1) as a drop-in library: state, sampler, VAKS, resume, DDP, cost.
+
+A few lines around an existing training loop give it KCD::
+
+    condenser = kcd_fast.KnowledgeCondenser(len(train_set), epochs=240, stage_epochs=40, device="cuda")
+    loader = DataLoader(kcd_fast.KCDDataset(train_set, condenser), batch_size=64,
+                        sampler=condenser.sampler(), num_workers=8)
+    for epoch in range(240):
+        loader.sampler.set_epoch(epoch)
+        for x, y, index in loader:
+            logits = student(x.cuda())
+            ...                                             # the usual KD step
+            condenser.observe(index.cuda(non_blocking=True), logits)   # Eq. 7 + 12, no host sync
+        condenser.end_epoch(epoch)                          # Alg. 1 lines 8-14 when epoch % T == 0
+
+Per step only :func:`kcd_fast.ops.update_values` runs. Everything else happens
+once per stage (or once per epoch, and then only on the host).
+"""
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from numbers import Integral, Real
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+from kcd_fast import ops
+from kcd_fast import reference as R
+
+__all__ = ["KnowledgeCondenser", "KCDDataset", "KeptSampler"]
+
+STATE_VERSION = 1
+_SCHEDULES = ("exp", "linear")
+_K0_POLICIES = ("dropped", "all")
+_SELECTIONS = ("kcd", "random")
+TRAJECTORY_POINTS = 256  # points whose rank likelihood (Eq. 8) is recorded at each stage, for Fig. 3(b)
+
+
+def _int(name, x, lo):
+    if isinstance(x, bool) or not isinstance(x, Integral):
+        raise TypeError(f"KnowledgeCondenser: `{name}` must be an int, got {type(x).__name__}")
+    if x < lo:
+        raise ValueError(f"KnowledgeCondenser: `{name}` must be >= {lo}, got {x}")
+    return int(x)
+
+
+def _unit(name, x, lo_open=True):
+    if isinstance(x, bool) or not isinstance(x, Real) or not math.isfinite(float(x)):
+        raise TypeError(f"KnowledgeCondenser: `{name}` must be a finite number, got {x!r}")
+    x = float(x)
+    if not ((0.0 < x) if lo_open else (0.0 <= x)) or x > 1.0:
+        raise ValueError(f"KnowledgeCondenser: `{name}` must lie in {'(0' if lo_open else '[0'}, 1], got {x}")
+    return x
+
+
+def _choice(name, x, options):
+    if x not in options:
+        raise ValueError(f"KnowledgeCondenser: `{name}` must be one of {options}, got {x!r}")
+    return x
+
+
+def _dist_info(rank, world_size):
+    if rank is None or world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+        else:
+            rank = 0 if rank is None else rank
+            world_size = 1 if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+    return int(rank), int(world_size)
+
+
+class KnowledgeCondenser:
+    """The knowledge space of KCD and its EM stage loop (Alg. 1).
+
+    Args:
+        num_samples: N, the size of the training set (the knowledge space K).
+        epochs: I, the number of training epochs.
+        stage_epochs: T, the epochs of one stage; must divide ``epochs``.
+        rho: ρ, the final kept fraction, in (0, 1].
+        alpha: α of the cost-aware ranking (Eq. 13); 0 is the "w/o CAR" ablation.
+        eps_max: ε_m of Eq. 15, in (0, 1].
+        schedule: ``"exp"`` (the paper, τ^t = ρ^((t+1)/S)) or ``"linear"`` (the official code).
+        k0: ``"dropped"`` (official code) or ``"all"`` (paper text); see :func:`kcd_fast.ops.condense`.
+        selection: ``"kcd"`` or ``"random"`` (the "OGVE w/ random" ablation: a random ranking).
+        online_recording: False is the "w/o OVR" ablation: a point's value is the entropy of its
+            last visit instead of the running mean of Eq. 12.
+        vaks: False is the "direct selection" ablation: K^ = K1, no augmentation.
+        adaptive_eps: False is the "KA (ε = ε_m)" ablation.
+        temperature: softmax temperature of the recorded entropy.
+        device: where the per-sample state lives (the student's device).
+        seed: seeds the sampler's shuffles and the random ranking (reproducible, and
+            independent of the global RNG).
+        rank, world_size: the DDP position; taken from torch.distributed when None.
+
+    State (all O(N) on ``device``, see :meth:`bytes_per_sample`): ``values`` (V^F),
+    ``counts`` (F), ``keep`` (the condensed set), ``partner`` and ``eps`` (the VAKS pair of
+    each K1L point; -1 and 0 elsewhere).
+    """
+
+    def __init__(self, num_samples: int, *, epochs: int, stage_epochs: int, rho: float = 0.7,
+                 alpha: float = 0.03, eps_max: float = 0.3, schedule: str = "exp", k0: str = "dropped",
+                 selection: str = "kcd", online_recording: bool = True, vaks: bool = True,
+                 adaptive_eps: bool = True, temperature: float = 1.0, device: torch.device | str = "cpu",
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
+        self.num_samples = _int("num_samples", num_samples, 1)
+        self.epochs = _int("epochs", epochs, 1)
+        self.stage_epochs = _int("stage_epochs", stage_epochs, 1)
+        if self.stage_epochs > self.epochs:
+            raise ValueError(f"KnowledgeCondenser: `stage_epochs` ({stage_epochs}) must not exceed "
+                             f"`epochs` ({epochs})")
+        if self.epochs % self.stage_epochs:
+            raise ValueError(f"KnowledgeCondenser: `stage_epochs` ({stage_epochs}) must divide `epochs` "
+                             f"({epochs}) into whole stages")
+        self.rho = _unit("rho", rho)
+        self.eps_max = _unit("eps_max", eps_max)
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"KnowledgeCondenser: `alpha` must be a finite number >= 0, got {alpha!r}")
+        self.alpha = float(alpha)
+        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
+            raise ValueError(f"KnowledgeCondenser: `temperature` must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.schedule = _choice("schedule", schedule, _SCHEDULES)
+        self.k0 = _choice("k0", k0, _K0_POLICIES)
+        self.selection = _choice("selection", selection, _SELECTIONS)
+        self.online_recording = bool(online_recording)
+        self.vaks = bool(vaks)
+        self.adaptive_eps = bool(adaptive_eps)
+        self.seed = _int("seed", seed, 0)
+        self.device = torch.device(device)
+        self.rank, self.world_size = _dist_info(rank, world_size)
+        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"KnowledgeCondenser: world_size={self.world_size} needs an initialised "
+                             f"torch.distributed process group (the ranks' records are merged at each stage end); "
+                             f"for samplers of other ranks without one, use sampler(rank=..., world_size=...)")
+        self.num_stages = self.epochs // self.stage_epochs
+
+        n, dev = self.num_samples, self.device
+        self.values = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.counts = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.keep = torch.ones(n, dtype=torch.bool, device=dev)
+        self.partner = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        self.eps = torch.zeros(n, dtype=torch.float32, device=dev)
+        # The "w/o OVR" ablation ranks by the last visit's entropy.
+        self.last_values = None if self.online_recording else torch.zeros(n, dtype=torch.float32, device=dev)
+        # DDP: the state at the last merge, to send only this stage's deltas.
+        self._synced = None
+        if self.world_size > 1:
+            self._synced = (self.values.clone(), self.counts.clone(),
+                            None if self.last_values is None else self.last_values.clone())
+        # Host copies for the samplers and the loader workers (shared memory: workers see updates).
+        self._kept_cpu = torch.arange(n, dtype=torch.int64)
+        self._partner_cpu = torch.full((n,), -1, dtype=torch.int32).share_memory_()
+        self._eps_cpu = torch.zeros(n, dtype=torch.float32).share_memory_()
+        self.pairs = (torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.int64, device=dev),
+                      torch.empty(0, dtype=torch.float32, device=dev))
+        self.next_epoch = 0          # end_epoch() expects this epoch next
+        self.stage = -1              # the last stage condensed (-1: none yet)
+        self.frozen = False          # True after load_condensed(freeze=True): no more condensation
+        self.samples_yielded = {}    # epoch -> samples this rank's samplers yielded
+        self.samples_observed = {}   # epoch -> samples passed to observe() on this rank
+        self.history = []            # one summary dict per condensation
+        g = torch.Generator().manual_seed(self.seed)
+        self.trajectory_points = torch.randperm(n, generator=g)[: min(n, TRAJECTORY_POINTS)].sort().values
+        self._samplers = weakref.WeakSet()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def bytes_per_sample(self) -> dict:
+        """Memory of the per-sample state: on ``device`` and on the host."""
+        device = 4 + 4 + 1 + 4 + 4  # values, counts, keep, partner, eps
+        if self.last_values is not None:
+            device += 4
+        if self._synced is not None:
+            device += 8 + (4 if self.last_values is not None else 0)
+        return {"device": device, "host": 8 + 4 + 4}  # kept index list (at most), partner, eps
+
+    def kept_indices(self) -> torch.Tensor:
+        """The condensed set K^ as ascending int64 indices, on the host."""
+        return self._kept_cpu
+
+    def tau(self, stage: int) -> float:
+        """τ^t of the schedule."""
+        return R.tau(stage, self.rho, self.num_stages, self.schedule)
+
+    def num_kept(self, stage: int) -> int:
+        """|K1| at stage t."""
+        return R.num_kept(self.num_samples, stage, self.rho, self.num_stages, self.schedule)
+
+    def is_boundary(self, epoch: int) -> bool:
+        """Alg. 1 line 8: condensation at the end of epoch i when i % T == 0."""
+        return epoch % self.stage_epochs == 0
+
+    def planned_samples(self, epoch: int) -> int:
+        """Samples the schedule plans for ``epoch`` (all ranks together, before DDP padding)."""
+        if epoch == 0:
+            return self.num_samples
+        stage = min((epoch - 1) // self.stage_epochs, self.num_stages - 1)
+        return self.num_kept(stage)
+
+    def predicted_cost(self) -> dict:
+        """C predicted from the schedule: by Eq. 16, and by the exact per-epoch counts."""
+        taus = [self.tau(t) for t in range(self.num_stages)]
+        planned = sum(self.planned_samples(e) for e in range(self.epochs))
+        return {"eq16": R.relative_cost(taus, self.stage_epochs, self.epochs),
+                "schedule": planned / (self.num_samples * self.epochs)}
+
+    def measured_cost(self) -> dict:
+        """C_a and C measured from what the samplers yielded (all ranks), over the epochs run so far."""
+        epochs = sorted(self.samples_yielded)
+        passed = sum(self.samples_yielded[e] for e in epochs) * self.world_size
+        full = self.num_samples * len(epochs)
+        return {"epochs": len(epochs), "C_a": passed, "C": passed / full if full else float("nan"),
+                "per_epoch": {e: self.samples_yielded[e] * self.world_size for e in epochs}}
+
+    # ------------------------------------------------------------------ M-step side: per step
+
+    def observe(self, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Record a batch's entropies (Eq. 7) into V^F and F (Eq. 12). Returns the entropies.
+
+        This is the only per-step call: one fused kernel on CUDA, no host sync
+        (pass ``indices`` on the condenser's device).
+        """
+        if indices.device != self.device:
+            indices = indices.to(self.device, non_blocking=True)
+        entropy = ops.update_values(self.values, self.counts, indices, logits, temperature=self.temperature)
+        if self.last_values is not None:
+            idx = indices.long()
+            fresh = torch.isfinite(entropy)
+            self.last_values.index_put_((idx,), torch.where(fresh, entropy, self.last_values[idx]))
+        self.samples_observed[self.next_epoch] = self.samples_observed.get(self.next_epoch, 0) + indices.numel()
+        return entropy
+
+    def _note_yield(self, epoch: int, count: int) -> None:
+        self.samples_yielded[epoch] = self.samples_yielded.get(epoch, 0) + count
+
+    # ------------------------------------------------------------------ E-step: per stage
+
+    def end_epoch(self, epoch: int) -> ops.CondensePlan | None:
+        """Close epoch ``epoch`` (0-based). At a stage boundary (epoch % T == 0), condense.
+
+        Returns the new plan, or None when the epoch is not a boundary. Every DDP
+        rank must call this every epoch; at a boundary it runs ONE collective.
+        """
+        if epoch != self.next_epoch:
+            raise ValueError(f"end_epoch: expected epoch {self.next_epoch}, got {epoch}; call it once per epoch, "
+                             f"in order (after a resume, load the checkpoint's state_dict first)")
+        if epoch >= self.epochs:
+            raise ValueError(f"end_epoch: epoch {epoch} is past the last epoch ({self.epochs - 1})")
+        self.samples_yielded.setdefault(epoch, 0)
+        self.next_epoch = epoch + 1
+        if self.frozen or not self.is_boundary(epoch):
+            return None
+        ops.check_errors(self.device) if self.device.type == "cuda" else None
+        self._merge_ranks()
+        return self._condense(epoch // self.stage_epochs, epoch)
+
+    def _merge_ranks(self) -> None:
+        """One all_reduce of this stage's deltas: every rank then holds the single-process state.
+
+        For each point, rank r contributes dF_r = F_r - F0 and dS_r = F_r V_r - F0 V0 (the sum of
+        its new entropies); the merged state is F = F0 + sum dF_r, V = (F0 V0 + sum dS_r) / F.
+        """
+        if self.world_size == 1:
+            return
+        v0, f0, l0 = self._synced
+        n = self.num_samples
+        f0d, v0d = f0.double(), v0.double()
+        parts = [self.counts.double() - f0d, self.counts.double() * self.values.double() - f0d * v0d]
+        if self.last_values is not None:
+            changed = (self.last_values != l0).double()
+            parts += [changed, changed * self.last_values.double()]
+        packed = torch.cat(parts)
+        dist.all_reduce(packed)
+        d_count, d_sum = packed[:n], packed[n:2 * n]
+        f = f0d + d_count
+        self.values.copy_(torch.where(f > 0, (f0d * v0d + d_sum) / f.clamp_min(1.0), v0d).float())
+        self.counts.copy_(f.round().int())
+        if self.last_values is not None:
+            hits, total = packed[2 * n:3 * n], packed[3 * n:]
+            self.last_values.copy_(torch.where(hits > 0, total / hits.clamp_min(1.0), l0.double()).float())
+        self._synced = (self.values.clone(), self.counts.clone(),
+                        None if self.last_values is None else self.last_values.clone())
+
+    def _ranking_values(self) -> torch.Tensor:
+        return self.values if self.last_values is None else self.last_values
+
+    def _condense(self, stage: int, epoch: int) -> ops.CondensePlan:
+        values = self._ranking_values()
+        order = None
+        if self.selection == "random":
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + stage)
+            order = torch.randperm(self.num_samples, generator=g).to(self.device)
+        plan = ops.condense(values, self.counts, keep=self.num_kept(stage), alpha=self.alpha,
+                            eps_max=self.eps_max, previous_keep=self.keep, k0=self.k0,
+                            adaptive_eps=self.adaptive_eps, order=order)
+        if not self.vaks:
+            empty = plan.k1l[:0]
+            plan = ops.CondensePlan(plan.keep, plan.order, empty, empty, plan.eps[:0], plan.num_kept, plan.num_k0)
+        self._apply_plan(plan)
+        self.stage = stage
+        self.history.append(self._summary(plan, stage, epoch, values))
+        return plan
+
+    def _apply_plan(self, plan: ops.CondensePlan) -> None:
+        self.keep.copy_(plan.keep)
+        self.partner.fill_(-1)
+        self.eps.zero_()
+        self.partner[plan.k1l] = plan.k0.int()
+        self.eps[plan.k1l] = plan.eps
+        self.pairs = (plan.k1l, plan.k0, plan.eps)
+        self._kept_cpu = plan.keep.nonzero().flatten().cpu()
+        self._partner_cpu.copy_(self.partner.cpu())
+        self._eps_cpu.copy_(self.eps.cpu())
+
+    def _summary(self, plan, stage, epoch, values) -> dict:
+        keep = plan.keep
+        dropped = ~keep
+        kept_mean = float(values[keep].mean()) if bool(keep.any()) else float("nan")
+        drop_mean = float(values[dropped].mean()) if bool(dropped.any()) else float("nan")
+        n = self.num_samples
+        position = torch.empty(n, dtype=torch.int64, device=plan.order.device)
+        position[plan.order] = torch.arange(n, device=plan.order.device)
+        p_rank = 1.0 - position[self.trajectory_points.to(position.device)].double() / n  # Eq. 8
+        pairs = int(plan.k1l.numel())
+        return {
+            "stage": stage, "epoch": epoch, "tau": self.tau(stage), "kept": plan.num_kept,
+            "k1h": plan.num_kept - pairs, "k1l": pairs, "k0": plan.num_k0,
+            "mean_value_kept": kept_mean, "mean_value_dropped": drop_mean,
+            "C_so_far": self.measured_cost()["C"],
+            "value_quantiles_kept": _quantiles(values[keep]),
+            "value_quantiles_dropped": _quantiles(values[dropped]),
+            "rank_likelihood": p_rank.cpu().tolist(),
+        }
+
+    # ------------------------------------------------------------------ VAKS
+
+    def mix_buffer_(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Apply the current plan's pairs to an in-memory [N, ...] buffer, in place (Eq. 14).
+
+        Persistent, as the official code does for CIFAR pixels: call it once
+        after each condensation, and the mixes compound across stages.
+        """
+        if buffer.shape[0] != self.num_samples:
+            raise ValueError(f"mix_buffer_: `buffer` must have one row per sample ({self.num_samples}), "
+                             f"got shape {tuple(buffer.shape)}")
+        k1l, k0, eps = self.pairs
+        return ops.vaks_mix_(buffer, k1l.to(buffer.device), k0.to(buffer.device), eps.to(buffer.device))
+
+    # ------------------------------------------------------------------ data
+
+    def sampler(self, batch_size: int | None = None, shuffle: bool = True, drop_last: bool = False,
+                rank: int | None = None, world_size: int | None = None) -> "KeptSampler":
+        """A Sampler over the condensed set (see :class:`KeptSampler`)."""
+        rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
+        s = KeptSampler(self, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, rank=rank,
+                        world_size=world_size)
+        self._samplers.add(s)
+        return s
+
+    # ------------------------------------------------------------------ state
+
+    def _config(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "num_samples", "epochs", "stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0", "selection",
+            "online_recording", "vaks", "adaptive_eps", "temperature", "seed")}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run exactly: tensors on the host, config, progress."""
+        return {
+            "version": STATE_VERSION, "config": self._config(),
+            "values": self.values.cpu(), "counts": self.counts.cpu(), "keep": self.keep.cpu(),
+            "partner": self.partner.cpu(), "eps": self.eps.cpu(),
+            "pairs": tuple(t.cpu() for t in self.pairs),
+            "last_values": None if self.last_values is None else self.last_values.cpu(),
+            "synced": None if self._synced is None else tuple(None if t is None else t.cpu() for t in self._synced),
+            "next_epoch": self.next_epoch, "stage": self.stage, "frozen": self.frozen,
+            "samples_yielded": dict(self.samples_yielded), "samples_observed": dict(self.samples_observed),
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. Refuses a state of another version, N or configuration."""
+        if not isinstance(state, dict) or "version" not in state:
+            raise ValueError("load_state_dict: not a KnowledgeCondenser state_dict")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"load_state_dict: state version {state['version']} is not this kcd_fast's "
+                             f"{STATE_VERSION}")
+        cfg, mine = state["config"], self._config()
+        if cfg["num_samples"] != self.num_samples:
+            raise ValueError(f"load_state_dict: the state is for N={cfg['num_samples']} samples, this condenser "
+                             f"has N={self.num_samples}")
+        diff = [f"{k}: {cfg.get(k)!r} (state) vs {v!r} (here)" for k, v in mine.items() if cfg.get(k) != v]
+        if diff:
+            raise ValueError("load_state_dict: the state was made with another configuration: " + "; ".join(diff))
+        dev = self.device
+        self.values.copy_(state["values"].to(dev))
+        self.counts.copy_(state["counts"].to(dev))
+        self.keep.copy_(state["keep"].to(dev))
+        self.partner.copy_(state["partner"].to(dev))
+        self.eps.copy_(state["eps"].to(dev))
+        self.pairs = tuple(t.to(dev) for t in state["pairs"])
+        if self.last_values is not None:
+            self.last_values.copy_(state["last_values"].to(dev))
+        if self.world_size > 1:
+            synced = state["synced"] or (state["values"], state["counts"], state["last_values"])
+            self._synced = tuple(None if t is None else t.to(dev).clone() for t in synced)
+        self.next_epoch, self.stage, self.frozen = state["next_epoch"], state["stage"], state["frozen"]
+        self.samples_yielded = dict(state["samples_yielded"])
+        self.samples_observed = dict(state["samples_observed"])
+        self.history = list(state["history"])
+        self._kept_cpu = self.keep.nonzero().flatten().cpu()
+        self._partner_cpu.copy_(self.partner.cpu())
+        self._eps_cpu.copy_(self.eps.cpu())
+
+    def save_condensed(self, path: str | os.PathLike) -> None:
+        """Export the condensed knowledge K^ (the keep mask and the VAKS pairs) to reuse it (Fig. 4)."""
+        k1l, k0, eps = self.pairs
+        torch.save({"kind": "kcd_fast.condensed", "version": STATE_VERSION, "num_samples": self.num_samples,
+                    "stage": self.stage, "tau": self.tau(self.stage) if self.stage >= 0 else 1.0,
+                    "keep": self.keep.cpu(), "k1l": k1l.cpu(), "k0": k0.cpu(), "eps": eps.cpu(),
+                    "config": self._config()}, path)
+
+    def load_condensed(self, path: str | os.PathLike, freeze: bool = True) -> ops.CondensePlan:
+        """Use condensed knowledge saved by :meth:`save_condensed` (e.g. to re-distil from scratch on K^).
+
+        With ``freeze``, no further condensation happens: every epoch trains on the loaded set.
+        """
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("kind") != "kcd_fast.condensed":
+            raise ValueError(f"load_condensed: {path} is not a file written by save_condensed")
+        if blob["num_samples"] != self.num_samples:
+            raise ValueError(f"load_condensed: {path} holds N={blob['num_samples']} samples, this condenser has "
+                             f"N={self.num_samples}")
+        keep = blob["keep"].to(self.device)
+        order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])
+        plan = ops.CondensePlan(keep, order, blob["k1l"].to(self.device), blob["k0"].to(self.device),
+                                blob["eps"].to(self.device), int(keep.sum()), int(blob["k0"].numel()))
+        self._apply_plan(plan)
+        self.frozen = bool(freeze)
+        return plan
+
+
+def _quantiles(x: torch.Tensor, q=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)) -> list:
+    if x.numel() == 0:
+        return []
+    return torch.quantile(x.double().cpu()[: 1 << 24], torch.tensor(q, dtype=torch.float64)).tolist()
+
+
+class KeptSampler(Sampler):
+    """Samples the condensed set K^ of a :class:`KnowledgeCondenser`; its length changes per stage.
+
+    * ``batch_size=None``: yields indices (use ``DataLoader(sampler=...)``).
+      ``batch_size=B``: yields lists of B indices (use ``DataLoader(batch_sampler=...)``); with
+      ``drop_last`` the final short batch is dropped.
+    * DDP: rank r of W gets a disjoint share of a common shuffled order; the order is padded by
+      repeating its head (or, with ``drop_last`` and no batch_size, cut) so every rank yields
+      the same number of samples and steps the same number of batches.
+    * Shuffles with its own generator seeded by (seed, epoch): call :meth:`set_epoch`. It never
+      touches the global RNG and never patches DataLoader.
+    """
+
+    def __init__(self, condenser: KnowledgeCondenser, *, batch_size=None, shuffle=True, drop_last=False,
+                 rank=0, world_size=1):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, Integral)
+                                       or batch_size < 1):
+            raise ValueError(f"sampler: `batch_size` must be None or an int >= 1, got {batch_size!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"sampler: `rank` must lie in [0, world_size={world_size}), got {rank}")
+        self.condenser = condenser
+        self.batch_size = batch_size
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _share_size(self, kept: int) -> int:
+        if self.drop_last and self.batch_size is None:
+            return kept // self.world_size
+        return -(-kept // self.world_size)
+
+    def indices(self) -> torch.Tensor:
+        """This rank's indices for the current epoch, in yield order."""
+        kept = self.condenser.kept_indices()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.condenser.seed * 1_000_003 + 7919 * self.epoch + 1)
+            kept = kept[torch.randperm(kept.numel(), generator=g)]
+        share = self._share_size(kept.numel())
+        total = share * self.world_size
+        if total > kept.numel():
+            reps = -(-total // max(kept.numel(), 1))
+            kept = kept.repeat(reps)
+        return kept[:total][self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        share = self._share_size(self.condenser.kept_indices().numel())
+        if self.batch_size is None:
+            return share
+        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
+
+    def __iter__(self) -> Iterator:
+        idx = self.indices()
+        epoch = self.epoch
+        if self.batch_size is None:
+            count = 0
+            try:
+                for i in idx.tolist():
+                    count += 1
+                    yield i
+            finally:
+                self.condenser._note_yield(epoch, count)
+        else:
+            b = self.batch_size
+            stop = (idx.numel() // b) * b if self.drop_last else idx.numel()
+            for s in range(0, stop, b):
+                batch = idx[s:s + b].tolist()
+                self.condenser._note_yield(epoch, len(batch))
+                yield batch
+
+
+class KCDDataset(Dataset):
+    """Wraps a map-style dataset of (x, y) into one of (x, y, index), with VAKS on the inputs.
+
+    For a point of K1L with partner j and ratio ε (Eq. 14), it returns
+    ``(1 - ε) x + ε x_j``, each transformed first, with the point's own label.
+    It runs in the loader workers, so the GPU does no extra pass and the
+    teacher sees the same mixed input as the student. ``mix=False`` returns
+    plain (x, y, index) (the VAKS then lives elsewhere, e.g. in a soft-label buffer).
+    """
+
+    def __init__(self, dataset: Dataset, condenser: KnowledgeCondenser, mix: bool = True):
+        n = len(dataset)
+        if n != condenser.num_samples:
+            raise ValueError(f"KCDDataset: the dataset has {n} samples but the condenser was made for "
+                             f"num_samples={condenser.num_samples}")
+        self.dataset = dataset
+        self.mix = bool(mix)
+        self.partner = condenser._partner_cpu   # shared memory: updated in place at each stage
+        self.eps = condenser._eps_cpu
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, y = self.dataset[index]
+        if self.mix:
+            j = int(self.partner[index])
+            if j >= 0:
+                e = float(self.eps[index])
+                xj, _ = self.dataset[j]
+                x = (1.0 - e) * x + e * xj
+        return x, y, index

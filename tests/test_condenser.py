@@ -1,0 +1,379 @@
+"""KnowledgeCondenser: the stage loop against a transcription of Alg. 1, cost, resume, DDP, VAKS, ablations."""
+import io
+import math
+
+import pytest
+import torch
+
+import kcd_fast
+from kcd_fast import KCDDataset, KnowledgeCondenser
+from kcd_fast import reference as R
+from kcd_fast.data import InMemoryImageDataset
+
+
+class Synthetic:
+    """Deterministic student logits per (index, epoch): samples grow confident at their own rates."""
+
+    def __init__(self, n, c=10, seed=0, levels=None):
+        g = torch.Generator().manual_seed(seed)
+        self.base = torch.randn(n, c, generator=g)
+        self.rate = torch.rand(n, generator=g)
+        self.levels = levels
+
+    def __call__(self, idx, epoch):
+        logits = self.base[idx] * (0.5 + 0.4 * epoch * self.rate[idx])[:, None]
+        if self.levels:  # few distinct rows: many exact ties in the values
+            logits = self.base[idx % self.levels]
+        return logits
+
+
+def run_epochs(cond, synth, epochs, batch=64, start=0):
+    """Train-loop stand-in: sample, observe, end the epoch. Returns the plans and per-epoch sample counts."""
+    plans, sampled = {}, []
+    sampler = cond.sampler(batch_size=batch)
+    for epoch in range(start, epochs):
+        sampler.set_epoch(epoch)
+        n = 0
+        for b in sampler:
+            idx = torch.tensor(b)
+            cond.observe(idx, synth(idx, epoch))
+            n += len(b)
+        sampled.append(n)
+        plan = cond.end_epoch(epoch)
+        if plan is not None:
+            plans[epoch] = plan
+    return plans, sampled
+
+
+@pytest.mark.parametrize("schedule", ["exp", "linear"])
+@pytest.mark.parametrize("policy", ["dropped", "all"])
+def test_simulated_run_matches_alg1_transcription(schedule, policy):
+    n, epochs, stage = 1500, 12, 3
+    synth = Synthetic(n, seed=1)
+    cond = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage, rho=0.6, schedule=schedule, k0=policy)
+    drawn = {}
+    sampler = cond.sampler(batch_size=50)
+    values = torch.zeros(n, dtype=torch.float64)
+    counts = torch.zeros(n, dtype=torch.int64)
+    keep = torch.ones(n, dtype=torch.bool)
+    s = epochs // stage
+    for i in range(epochs):
+        sampler.set_epoch(i)
+        batches = list(sampler)
+        drawn[i] = sum(len(b) for b in batches)
+        flat = torch.tensor([j for b in batches for j in b])
+        assert torch.equal(flat.sort().values, keep.nonzero().flatten()), "the sampler must draw exactly K^"
+        for b in batches:
+            idx = torch.tensor(b)
+            logits = synth(idx, i)
+            cond.observe(idx, logits)
+            values, counts = R.record_values(values, counts, idx, R.entropy(logits))
+        plan = cond.end_epoch(i)
+        if i % stage != 0:
+            assert plan is None
+            continue
+        # Eq. 12: the recorded state equals the float64 transcription.
+        assert torch.equal(cond.counts.long(), counts)
+        torch.testing.assert_close(cond.values.double(), values, atol=2e-6, rtol=2e-6)
+        # Alg. 1 lines 9-13 with the reference functions, on the condenser's float32 values
+        # (float64 vs float32 means may swap near-ties; the stage logic is what is checked here).
+        t = i // stage
+        n_keep = R.num_kept(n, t, 0.6, s, schedule)
+        order = R.rank(cond.values, cond.counts, 0.03)
+        part = R.partition(order, n_keep, keep, policy)
+        eps = R.vaks_eps(part.k1l.numel(), 0.3)
+        assert plan.num_kept == n_keep
+        assert torch.equal(plan.keep, part.keep)
+        assert torch.equal(plan.k1l, part.k1l) and torch.equal(plan.k0, part.k0)
+        torch.testing.assert_close(plan.eps.double(), eps, atol=1e-7, rtol=1e-6)
+        assert torch.equal(cond.partner[part.k1l].long(), part.k0)
+        keep = part.keep
+    # Sampled counts per epoch: N in epoch 0, then |K1| of the stage in force.
+    expected = [n] + [R.num_kept(n, (e - 1) // stage, 0.6, s, schedule) for e in range(1, epochs)]
+    assert [drawn[i] for i in range(epochs)] == expected
+    assert cond.measured_cost()["per_epoch"] == {i: expected[i] for i in range(epochs)}
+    assert cond.measured_cost()["C"] == pytest.approx(cond.predicted_cost()["schedule"], abs=1e-12)
+
+
+def test_ties_are_broken_by_index_through_the_loop():
+    n = 400
+    cond = KnowledgeCondenser(n, epochs=2, stage_epochs=1, rho=0.5)
+    synth = Synthetic(n, seed=2, levels=3)
+    plans, _ = run_epochs(cond, synth, 1)
+    order = R.rank(cond.values, cond.counts, 0.03)
+    assert torch.equal(plans[0].order, order)
+    assert len(set(cond.values.tolist())) == 3
+
+
+def test_cost_matches_eq16():
+    cond = KnowledgeCondenser(1000, epochs=240, stage_epochs=40, rho=0.7)
+    pred = cond.predicted_cost()
+    assert pred["eq16"] == pytest.approx(0.8164, abs=1e-4)
+    # The exact schedule: epoch 0 full, then |K1| of stage t from the end of epoch 40 t on
+    # (so the last stage, at rho, runs T - 1 epochs).
+    kept = [R.num_kept(1000, t, 0.7, 6) for t in range(6)]
+    assert kept == [942, 887, 836, 788, 742, 700]
+    assert pred["schedule"] == pytest.approx((1000 + 40 * sum(kept[:5]) + 39 * kept[5]) / (1000 * 240), abs=1e-12)
+    sampler = cond.sampler()
+    for epoch in range(240):
+        sampler.set_epoch(epoch)
+        for _ in sampler:
+            pass
+        cond.end_epoch(epoch)
+    m = cond.measured_cost()
+    assert m["C"] == pytest.approx(pred["schedule"], abs=1e-12)
+    assert m["C_a"] == sum(cond.planned_samples(e) for e in range(240))
+    assert abs(m["C"] - pred["eq16"]) < 0.002
+    taus = [h["tau"] for h in cond.history]
+    assert taus[0] == pytest.approx(0.9423, abs=1e-4) and taus[-1] == pytest.approx(0.7)
+    assert [h["kept"] for h in cond.history] == [R.num_kept(1000, t, 0.7, 6) for t in range(6)]
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("kill_after", [0, 4, 5])
+def test_kill_and_resume_reaches_the_same_plans(kill_after):
+    n, epochs, stage = 600, 9, 3
+    synth = Synthetic(n, seed=3)
+    full = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage, selection="kcd")
+    plans_full, sampled_full = run_epochs(full, synth, epochs)
+
+    first = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage)
+    run_epochs(first, synth, kill_after + 1)
+    checkpoint = _roundtrip(first.state_dict())
+    # The killed process went on into the next epoch; its partial work is lost.
+    sampler = first.sampler(batch_size=64)
+    sampler.set_epoch(kill_after + 1)
+    for b in list(sampler)[:3]:
+        first.observe(torch.tensor(b), synth(torch.tensor(b), kill_after + 1))
+
+    resumed = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage)
+    resumed.load_state_dict(checkpoint)
+    plans_res, _ = run_epochs(resumed, synth, epochs, start=kill_after + 1)
+    for e, plan in plans_res.items():
+        for name in ("keep", "order", "k1l", "k0", "eps"):
+            assert torch.equal(getattr(plan, name), getattr(plans_full[e], name)), (e, name)
+    assert torch.equal(resumed.values, full.values) and torch.equal(resumed.counts, full.counts)
+    assert resumed.measured_cost() == full.measured_cost()
+    assert [h["kept"] for h in resumed.history] == [h["kept"] for h in full.history]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_sampler_under_simulated_ddp(world_size, batch_size):
+    n = 103
+    cond = KnowledgeCondenser(n, epochs=4, stage_epochs=1, rho=0.5)
+    cond.end_epoch(0)  # condense to 0.84 N: an odd kept count
+    kept = set(cond.kept_indices().tolist())
+    rng = torch.get_rng_state()
+    samplers = [cond.sampler(batch_size=batch_size, rank=r, world_size=world_size) for r in range(world_size)]
+    for s in samplers:
+        s.set_epoch(3)
+    draws = [list(s) for s in samplers]
+    assert torch.equal(torch.get_rng_state(), rng), "the sampler touched the global RNG"
+    lengths = {len(d) for d in draws}
+    assert len(lengths) == 1 and lengths.pop() == len(samplers[0]), "ranks step different numbers of batches"
+    flat = [[i for b in d for i in b] if batch_size else d for d in draws]
+    union = set().union(*map(set, flat))
+    assert union == kept
+    total = sum(len(f) for f in flat)
+    assert total - len(kept) < world_size  # padding only
+    if world_size > 1:
+        for a in range(world_size):
+            for b in range(a + 1, world_size):
+                assert len(set(flat[a]) & set(flat[b])) <= total - len(kept)
+    again = cond.sampler(batch_size=batch_size, rank=0, world_size=world_size)
+    again.set_epoch(3)
+    assert list(again) == draws[0]
+    again.set_epoch(4)
+    assert list(again) != draws[0]
+
+
+def test_sampler_drop_last():
+    cond = KnowledgeCondenser(10, epochs=1, stage_epochs=1)
+    s = cond.sampler(batch_size=4, drop_last=True, shuffle=False)
+    assert len(s) == 2 and [len(b) for b in s] == [4, 4]
+    d = cond.sampler(drop_last=True, rank=1, world_size=3, shuffle=False)
+    assert len(d) == 3 and len(list(d)) == 3
+
+
+def _ddp_worker(rank, world_size, init_file, out_dir, n, epochs, stage, run_until):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    cond = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage)
+    assert cond.world_size == world_size and cond.rank == rank
+    plans, sampled = run_epochs(cond, Synthetic(n, seed=4), run_until, batch=16)
+    torch.save({"values": cond.values, "counts": cond.counts, "keep": cond.keep, "partner": cond.partner,
+                "sampled": sampled, "C": cond.measured_cost()["C"]}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_real_two_process_gloo_merge_equals_single_process(tmp_path):
+    n, epochs, stage, run_until = 301, 4, 2, 3  # boundaries at the ends of epochs 0 and 2
+    torch.multiprocessing.spawn(_ddp_worker, nprocs=2, join=True,
+                                args=(2, str(tmp_path / "init"), str(tmp_path), n, epochs, stage, run_until))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # One process observing the union of both ranks' batches, epoch by epoch.
+    synth = Synthetic(n, seed=4)
+    single = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage)
+    samplers = [single.sampler(batch_size=16, rank=r, world_size=2) for r in range(2)]
+    for epoch in range(run_until):
+        for s in samplers:
+            s.set_epoch(epoch)
+            for b in s:
+                idx = torch.tensor(b)
+                single.observe(idx, synth(idx, epoch))
+        single.end_epoch(epoch)
+    for r in ranks:
+        assert torch.equal(r["counts"], single.counts)
+        torch.testing.assert_close(r["values"], single.values, atol=1e-6, rtol=1e-6)
+        assert torch.equal(r["keep"], single.keep) and torch.equal(r["partner"], single.partner)
+        assert r["C"] == pytest.approx(single.measured_cost()["C"], abs=2 / n)
+    assert ranks[0]["sampled"] == ranks[1]["sampled"]
+
+
+def test_dataset_wrapper_mixes_like_vaks_mix():
+    n = 60
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 4, 4), generator=g, dtype=torch.uint8)
+    targets = torch.arange(n) % 3
+    base = InMemoryImageDataset(images, targets, transform=lambda img: img.float() / 255.0)
+    cond = KnowledgeCondenser(n, epochs=2, stage_epochs=1, rho=0.5)
+    synth = Synthetic(n, seed=5)
+    run_epochs(cond, synth, 1)
+    k1l, k0, eps = cond.pairs
+    assert k1l.numel() > 0
+    ds = KCDDataset(base, cond)
+    buffer = images.float() / 255.0
+    kcd_fast.vaks_mix_(buffer, k1l, k0, eps)
+    for i in range(n):
+        x, y, index = ds[i]
+        assert index == i and y == int(targets[i])
+        torch.testing.assert_close(x.reshape(4, 4) if x.dim() == 3 else x, buffer[i], atol=1e-6, rtol=1e-6)
+    plain = KCDDataset(base, cond, mix=False)
+    j = int(k1l[-1])
+    torch.testing.assert_close(plain[j][0], base[j][0])
+    # Persistent mixing of the in-memory pixels, as the official code does.
+    pixels = images.clone()
+    cond.mix_buffer_(pixels)
+    expected = images.clone()
+    kcd_fast.vaks_mix_(expected, k1l, k0, eps)
+    assert torch.equal(pixels, expected)
+
+
+def _plan_of(epochs=3, **kwargs):
+    n = 500
+    cond = KnowledgeCondenser(n, epochs=4, stage_epochs=2, rho=0.6, **kwargs)
+    plans, _ = run_epochs(cond, Synthetic(n, seed=6), epochs)
+    return cond, plans
+
+
+def _same(a, b, names):
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in names)
+
+
+def test_ablations_change_only_what_they_should():
+    base1, b1 = _plan_of(epochs=1)
+    base, b = _plan_of()
+    everything = ("keep", "order", "k1l", "k0", "eps")
+    for kwargs in (dict(selection="random"), dict(online_recording=False), dict(alpha=0.0), dict(vaks=False),
+                   dict(adaptive_eps=False)):
+        cond, q = _plan_of(epochs=1, **kwargs)
+        # The recording (Eq. 12) never changes: after one epoch the state is the same.
+        assert torch.equal(cond.values, base1.values) and torch.equal(cond.counts, base1.counts), kwargs
+        assert q[0].num_kept == b1[0].num_kept and q[0].num_k0 == b1[0].num_k0, kwargs
+
+    # OGVE w/ random: a seeded random ranking instead of Eq. 13.
+    _, q = _plan_of(selection="random")
+    _, q2 = _plan_of(selection="random")
+    assert not torch.equal(q[0].keep, b[0].keep) and _same(q[0], q2[0], everything) and _same(q[2], q2[2], everything)
+    # w/o OVR: after one visit the last entropy is the mean (same plan); later it ranks by the last visit.
+    last, q = _plan_of(online_recording=False)
+    assert _same(q[0], b[0], everything) and not torch.equal(q[2].keep, b[2].keep)
+    seen = b[0].keep  # the points trained on in epochs 1 and 2
+    ent = R.entropy(Synthetic(500, seed=6)(torch.arange(500), 2)).float()
+    torch.testing.assert_close(last.last_values[seen], ent[seen], atol=1e-5, rtol=1e-5)
+    # w/o CAR (alpha = 0): all counts are 1 at stage 0 (same plan); then it ranks by value alone.
+    nocar, q = _plan_of(alpha=0.0)
+    assert _same(q[0], b[0], everything) and not torch.equal(q[2].order, b[2].order)
+    assert torch.equal(q[2].order, R.rank(nocar.values, nocar.counts, 0.0))
+    # Direct selection (no VAKS): the same K1, no pairs.
+    novaks, q = _plan_of(vaks=False)
+    for e in (0, 2):
+        assert _same(q[e], b[e], ("keep", "order")) and q[e].k1l.numel() == 0
+    assert (novaks.partner == -1).all() and b[2].k1l.numel() > 0
+    # Non-adaptive augmentation: the same pairs, eps = eps_m.
+    _, q = _plan_of(adaptive_eps=False)
+    for e in (0, 2):
+        assert _same(q[e], b[e], ("keep", "order", "k1l", "k0")) and torch.all(q[e].eps == torch.tensor(0.3))
+
+
+def test_world_size_needs_a_process_group():
+    with pytest.raises(ValueError, match="world_size=2 needs an initialised torch.distributed"):
+        KnowledgeCondenser(10, epochs=2, stage_epochs=1, world_size=2, rank=0)
+
+
+def test_bytes_per_sample_reported():
+    cond = KnowledgeCondenser(10, epochs=1, stage_epochs=1)
+    assert cond.bytes_per_sample() == {"device": 17, "host": 16}
+
+
+def test_errors():
+    ok = dict(epochs=6, stage_epochs=2)
+    with pytest.raises(ValueError, match="stage_epochs.*divide"):
+        KnowledgeCondenser(10, epochs=6, stage_epochs=4)
+    with pytest.raises(ValueError, match="stage_epochs.*exceed"):
+        KnowledgeCondenser(10, epochs=6, stage_epochs=8)
+    for name in ("rho", "eps_max"):
+        for bad in (0.0, 1.5, -0.2):
+            with pytest.raises(ValueError, match=name):
+                KnowledgeCondenser(10, **ok, **{name: bad})
+    with pytest.raises(ValueError, match="schedule"):
+        KnowledgeCondenser(10, **ok, schedule="cos")
+    with pytest.raises(ValueError, match="num_samples"):
+        KnowledgeCondenser(0, **ok)
+    cond = KnowledgeCondenser(10, **ok)
+    with pytest.raises(ValueError, match=r"dataset has 12 samples.*num_samples=10"):
+        KCDDataset(InMemoryImageDataset(torch.zeros(12, 2, 2, dtype=torch.uint8), torch.zeros(12)), cond)
+    before = cond.values.clone(), cond.counts.clone()
+    with pytest.raises(ValueError, match=r"indices.*\[0, 10\)"):
+        cond.observe(torch.tensor([3, 10]), torch.randn(2, 4))
+    assert torch.equal(before[0], cond.values) and torch.equal(before[1], cond.counts)
+    with pytest.raises(ValueError, match="expected epoch 0"):
+        cond.end_epoch(1)
+    other = KnowledgeCondenser(11, **ok)
+    with pytest.raises(ValueError, match="N=10.*N=11"):
+        other.load_state_dict(cond.state_dict())
+    state = cond.state_dict()
+    state["version"] = 99
+    with pytest.raises(ValueError, match="version 99"):
+        cond.load_state_dict(state)
+    changed = KnowledgeCondenser(10, **ok, rho=0.5)
+    with pytest.raises(ValueError, match="rho"):
+        changed.load_state_dict(cond.state_dict())
+    with pytest.raises(ValueError, match="one row per sample"):
+        cond.mix_buffer_(torch.zeros(9, 3))
+
+
+def test_save_and_load_condensed(tmp_path):
+    n = 200
+    cond, plans = _plan_of()
+    path = tmp_path / "condensed.pt"
+    cond.save_condensed(path)
+    fresh = KnowledgeCondenser(500, epochs=4, stage_epochs=2, rho=0.6)
+    plan = fresh.load_condensed(path)
+    assert torch.equal(fresh.keep, cond.keep) and torch.equal(fresh.partner, cond.partner)
+    assert torch.equal(plan.k1l, cond.pairs[0])
+    assert fresh.end_epoch(0) is None and torch.equal(fresh.keep, cond.keep), "frozen: no more condensation"
+    with pytest.raises(ValueError, match="N=500.*N=200"):
+        KnowledgeCondenser(n, epochs=4, stage_epochs=2).load_condensed(path)
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a file written by save_condensed"):
+        fresh.load_condensed(tmp_path / "other.pt")
+    assert math.isfinite(cond.history[-1]["mean_value_kept"])
