@@ -336,6 +336,7 @@ class KnowledgeCondenser:
             "C_so_far": self.measured_cost()["C"],
             "value_quantiles_kept": _quantiles(values[keep]),
             "value_quantiles_dropped": _quantiles(values[dropped]),
+            "value_hist": _histograms(values, keep),
             "rank_likelihood": p_rank.cpu().tolist(),
         }
 
@@ -452,6 +453,15 @@ def _quantiles(x: torch.Tensor, q=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)) -> list
     if x.numel() == 0:
         return []
     return torch.quantile(x.double().cpu()[: 1 << 24], torch.tensor(q, dtype=torch.float64)).tolist()
+
+
+def _histograms(values: torch.Tensor, keep: torch.Tensor, bins: int = 40) -> dict:
+    """Histograms of the values of kept and dropped points over common bins (for the plots)."""
+    hi = max(float(values.max()), 1e-6) if values.numel() else 1.0
+    edges = torch.linspace(0.0, hi, bins + 1).tolist()
+    v = values.float()
+    return {"edges": edges, "kept": torch.histc(v[keep], bins, 0.0, hi).cpu().tolist(),
+            "dropped": torch.histc(v[~keep], bins, 0.0, hi).cpu().tolist()}
 
 
 class KeptSampler(Sampler):

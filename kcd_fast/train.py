@@ -1,0 +1,586 @@
+"""Knowledge Condensation Distillation trainer: ``python -m kcd_fast.train``.
+
+From a one-minute demo on real data (scikit-learn's digits, the default) to ImageNet
+ResNet34 -> ResNet18 on torchrun::
+
+    python -m kcd_fast.train                                   # digits: teacher, then KCD, < 2 min on 2 CPUs
+    python -m kcd_fast.train --dataset cifar100 --data-dir DIR --teacher-weights T.pth
+    torchrun --nproc_per_node 8 -m kcd_fast.train --dataset imagenet --data-dir DIR --teacher-weights T.pth
+
+Structured as torchvision's classification reference: :func:`get_args_parser`, :func:`main`,
+:func:`train_one_epoch`, :func:`evaluate`. ``main(args)`` returns the summary dict and raises
+:class:`UserError` for bad input; the command line turns that into a message and exit code 2.
+Outputs in ``--output-dir``: ``checkpoint.pth`` (every epoch, atomic), ``metrics.jsonl``,
+``summary.json``, ``student.pth``, ``condensed.pt``, ``plots/*.png`` and, with tensorboard
+installed, ``tb/``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+import kcd_fast
+from kcd_fast import distill
+from kcd_fast.condenser import KCDDataset, KnowledgeCondenser
+from kcd_fast.data import DATASETS, DatasetNotFoundError, build_datasets
+from kcd_fast.models import available_models, build_model, default_models
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as a one-line message, without a traceback."""
+
+
+# Paper defaults (Sec. 4) for CIFAR-100 and ImageNet; digits and Fashion-MNIST are scaled so the
+# default run (teacher training included) finishes in under two minutes on a 2-core CPU.
+DATASET_DEFAULTS = {
+    "digits": dict(epochs=30, stage_epochs=5, lr=0.05, lr_milestones=[20, 25], batch_size=64, weight_decay=5e-4,
+                   teacher_epochs=15, workers=0, train_subset=0),
+    "fashion-mnist": dict(epochs=3, stage_epochs=1, lr=0.05, lr_milestones=[2], batch_size=128, weight_decay=5e-4,
+                          teacher_epochs=1, workers=0, train_subset=20000),
+    "cifar100": dict(epochs=240, stage_epochs=40, lr=0.05, lr_milestones=[150, 180, 210], batch_size=64,
+                     weight_decay=5e-4, teacher_epochs=0, workers=4, train_subset=0),
+    "imagenet": dict(epochs=90, stage_epochs=15, lr=0.1, lr_milestones=[30, 60], batch_size=256, weight_decay=1e-4,
+                     teacher_epochs=0, workers=8, train_subset=0),
+    "fake": dict(epochs=4, stage_epochs=2, lr=0.05, lr_milestones=[3], batch_size=64, weight_decay=5e-4,
+                 teacher_epochs=1, workers=0, train_subset=0),
+}
+TRAINABLE_TEACHER = ("digits", "fashion-mnist", "fake")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Knowledge Condensation Distillation (KCD) trainer", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="digits", choices=DATASETS, help="training data")
+    d.add_argument("--data-dir", default=None, help="dataset folder (default: per dataset, see README)")
+    d.add_argument("--download", action="store_true", help="download CIFAR-100 if it is missing")
+    d.add_argument("--train-subset", type=int, default=None,
+                   help="train on the first N samples of a fixed shuffle (0: all; default per dataset)")
+    d.add_argument("--fake-size", type=int, default=2048, help="fake: training samples")
+    d.add_argument("--fake-val-size", type=int, default=512, help="fake: validation samples")
+    d.add_argument("--fake-image-size", type=int, default=32, help="fake: image side")
+    d.add_argument("--fake-num-classes", type=int, default=10, help="fake: classes")
+    d.add_argument("--workers", type=int, default=None, help="data loader workers per process")
+
+    m = p.add_argument_group("models")
+    m.add_argument("--teacher", default=None, help=f"teacher architecture, one of {', '.join(available_models())}")
+    m.add_argument("--student", default=None, help="student architecture")
+    m.add_argument("--teacher-weights", default=None, help="teacher checkpoint (.pth)")
+    m.add_argument("--teacher-epochs", type=int, default=None,
+                   help="digits/fashion-mnist/fake without --teacher-weights: epochs to train the teacher first")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=None, help="I, training epochs")
+    o.add_argument("--batch-size", type=int, default=None, help="global batch size (split across processes)")
+    o.add_argument("--lr", type=float, default=None, help="initial learning rate")
+    o.add_argument("--lr-milestones", type=int, nargs="*", default=None, help="epochs where lr is multiplied by gamma")
+    o.add_argument("--lr-gamma", type=float, default=0.1)
+    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--weight-decay", type=float, default=None)
+    o.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast precision")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+    k = p.add_argument_group("distillation")
+    k.add_argument("--distill", default="kd", choices=sorted(distill.LOSSES), help="logit loss")
+    k.add_argument("--kd-temperature", type=float, default=4.0)
+    k.add_argument("--ce-weight", type=float, default=0.1, help="kd: weight of the cross-entropy")
+    k.add_argument("--kd-weight", type=float, default=0.9, help="kd: weight of the KL term")
+    k.add_argument("--ce-weight-dkd", type=float, default=1.0, help="dkd: weight of the cross-entropy")
+    k.add_argument("--dkd-alpha", type=float, default=1.0)
+    k.add_argument("--dkd-beta", type=float, default=8.0)
+    k.add_argument("--dkd-warmup", type=int, default=20)
+
+    c = p.add_argument_group("knowledge condensation")
+    c.add_argument("--kcd", action=argparse.BooleanOptionalAction, default=True,
+                   help="KCD (--no-kcd: vanilla KD on the full set, the baseline)")
+    c.add_argument("--stage-epochs", type=int, default=None, help="T, epochs per stage")
+    c.add_argument("--rho", type=float, default=0.7, help="final kept fraction")
+    c.add_argument("--alpha", type=float, default=0.03, help="cost weight of Eq. 13 (0: w/o CAR)")
+    c.add_argument("--eps-max", type=float, default=0.3, help="eps_m of Eq. 15")
+    c.add_argument("--schedule", default="exp", choices=["exp", "linear"])
+    c.add_argument("--k0", default="dropped", choices=["dropped", "all"])
+    c.add_argument("--selection", default="kcd", choices=["kcd", "random"], help="random: OGVE w/ random")
+    c.add_argument("--online-recording", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-online-recording: w/o OVR (value = last visit's entropy)")
+    c.add_argument("--vaks", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-vaks: direct selection, K^ = K1")
+    c.add_argument("--adaptive-eps", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-adaptive-eps: eps = eps_m for all pairs")
+    c.add_argument("--entropy-temperature", type=float, default=1.0, help="temperature of the recorded entropy")
+    c.add_argument("--condensed", default=None, help="train on a condensed set saved by an earlier run (Fig. 4)")
+
+    r = p.add_argument_group("running")
+    r.add_argument("--output-dir", default="runs/kcd", help="where checkpoints, metrics and plots go")
+    r.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="PNG plots at the end")
+    r.add_argument("--eval-batch-size", type=int, default=256)
+    return p
+
+
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Per-dataset defaults for options left unset (None)."""
+    if args.dataset not in DATASET_DEFAULTS:
+        raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    for key, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    teacher, student = default_models(args.dataset)
+    args.teacher = args.teacher or teacher
+    args.student = args.student or student
+    for name in (args.teacher, args.student):
+        if name not in available_models():
+            raise UserError(f"unknown model {name!r}; choose one of {', '.join(available_models())}")
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.kcd and (args.stage_epochs < 1 or args.epochs % args.stage_epochs):
+        raise UserError(f"--stage-epochs ({args.stage_epochs}) must divide --epochs ({args.epochs})")
+    return args
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def init_distributed(args) -> None:
+    """torchrun (env://) sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = int(os.environ.get("RANK", "0"))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    args.distributed = args.world_size > 1
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+        torch.cuda.set_device(args.local_rank)
+        args.device = f"cuda:{args.local_rank}"
+    if args.distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", init_method="env://")
+
+
+def is_main(args) -> bool:
+    return args.rank == 0
+
+
+def all_reduce_sum(t: torch.Tensor, args) -> torch.Tensor:
+    if args.distributed:
+        dist.all_reduce(t)
+    return t
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _state_dict_of(blob):
+    for key in ("model", "state_dict", "student"):
+        if isinstance(blob, dict) and key in blob and isinstance(blob[key], dict):
+            blob = blob[key]
+            break
+    if not isinstance(blob, dict):
+        raise UserError("the teacher checkpoint holds no state_dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in blob.items()}
+
+
+def load_teacher_weights(model: torch.nn.Module, path: str, num_classes: int) -> None:
+    """Load a teacher checkpoint; refuse one whose classifier has another class count."""
+    if not os.path.isfile(path):
+        raise UserError(f"--teacher-weights {path}: no such file")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    state = _state_dict_of(blob)
+    own = model.state_dict()
+    last = [k for k, v in own.items() if k.endswith("weight") and v.dim() == 2][-1]
+    if last in state and state[last].shape[0] != own[last].shape[0]:
+        raise UserError(f"--teacher-weights {path}: the teacher has {state[last].shape[0]} classes, "
+                        f"the dataset has {num_classes}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(f"--teacher-weights {path} does not fit --teacher {type(model).__name__}: "
+                        f"{' '.join(first[:3])}") from None
+
+
+def train_teacher(args, bundle, device) -> torch.nn.Module:
+    """Train (or reuse) a teacher with cross-entropy, for the datasets that ship without one."""
+    teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels).to(device)
+    key = f"{args.dataset}-{args.teacher}-{bundle.num_classes}-{args.teacher_epochs}-{args.seed}-{args.train_subset}"
+    path = Path(args.output_dir) / f"teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pth"
+    if not path.exists():
+        if is_main(args):
+            print(f"kcd_fast: training the teacher {args.teacher} for {args.teacher_epochs} epochs "
+                  f"(saved to {path}, reused by later runs)", flush=True)
+            torch.manual_seed(args.seed + 12345)
+            model = build_model(args.teacher, bundle.num_classes, bundle.in_channels).to(device)
+            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.teacher_epochs, 1))
+            g = torch.Generator().manual_seed(args.seed + 54321)
+            loader = DataLoader(bundle.train, batch_size=args.batch_size, shuffle=True, generator=g,
+                                num_workers=args.workers)
+            for epoch in range(args.teacher_epochs):
+                model.train()
+                for x, y in _progress(loader, args, f"teacher {epoch + 1}/{args.teacher_epochs}", len(loader.dataset)):
+                    x, y = x.to(device), y.to(device)
+                    with _autocast(args):
+                        loss = F.cross_entropy(model(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sched.step()
+            acc = evaluate(model, bundle.val, args, device)["top1"]
+            print(f"kcd_fast: teacher top-1 {acc:.2f}%", flush=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "arch": args.teacher, "top1": acc, "key": key}, tmp)
+            os.replace(tmp, path)
+        if args.distributed:
+            dist.barrier()
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    teacher.load_state_dict(blob["model"])
+    return teacher
+
+
+# --------------------------------------------------------------------------- the loops
+
+
+def _autocast(args):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    device_type = "cuda" if str(args.device).startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _progress(iterable, args, desc, total_images):
+    if not (args.progress and is_main(args)):
+        return iterable
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_images, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, leave=False)
+
+    def gen():
+        try:
+            for batch in iterable:
+                yield batch
+                bar.update(len(batch[1]))
+        finally:
+            bar.close()
+
+    return gen()
+
+
+def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args, epoch, device, total_images):
+    """One M-step epoch (Eq. 11) over the condensed set; OGVE recording per batch (Eq. 12).
+
+    No host synchronisation per step: the loss is accumulated on the device and read once.
+    """
+    student.train()
+    teacher.eval()
+    loss_fn = distill.LOSSES[args.distill]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    channels_last = str(device).startswith("cuda")
+    for x, y, index in _progress(loader, args, f"epoch {epoch + 1}/{args.epochs}", total_images):
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with _autocast(args):
+            with torch.no_grad():
+                t_logits = teacher(x)
+            s_logits = student(x)
+            loss = loss_fn(s_logits, t_logits, y, args, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if condenser is not None:
+            condenser.observe(index.to(device, non_blocking=True), s_logits.detach())
+        loss_sum += loss.detach().double() * y.shape[0]
+        seen += y.shape[0]
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]),
+                            args)
+    return {"loss": float(totals[0] / totals[1].clamp_min(1)), "samples": int(totals[1])}
+
+
+@torch.no_grad()
+def evaluate(model, dataset, args, device) -> dict:
+    """Top-1/top-5 accuracy and loss over ``dataset``, exact under DDP (disjoint shares, summed)."""
+    model.eval()
+    indices = list(range(args.rank, len(dataset), args.world_size)) if args.distributed else None
+    data = Subset(dataset, indices) if indices is not None else dataset
+    loader = DataLoader(data, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(args):
+            logits = model(x).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == y[:, None]
+        stats += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
+                              hit.any(dim=1).sum().double(), torch.tensor(float(len(y)), device=device).double()])
+    stats = all_reduce_sum(stats, args)
+    n = max(float(stats[3]), 1.0)
+    return {"loss": float(stats[0]) / n, "top1": 100.0 * float(stats[1]) / n, "top5": 100.0 * float(stats[2]) / n}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _subset(dataset, size: int, seed: int):
+    if not size or size >= len(dataset):
+        return dataset
+    g = torch.Generator().manual_seed(seed + 999)
+    return Subset(dataset, torch.randperm(len(dataset), generator=g)[:size].sort().values.tolist())
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return repr(x)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Run the whole job; returns the summary written to summary.json."""
+    t_start = time.time()
+    args = fill_defaults(args)
+    init_distributed(args)
+    device = torch.device(args.device)
+    out = Path(args.output_dir)
+    if is_main(args):
+        out.mkdir(parents=True, exist_ok=True)
+    if args.distributed:
+        dist.barrier()
+    if args.batch_size % args.world_size:
+        raise UserError(f"--batch-size ({args.batch_size}) must be divisible by the number of processes "
+                        f"({args.world_size})")
+    torch.manual_seed(args.seed)
+
+    try:
+        bundle = build_datasets(args.dataset, args.data_dir, download=args.download, fake_size=args.fake_size,
+                                fake_val_size=args.fake_val_size, fake_image_size=args.fake_image_size,
+                                fake_num_classes=args.fake_num_classes, seed=args.seed)
+    except DatasetNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    train_set = _subset(bundle.train, args.train_subset, args.seed)
+    bundle.train = train_set
+    n = len(train_set)
+
+    # Teacher: given weights, or trained here for the small datasets.
+    if args.teacher_weights:
+        teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels)
+        load_teacher_weights(teacher, args.teacher_weights, bundle.num_classes)
+        teacher = teacher.to(device)
+    elif args.dataset in TRAINABLE_TEACHER:
+        teacher = train_teacher(args, bundle, device)
+    else:
+        raise UserError(f"--dataset {args.dataset} needs --teacher-weights (a trained {args.teacher}); "
+                        f"the trainer only trains teachers for {', '.join(TRAINABLE_TEACHER)}")
+    teacher.eval().requires_grad_(False)
+
+    torch.manual_seed(args.seed)
+    student = build_model(args.student, bundle.num_classes, bundle.in_channels).to(device)
+    if device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    model = student
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.index is not None
+                                                          else None)
+    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+
+    condenser = None
+    if args.kcd:
+        condenser = KnowledgeCondenser(
+            n, epochs=args.epochs, stage_epochs=args.stage_epochs, rho=args.rho, alpha=args.alpha,
+            eps_max=args.eps_max, schedule=args.schedule, k0=args.k0, selection=args.selection,
+            online_recording=args.online_recording, vaks=args.vaks, adaptive_eps=args.adaptive_eps,
+            temperature=args.entropy_temperature, device=device, seed=args.seed)
+        if args.condensed:
+            condenser.load_condensed(args.condensed)
+        dataset = KCDDataset(train_set, condenser)
+        sampler = condenser.sampler()
+    else:
+        dataset = _Indexed(train_set)
+        sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True,
+                                     seed=args.seed)
+    loader_gen = torch.Generator()
+    loader = DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
+                        num_workers=args.workers, pin_memory=device.type == "cuda", generator=loader_gen,
+                        persistent_workers=False, drop_last=False)
+
+    start_epoch, history, best = 0, [], {"top1": -1.0, "top5": -1.0, "epoch": -1}
+    ckpt_path = out / "checkpoint.pth"
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        student.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if condenser is not None:
+            condenser.load_state_dict(ckpt["condenser"])
+        start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+        if is_main(args):
+            print(f"kcd_fast: resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
+
+    writer = _tensorboard(out, args)
+    if is_main(args):
+        _write_metrics(out, history)
+        print(f"kcd_fast: {args.dataset} ({n} train / {len(bundle.val)} val, {bundle.num_classes} classes), "
+              f"{args.teacher} -> {args.student}, {'KCD' if args.kcd else 'KD (no KCD)'}, {args.epochs} epochs, "
+              f"device {device}, {args.world_size} process(es)", flush=True)
+
+    samples_total = sum(h["samples"] for h in history)
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        # Every source of randomness of an epoch derives from (seed, epoch): a resumed run repeats it.
+        torch.manual_seed(args.seed * 100_003 + epoch * 7 + args.rank)
+        loader_gen.manual_seed(args.seed * 100_003 + epoch)
+        sampler.set_epoch(epoch)
+        total_images = len(sampler) * args.world_size
+        kept_fraction = condenser.kept_indices().numel() / n if condenser is not None else 1.0
+        train_stats = train_one_epoch(model, teacher, loader, optimizer, scaler, condenser, args, epoch, device,
+                                      total_images)
+        scheduler.step()
+        plan = condenser.end_epoch(epoch) if condenser is not None else None
+        val = evaluate(student, bundle.val, args, device)
+        samples_total += train_stats["samples"]
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_stats["loss"],
+               "val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"],
+               "samples": train_stats["samples"],
+               "kept_fraction": kept_fraction,
+               "C_so_far": samples_total / (n * (epoch + 1)), "epoch_time": time.time() - t0,
+               "condensed": plan is not None}
+        history.append(row)
+        if val["top1"] > best["top1"]:
+            best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch}
+        if is_main(args):
+            stage_note = f", condensed to {plan.num_kept}/{n} (|K1L|={plan.k1l.numel()})" if plan is not None else ""
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}, top-1 {val['top1']:.2f}%, "
+                  f"top-5 {val['top5']:.2f}%, samples {row['samples']}, C so far {row['C_so_far']:.3f}, "
+                  f"{row['epoch_time']:.1f}s{stage_note}", flush=True)
+            _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+                          "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                          "condenser": condenser.state_dict() if condenser is not None else None,
+                          "epoch": epoch, "history": history, "best": best, "args": vars(args)}, ckpt_path)
+            _write_metrics(out, history)
+            if writer is not None:
+                for key in ("train_loss", "val_loss", "top1", "top5", "kept_fraction", "C_so_far", "lr"):
+                    writer.add_scalar(key, row[key], epoch)
+        if args.distributed:
+            dist.barrier()
+
+    summary = _summary(args, history, best, condenser, n, time.time() - t_start, teacher_passes=samples_total)
+    if is_main(args):
+        torch.save(student.state_dict(), out / "student.pth")
+        if condenser is not None:
+            condenser.save_condensed(out / "condensed.pt")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        if args.plots:
+            from kcd_fast import plots
+
+            plots.write_all(out, history, summary)
+        if writer is not None:
+            writer.close()
+        print(f"kcd_fast: done in {summary['wall_time_s']:.1f}s: best top-1 {best['top1']:.2f}%, "
+              f"final top-1 {summary['final_top1']:.2f}%, C {summary['C']:.3f}; outputs in {out}", flush=True)
+    return summary
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """(x, y) -> (x, y, index), for the --no-kcd baseline."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def _summary(args, history, best, condenser, n, wall, teacher_passes) -> dict:
+    final = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
+    passed = sum(h["samples"] for h in history)
+    summary = {
+        "dataset": args.dataset, "teacher": args.teacher, "student": args.student, "kcd": args.kcd,
+        "distill": args.distill, "epochs": args.epochs, "num_train": n,
+        "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+        "final_top1": final["top1"], "final_top5": final["top5"],
+        "C_a": passed, "C": passed / (n * max(len(history), 1)),
+        "knowledge": "online", "teacher_passes": teacher_passes,
+        "wall_time_s": wall, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__, "kcd_fast": kcd_fast.__version__,
+        "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
+        "world_size": args.world_size, "args": vars(args),
+    }
+    if condenser is not None:
+        summary["C_predicted"] = condenser.predicted_cost()
+        summary["bytes_per_sample"] = condenser.bytes_per_sample()
+        summary["stages"] = condenser.history
+    return summary
+
+
+def _write_metrics(out: Path, history: list) -> None:
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def _tensorboard(out: Path, args):
+    if not is_main(args):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except UserError as exc:
+        print(f"kcd_fast.train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kcd_fast.train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

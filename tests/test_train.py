@@ -1,0 +1,204 @@
+"""The trainer, python -m kcd_fast.train, driven through main(args) and cli(argv) on real data (digits)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kcd_fast import train as T
+from kcd_fast.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--no-progress", "--no-plots", "--epochs", "4", "--stage-epochs", "2"]
+
+
+def args_of(*argv):
+    return T.get_args_parser().parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    """A digits teacher trained once through the trainer's own path, reused by the other tests."""
+    out = tmp_path_factory.mktemp("teacher")
+    args = args_of("--dataset", "digits", "--teacher-epochs", "6", "--output-dir", str(out), *QUICK,
+                   "--epochs", "1", "--stage-epochs", "1")
+    T.main(args)
+    (path,) = out.glob("teacher-*.pth")
+    return path
+
+
+def test_default_digits_run_learns_and_writes_its_outputs(tmp_path, digits_teacher):
+    out = tmp_path / "run"
+    summary = T.main(args_of("--output-dir", str(out), "--teacher-weights", str(digits_teacher), "--no-progress",
+                             "--epochs", "6", "--stage-epochs", "2"))
+    assert summary["final_top1"] > 80.0, "digits has 10 classes: chance is 10%"
+    assert summary["kcd"] and summary["epochs"] == 6
+    for name in ("checkpoint.pth", "metrics.jsonl", "summary.json", "student.pth", "condensed.pt",
+                 "plots/accuracy_kept.png", "plots/value_distribution.png", "plots/rank_likelihood.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(6))
+    for key in ("train_loss", "top1", "top5", "kept_fraction", "samples", "C_so_far", "epoch_time"):
+        assert all(key in r for r in rows), key
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("best_top1", "best_top5", "final_top1", "final_top5", "C", "C_a", "wall_time_s", "stages"):
+        assert key in on_disk, key
+    assert len(on_disk["stages"]) == 3 and on_disk["C"] < 1.0
+    assert (out / "plots/accuracy_kept.png").read_bytes()[:4] == b"\x89PNG"
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 5 and ckpt["args"]["dataset"] == "digits"
+
+
+def test_trains_its_own_teacher_and_reuses_it(tmp_path, digits_teacher):
+    # The fixture trained one through main(); a second run with the same settings reuses the file.
+    out = digits_teacher.parent
+    before = digits_teacher.stat().st_mtime_ns
+    T.main(args_of("--dataset", "digits", "--teacher-epochs", "6", "--output-dir", str(out), *QUICK,
+                   "--epochs", "1", "--stage-epochs", "1"))
+    assert digits_teacher.stat().st_mtime_ns == before
+    blob = torch.load(digits_teacher, weights_only=False)
+    assert blob["top1"] > 80.0
+
+
+def test_no_kcd_passes_every_sample_kcd_follows_the_schedule(tmp_path, digits_teacher):
+    common = ["--teacher-weights", str(digits_teacher), *QUICK]
+    base = T.main(args_of("--output-dir", str(tmp_path / "kd"), "--no-kcd", *common))
+    kcd = T.main(args_of("--output-dir", str(tmp_path / "kcd"), *common))
+    n = base["num_train"]
+    rows_kd = [json.loads(x) for x in (tmp_path / "kd/metrics.jsonl").read_text().splitlines()]
+    rows_kcd = [json.loads(x) for x in (tmp_path / "kcd/metrics.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in rows_kd] == [n] * 4 and base["C"] == 1.0
+    from kcd_fast import reference as R
+
+    expected = [n] + [R.num_kept(n, (e - 1) // 2, 0.7, 2) for e in range(1, 4)]
+    assert [r["samples"] for r in rows_kcd] == expected
+    assert kcd["C"] == pytest.approx(sum(expected) / (4 * n))
+    assert kcd["teacher_passes"] == sum(expected) and base["teacher_passes"] == 4 * n
+
+
+@pytest.mark.parametrize("where", ["between_epochs", "mid_epoch"])
+def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, digits_teacher, monkeypatch, where):
+    common = ["--teacher-weights", str(digits_teacher), *QUICK, "--epochs", "6", "--stage-epochs", "2"]
+    full = T.main(args_of("--output-dir", str(tmp_path / "full"), *common))
+
+    class Killed(Exception):
+        pass
+
+    real_observe = T.KnowledgeCondenser.observe
+    real_evaluate = T.evaluate
+    calls = {"observe": 0, "evaluate": 0}
+
+    def observe(self, *a, **k):
+        calls["observe"] += 1
+        if where == "mid_epoch" and self.next_epoch == 3 and calls["observe"] > 60:
+            raise Killed
+        return real_observe(self, *a, **k)
+
+    def evaluate(*a, **k):
+        calls["evaluate"] += 1
+        if where == "between_epochs" and calls["evaluate"] == 3:  # epoch 2 trained and condensed, not saved
+            raise Killed
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(T.KnowledgeCondenser, "observe", observe)
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    with pytest.raises(Killed):
+        T.main(args_of("--output-dir", str(tmp_path / "killed"), *common))
+    monkeypatch.undo()
+    resumed = T.main(args_of("--output-dir", str(tmp_path / "killed"), *common, "--resume"))
+    a = torch.load(tmp_path / "full/student.pth")
+    b = torch.load(tmp_path / "killed/student.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed student differs"
+    for key in ("final_top1", "best_top1", "C", "C_a"):
+        assert resumed[key] == full[key], key
+    rows = (tmp_path / "killed/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == list(range(6))
+    ca = torch.load(tmp_path / "full/condensed.pt")
+    cb = torch.load(tmp_path / "killed/condensed.pt")
+    assert torch.equal(ca["keep"], cb["keep"]) and torch.equal(ca["k1l"], cb["k1l"])
+
+
+def _write_image_folder(root: Path, classes=3, per_class=4, size=40):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (torch.rand(size, size, 3, generator=g) * 80 + 60 * c).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).save(folder / f"img{i}.png")
+
+
+def test_imagenet_layout_from_a_tiny_fake_tree(tmp_path):
+    _write_image_folder(tmp_path / "imnet")
+    teacher = build_model("resnet18", 3)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "t.pth")
+    summary = T.main(args_of("--dataset", "imagenet", "--data-dir", str(tmp_path / "imnet"), "--teacher", "resnet18",
+                             "--student", "resnet18", "--teacher-weights", str(tmp_path / "t.pth"),
+                             "--epochs", "2", "--stage-epochs", "1", "--batch-size", "4", "--workers", "0",
+                             "--lr-milestones", "1", "--eval-batch-size", "4", "--no-progress", "--no-plots",
+                             "--output-dir", str(tmp_path / "out")))
+    assert summary["num_train"] == 12 and summary["epochs"] == 2
+    assert len(summary["stages"]) == 2
+
+
+def test_torchrun_two_processes_on_gloo(tmp_path, digits_teacher):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "kcd_fast.train", "--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "ddp"),
+           "--epochs", "2", "--stage-epochs", "1", "--no-progress", "--no-plots", "--device", "cpu"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["final_top1"] > 30.0
+    rows = [json.loads(x) for x in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    n = summary["num_train"]
+    # Both ranks together pass the kept set once per epoch (plus at most one padding sample).
+    assert n <= rows[0]["samples"] <= n + 1
+    assert res.stdout.count("epoch 1/2:") == 1, "only rank 0 logs"
+
+
+# --------------------------------------------------------------------------- user errors: message, exit 2, no traceback
+
+
+def test_unknown_dataset_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        T.cli(["--dataset", "mnist"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'mnist'" in capsys.readouterr().err
+
+
+def test_missing_folder_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code = T.cli(["--dataset", "fashion-mnist", "--data-dir", str(missing), "--output-dir", str(tmp_path / "o"),
+                  "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and "dataset-fashion-mnist" in err and "Traceback" not in err
+
+
+def test_teacher_with_other_class_count_is_refused(tmp_path, capsys):
+    wrong = build_model("cnn_large", 5, 1)
+    torch.save(wrong.state_dict(), tmp_path / "t5.pth")
+    code = T.cli(["--teacher-weights", str(tmp_path / "t5.pth"), "--output-dir", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "5 classes" in err and "10" in err and "Traceback" not in err
+
+
+def test_cli_subprocess_has_no_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "kcd_fast.train", "--dataset", "imagenet", "--data-dir",
+                          str(tmp_path / "none"), "--output-dir", str(tmp_path / "o")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and str(tmp_path / "none") in res.stderr
+
+
+def test_resume_without_checkpoint_and_bad_stage(tmp_path, capsys):
+    assert T.cli(["--resume", "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert T.cli(["--epochs", "5", "--stage-epochs", "2", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "must divide" in capsys.readouterr().err
