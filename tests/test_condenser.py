@@ -377,3 +377,33 @@ def test_save_and_load_condensed(tmp_path):
     with pytest.raises(ValueError, match="not a file written by save_condensed"):
         fresh.load_condensed(tmp_path / "other.pt")
     assert math.isfinite(cond.history[-1]["mean_value_kept"])
+
+
+def _to_float(x):
+    return x.float()
+
+
+def test_loader_workers_see_each_new_plan():
+    """KCDDataset mixes in persistent loader workers with the pairs of the latest stage."""
+    n = 40
+    pixels = (torch.arange(n) * 5).to(torch.uint8).repeat_interleave(4).reshape(n, 2, 2)
+    base = InMemoryImageDataset(pixels, torch.zeros(n, dtype=torch.int64), transform=_to_float)
+    images = pixels.float().unsqueeze(1)
+    cond = KnowledgeCondenser(n, epochs=3, stage_epochs=1, rho=0.5)
+    loader = torch.utils.data.DataLoader(KCDDataset(base, cond), batch_size=8, sampler=cond.sampler(),
+                                         num_workers=2, persistent_workers=True)
+    synth = Synthetic(n, seed=7)
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        for x, y, index in loader:
+            expected = images[index].clone()
+            k1l, k0, eps = cond.pairs
+            pos = {int(d): j for j, d in enumerate(k1l)}
+            for r, i in enumerate(index.tolist()):
+                if i in pos:
+                    j = pos[i]
+                    expected[r] = (1 - eps[j]) * images[i] + eps[j] * images[int(k0[j])]
+            torch.testing.assert_close(x, expected)
+            cond.observe(index, synth(index, epoch))
+        cond.end_epoch(epoch)
+    assert cond.pairs[0].numel() > 0
