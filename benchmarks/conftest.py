@@ -59,3 +59,23 @@ def run(benchmark):
         return benchmark(timed)
 
     return _run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record what the numbers were measured on: device, versions, date."""
+    import datetime
+
+    import kcd_fast
+
+    machine_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    machine_info["torch"] = torch.__version__
+    machine_info["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None
+    machine_info["kcd_fast"] = kcd_fast.__version__
+    machine_info["threads"] = torch.get_num_threads()
+    machine_info["date"] = datetime.datetime.now().isoformat(timespec="seconds")

@@ -1,0 +1,78 @@
+"""Turn a pytest-benchmark JSON into the performance table of the README.
+
+    pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
+    python benchmarks/report.py bench.json > report.md
+
+For each benchmark group (a row of the performance issue: update_values, the E-step, rank,
+vaks_mix_, the KD step), it lists each provider's median, the ratio to kcd_fast, and where the
+case carries its bytes, the effective bandwidth. The header names the device, the versions and
+the date the JSON was measured on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def per_call(bench: dict) -> float:
+    """Median seconds of one call of the measured operation (graph replays hold several calls)."""
+    calls = bench.get("extra_info", {}).get("calls_per_round", 1)
+    return bench["stats"]["median"] / calls
+
+
+def per_unit(bench: dict) -> float:
+    """Seconds per unit of work, so that providers timed on different sizes (e.g. the official
+    mixing loop on fewer pairs) compare fairly."""
+    return per_call(bench) / bench.get("extra_info", {}).get("pairs", 1)
+
+
+def render(data: dict) -> str:
+    info = data.get("machine_info", {})
+    lines = [
+        f"Measured {info.get('date', data.get('datetime', '?'))} on **{info.get('device', '?')}** "
+        f"(torch {info.get('torch', '?')}, CUDA {info.get('cuda', '?')}, triton {info.get('triton', '?')}, "
+        f"kcd_fast {info.get('kcd_fast', '?')}, Python {info.get('python_version', '?')}, "
+        f"{info.get('threads', '?')} CPU threads). Medians; ratio = provider / kcd_fast per unit of work.",
+        "",
+        "| case | provider | median | ratio to kcd_fast | effective bandwidth |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    groups = defaultdict(list)
+    for b in data["benchmarks"]:
+        groups[b["group"] or b["name"]].append(b)
+    for group in sorted(groups):
+        rows = groups[group]
+        ours = [per_unit(b) for b in rows if b.get("params", {}).get("provider") == "kcd_fast"]
+        base = ours[0] if ours else None
+        for b in sorted(rows, key=per_unit):
+            provider = b.get("params", {}).get("provider", b["name"])
+            t = per_call(b)
+            ratio = f"{per_unit(b) / base:.2f}x" if base else "-"
+            extra = b.get("extra_info", {})
+            bw = f"{extra['bytes'] / t / 1e9:.1f} GB/s" if "bytes" in extra else ""
+            lines.append(f"| {group} | {provider} | {_fmt_time(t)} | {ratio} | {bw} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json", help="a file written by pytest --benchmark-json")
+    args = p.parse_args(argv)
+    with open(args.json) as f:
+        data = json.load(f)
+    sys.stdout.write(render(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
