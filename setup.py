@@ -65,7 +65,7 @@ def extensions():
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "--extended-lambda"]
         kwargs["include_dirs"] = _nvidia_include_dirs()
         ext = CUDAExtension("kcd_fast._C", sources, **kwargs)
     else:

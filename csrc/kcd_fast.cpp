@@ -26,4 +26,8 @@ TORCH_LIBRARY(kcd_fast, m) {
   // VAKS mixing (Eq. 14), in place: buffer[dst] = (1-eps) buffer[dst] + eps buffer[src].
   // buffer [N, ...] contiguous fp32/fp16/bf16/uint8; dst, src int64 [P]; eps float32 [P].
   m.def("vaks_mix_(Tensor(a!) buffer, Tensor dst, Tensor src, Tensor eps) -> ()");
+  // VAKS mixing of top-k soft labels (Eq. 14), in place: row dst becomes the top k of
+  // (1-eps) decode(dst) + eps decode(src), where decode spreads 1 - sum(values) uniformly over
+  // the other classes. values [N, k] fp32/fp16/bf16, classes [N, k] int32.
+  m.def("vaks_mix_topk_(Tensor(a!) values, Tensor(b!) classes, Tensor dst, Tensor src, Tensor eps, int num_classes) -> ()");
 }

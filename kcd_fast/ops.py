@@ -40,6 +40,7 @@ __all__ = [
     "condense",
     "CondensePlan",
     "vaks_mix_",
+    "vaks_mix_topk_",
     "set_debug",
     "debug_enabled",
     "check_errors",
@@ -396,37 +397,77 @@ def vaks_mix_(buffer: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, eps) -
         raise ValueError(f"{op}: `buffer` must be [N, ...], got a 0-d tensor")
     if not buffer.is_contiguous():
         raise ValueError(f"{op}: `buffer` must be contiguous")
+    dst_l, src_l, eps_t = _check_pairs(op, "buffer", buffer, dst, src, eps)
+    _ext.require(op, buffer.device)
+    if dst_l.numel():
+        torch.ops.kcd_fast.vaks_mix_(buffer, dst_l, src_l, eps_t)
+    return buffer
+
+
+def _check_pairs(op: str, rows_name: str, rows: torch.Tensor, dst, src, eps):
+    """Validate VAKS pairs over the rows of ``rows``; returns (dst int64, src int64, eps float32), contiguous."""
     _tensor(op, "dst", dst, _INDEX_DTYPES, 1)
     _tensor(op, "src", src, _INDEX_DTYPES, 1)
-    _same_device(op, "buffer", buffer, dst=dst, src=src)
+    _same_device(op, rows_name, rows, dst=dst, src=src)
     pairs = dst.shape[0]
     if src.shape[0] != pairs:
         raise ValueError(f"{op}: `src` must have one index per `dst` index ({pairs}), got {src.shape[0]}")
     if isinstance(eps, torch.Tensor):
         _tensor(op, "eps", eps, (torch.float32, torch.float64, torch.float16, torch.bfloat16), 1)
-        _same_device(op, "buffer", buffer, eps=eps)
+        _same_device(op, rows_name, rows, eps=eps)
         if eps.shape[0] != pairs:
             raise ValueError(f"{op}: `eps` must have one value per pair ({pairs}), got {eps.shape[0]}")
         eps_t = eps.to(torch.float32)
     else:
         eps_t = torch.full((pairs,), _real(op, "eps", eps, lo=0.0, hi=1.0), dtype=torch.float32,
-                           device=buffer.device)
-    n = buffer.shape[0]
-    if pairs and _checks_contents(buffer.device):
+                           device=rows.device)
+    n = rows.shape[0]
+    if pairs and _checks_contents(rows.device):
         _check_range(op, "dst", dst, n)
         _check_range(op, "src", src, n)
         if not bool(((eps_t >= 0) & (eps_t <= 1)).all()):
             raise ValueError(f"{op}: `eps` must lie in [0, 1]")
-        hits = torch.zeros(n, dtype=torch.int32, device=buffer.device)
+        hits = torch.zeros(n, dtype=torch.int32, device=rows.device)
         hits.index_add_(0, dst.long(), torch.ones_like(dst, dtype=torch.int32))
         if int(hits.max()) > 1:
             raise ValueError(f"{op}: `dst` must not repeat an index")
         if bool(hits.index_select(0, src.long()).any()):
             raise ValueError(f"{op}: `dst` and `src` must not share an index")
-    _ext.require(op, buffer.device)
-    if pairs:
-        torch.ops.kcd_fast.vaks_mix_(buffer, dst.long(), src.long(), eps_t.contiguous())
-    return buffer
+    return dst.long().contiguous(), src.long().contiguous(), eps_t.contiguous()
+
+
+def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, eps,
+                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 14 on top-k soft labels, in place: row ``dst`` becomes the top k of the mixed dense rows.
+
+    Each row holds the k largest probabilities (``values`` [N, k], fp32/fp16/bf16) and their
+    classes (``classes`` [N, k], int32); the rest of the mass, 1 - sum(values), is spread
+    uniformly over the other ``num_classes - k`` classes. The mix
+    ``(1 - eps) decode(dst) + eps decode(src)`` is truncated back to its k largest entries (ties to
+    the lower class) and the truncated mass returns to the uniform remainder, so rows stay
+    normalised; what is lost is the shape of the mass outside the top k. Math in fp32; one thread
+    per pair on CUDA, a C++ loop on the CPU. ``dst``, ``src`` and ``eps`` as in :func:`vaks_mix_`;
+    k <= 64. Returns (values, classes).
+    """
+    op = "vaks_mix_topk_"
+    _tensor(op, "values", values, (torch.float32, torch.float16, torch.bfloat16), 2)
+    _tensor(op, "classes", classes, (torch.int32,), 2)
+    if classes.shape != values.shape:
+        raise ValueError(f"{op}: `classes` must have the shape of `values` {tuple(values.shape)}, "
+                         f"got {tuple(classes.shape)}")
+    if not (values.is_contiguous() and classes.is_contiguous()):
+        raise ValueError(f"{op}: `values` and `classes` must be contiguous")
+    k = values.shape[1]
+    if not 1 <= k <= 64:
+        raise ValueError(f"{op}: k (the width of `values`) must lie in [1, 64], got {k}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < k:
+        raise ValueError(f"{op}: `num_classes` must be an int >= k ({k}), got {num_classes!r}")
+    _same_device(op, "values", values, classes=classes)
+    dst_l, src_l, eps_t = _check_pairs(op, "values", values, dst, src, eps)
+    _ext.require(op, values.device)
+    if dst_l.numel():
+        torch.ops.kcd_fast.vaks_mix_topk_(values, classes, dst_l, src_l, eps_t, int(num_classes))
+    return values, classes
 
 
 if _ext.available():
@@ -444,4 +485,8 @@ if _ext.available():
 
     @torch.library.register_fake("kcd_fast::vaks_mix_")
     def _vaks_mix_fake(buffer, dst, src, eps):
+        return None
+
+    @torch.library.register_fake("kcd_fast::vaks_mix_topk_")
+    def _vaks_mix_topk_fake(values, classes, dst, src, eps, num_classes):
         return None

@@ -35,6 +35,10 @@ __all__ = [
     "partition",
     "vaks_eps",
     "vaks_mix",
+    "soft_labels",
+    "topk_encode",
+    "topk_decode",
+    "vaks_mix_topk",
 ]
 
 
@@ -220,3 +224,51 @@ def vaks_mix(buffer: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
         info = torch.iinfo(buffer.dtype)
         work = work.round().clamp(info.min, info.max)
     return work.to(buffer.dtype)
+
+
+# --------------------------------------------------------------------------- cached knowledge (soft labels)
+
+
+def soft_labels(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p_T(x) = softmax(teacher logits / T), the knowledge of a point (Sec. 3.1), float64 [B, C]."""
+    return torch.softmax(teacher_logits.detach().to(torch.float64) / float(temperature), dim=1)
+
+
+def topk_encode(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest probabilities of each row and their classes, ties to the lower class id.
+
+    Returns (values float64 [B, k], classes int64 [B, k]), largest first. The rest of the mass,
+    1 - sum(values), is what :func:`topk_decode` spreads uniformly over the other C - k classes.
+    """
+    p = probs.detach().to(torch.float64)
+    order = torch.sort(-p, dim=1, stable=True).indices[:, :k]
+    return torch.gather(p, 1, order), order
+
+
+def topk_decode(values: torch.Tensor, classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dense rows from top-k storage: the stored classes, and 1 - sum spread over the others."""
+    v = values.detach().to(torch.float64)
+    k = v.shape[1]
+    rest = (1.0 - v.sum(dim=1, keepdim=True)).clamp_min(0.0)
+    uniform = rest / max(num_classes - k, 1) if num_classes > k else torch.zeros_like(rest)
+    out = uniform.expand(v.shape[0], num_classes).clone()
+    out.scatter_(1, classes.long(), v)
+    return out
+
+
+def vaks_mix_topk(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
+                  eps: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 14 on top-k soft labels: mix the two decoded rows, then keep the top k again.
+
+    Row ``dst`` becomes topk_encode((1 - eps) decode(dst) + eps decode(src)); the truncated mass
+    returns to the uniform remainder. Returns new (values float64, classes int64).
+    """
+    v = values.detach().to(torch.float64).clone()
+    c = classes.detach().to(torch.int64).clone()
+    k = v.shape[1]
+    for d, s, e in zip(dst.tolist(), src.tolist(), eps.to(torch.float64).tolist()):
+        dense = topk_decode(v[[d, s]], c[[d, s]], num_classes)
+        mixed = (1.0 - e) * dense[0:1] + e * dense[1:2]
+        nv, nc = topk_encode(mixed, k)
+        v[d], c[d] = nv[0], nc[0]
+    return v, c

@@ -196,9 +196,36 @@ void vaks_mix_cpu(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& s
   });
 }
 
+void vaks_mix_topk_cpu(at::Tensor& values, at::Tensor& classes, const at::Tensor& dst, const at::Tensor& src,
+                       const at::Tensor& eps, int64_t num_classes) {
+  TORCH_CHECK(values.is_contiguous() && classes.is_contiguous() && values.dim() == 2 &&
+                  classes.sizes() == values.sizes() && classes.scalar_type() == at::kInt,
+              "kcd_fast::vaks_mix_topk_: values and classes must be contiguous [N, k], classes int32");
+  const int k = static_cast<int>(values.size(1));
+  TORCH_CHECK(k >= 1 && k <= kMaxTopK, "kcd_fast::vaks_mix_topk_: k must lie in [1, ", kMaxTopK, "]");
+  const int64_t pairs = dst.numel();
+  if (pairs == 0) return;
+  const at::Tensor d = dst.contiguous(), s = src.contiguous(), e = eps.contiguous();
+  const int64_t* dp = d.data_ptr<int64_t>();
+  const int64_t* sp = s.data_ptr<int64_t>();
+  const float* ep = e.data_ptr<float>();
+  int32_t* cls = classes.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "vaks_mix_topk_cpu", [&] {
+    scalar_t* val = values.data_ptr<scalar_t>();
+    at::parallel_for(0, pairs, 256, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        mix_topk_row(val + dp[p] * k, cls + dp[p] * k, val + sp[p] * k, cls + sp[p] * k, k, num_classes, ep[p],
+                     [](scalar_t x) { return static_cast<float>(x); },
+                     [](float x) { return static_cast<scalar_t>(x); });
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kcd_fast, CPU, m) {
+  m.impl("vaks_mix_topk_", &vaks_mix_topk_cpu);
   m.impl("update_values", &update_values_cpu);
   m.impl("rank", &rank_cpu);
   m.impl("vaks_mix_", &vaks_mix_cpu);

@@ -147,9 +147,44 @@ void vaks_mix_cuda(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& 
   });
 }
 
+// One thread per pair; the candidates live in local memory (k <= kMaxTopK).
+template <typename scalar_t>
+__global__ void vaks_mix_topk_kernel(scalar_t* __restrict__ values, int32_t* __restrict__ classes,
+                                     const int64_t* __restrict__ dst, const int64_t* __restrict__ src,
+                                     const float* __restrict__ eps, int64_t pairs, int k, int64_t num_classes) {
+  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (p >= pairs) return;
+  mix_topk_row(values + dst[p] * k, classes + dst[p] * k, values + src[p] * k, classes + src[p] * k, k, num_classes,
+               eps[p], [] __device__(scalar_t x) { return static_cast<float>(x); },
+               [] __device__(float x) { return static_cast<scalar_t>(x); });
+}
+
+void vaks_mix_topk_cuda(at::Tensor& values, at::Tensor& classes, const at::Tensor& dst, const at::Tensor& src,
+                        const at::Tensor& eps, int64_t num_classes) {
+  TORCH_CHECK(values.is_contiguous() && classes.is_contiguous() && values.dim() == 2 &&
+                  classes.sizes() == values.sizes() && classes.scalar_type() == at::kInt,
+              "kcd_fast::vaks_mix_topk_: values and classes must be contiguous [N, k], classes int32");
+  const int k = static_cast<int>(values.size(1));
+  TORCH_CHECK(k >= 1 && k <= kMaxTopK, "kcd_fast::vaks_mix_topk_: k must lie in [1, ", kMaxTopK, "]");
+  const int64_t pairs = dst.numel();
+  if (pairs == 0) return;
+  const c10::cuda::CUDAGuard guard(values.device());
+  const at::Tensor d = dst.contiguous(), s = src.contiguous(), e = eps.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int threads = 128;
+  const int64_t blocks = (pairs + threads - 1) / threads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "vaks_mix_topk_cuda", [&] {
+    vaks_mix_topk_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        values.data_ptr<scalar_t>(), classes.data_ptr<int32_t>(), d.data_ptr<int64_t>(), s.data_ptr<int64_t>(),
+        e.data_ptr<float>(), pairs, k, num_classes);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kcd_fast, CUDA, m) {
+  m.impl("vaks_mix_topk_", &vaks_mix_topk_cuda);
   m.impl("rank", &rank_cuda);
   m.impl("vaks_mix_", &vaks_mix_cuda);
 }
