@@ -1,0 +1,301 @@
+"""Cached knowledge: the teacher's soft labels p_T(x) of every sample, held in one buffer.
+
+With ``--knowledge cached`` the teacher runs during the first epoch only (which is a full pass
+anyway): its outputs fill the buffer, and from then on the KD loss reads the buffer instead of
+running the teacher. The condenser's VAKS pairs are applied to the buffer in place at each
+stage end, so the augmentation of Eq. 14 acts on the soft labels (the knowledge hints) rather
+than on the inputs.
+
+Storage:
+
+* ``dense``: every class, ``dtype`` (fp16 by default): 2 C bytes per sample.
+* ``topk``: the k largest probabilities (``dtype``) and their classes (int32); the rest of the
+  mass is spread uniformly over the other classes when a row is read back: 6 k bytes per sample
+  at fp16 (77 MB for ImageNet at k = 10).
+
+Each stored row is the teacher's view of one input. Filled lazily, it is the augmented view of
+the first epoch; filled by a one-off pass (:meth:`KnowledgeBuffer.fill`), it is the
+evaluation-transform view. Either way every later epoch distils that one stored view, whatever
+crop the student sees, where FKD stores the teacher's outputs for many crops per image (and
+replays the crops): FKD keeps the region-level agreement, at many times the storage.
+"""
+from __future__ import annotations
+
+import json
+import os
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kcd_fast import ops
+
+__all__ = ["KnowledgeBuffer", "KnowledgeFileError"]
+
+MAGIC = b"KCDKNOW1"
+HEADER_BYTES = 4096
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class KnowledgeFileError(ValueError):
+    """A knowledge file that does not match (N, C, storage) or is not a knowledge file."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class KnowledgeBuffer:
+    """The teacher's soft labels of every sample, dense or top-k, on ``device``.
+
+    Args:
+        num_samples: N. num_classes: C.
+        storage: ``"dense"`` or ``"topk"``. k: the classes kept per sample with top-k storage.
+        dtype: float16, bfloat16 or float32 for the stored probabilities.
+        temperature: the KD temperature the probabilities are taken at (softmax(z / T)).
+        device: where the buffer lives.
+        teacher: a name for the teacher (recorded in saved files).
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, *, storage: str = "dense", k: int = 10,
+                 dtype: torch.dtype = torch.float16, temperature: float = 4.0, device="cpu", teacher: str = ""):
+        for name, x, lo in (("num_samples", num_samples, 1), ("num_classes", num_classes, 1), ("k", k, 1)):
+            if isinstance(x, bool) or not isinstance(x, Integral) or x < lo:
+                raise ValueError(f"KnowledgeBuffer: `{name}` must be an int >= {lo}, got {x!r}")
+        if storage not in ("dense", "topk"):
+            raise ValueError(f"KnowledgeBuffer: `storage` must be 'dense' or 'topk', got {storage!r}")
+        if storage == "topk" and not 1 <= k <= min(64, num_classes):
+            raise ValueError(f"KnowledgeBuffer: `k` must lie in [1, min(64, num_classes={num_classes})], got {k}")
+        if dtype not in _DTYPES.values():
+            raise TypeError(f"KnowledgeBuffer: `dtype` must be float16, bfloat16 or float32, got {dtype}")
+        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
+            raise ValueError(f"KnowledgeBuffer: `temperature` must be > 0, got {temperature!r}")
+        self.num_samples, self.num_classes = int(num_samples), int(num_classes)
+        self.storage, self.k = storage, int(k) if storage == "topk" else int(num_classes)
+        self.dtype, self.temperature = dtype, float(temperature)
+        self.device = torch.device(device)
+        self.teacher = teacher
+        need = self.num_samples * self.bytes_per_sample()
+        _check_fits(need, self.device, f"a {storage} buffer of {self.num_samples} x "
+                    f"{self.k if storage == 'topk' else self.num_classes} {_dtype_name(dtype)}")
+        n = self.num_samples
+        if storage == "dense":
+            self.probs = torch.zeros(n, self.num_classes, dtype=dtype, device=self.device)
+            self.values = self.classes = None
+        else:
+            self.probs = None
+            self.values = torch.zeros(n, self.k, dtype=dtype, device=self.device)
+            self.classes = torch.zeros(n, self.k, dtype=torch.int32, device=self.device)
+        self.filled = torch.zeros(n, dtype=torch.bool, device=self.device)
+
+    # ------------------------------------------------------------------ size
+
+    def bytes_per_sample(self) -> int:
+        """Bytes of one sample's knowledge (plus one byte of the filled mask)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        if self.storage == "dense":
+            return self.num_classes * item + 1
+        return self.k * (item + 4) + 1
+
+    def fully_filled(self) -> bool:
+        return bool(self.filled.all())
+
+    # ------------------------------------------------------------------ write / read
+
+    def write(self, indices: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+        """Store softmax(teacher_logits / T) for the samples ``indices`` (no host sync)."""
+        if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.num_classes:
+            raise ValueError(f"KnowledgeBuffer.write: `teacher_logits` must be [B, {self.num_classes}], "
+                             f"got {tuple(teacher_logits.shape)}")
+        idx = indices.to(self.device, non_blocking=True).long()
+        with torch.no_grad():
+            p = torch.softmax(teacher_logits.detach().float() / self.temperature, dim=1).to(self.device)
+            if self.storage == "dense":
+                self.probs.index_copy_(0, idx, p.to(self.dtype))
+            else:
+                # Ties to the lower class: a stable sort of -p, as reference.topk_encode.
+                order = torch.sort(-p, dim=1, stable=True).indices[:, : self.k]
+                self.values.index_copy_(0, idx, torch.gather(p, 1, order).to(self.dtype))
+                self.classes.index_copy_(0, idx, order.int())
+            self.filled.index_fill_(0, idx, True)
+
+    def read(self, indices: torch.Tensor) -> torch.Tensor:
+        """Dense float32 [B, C] probabilities of the samples ``indices``: one fused gather.
+
+        Dense: a row gather. Top-k on CUDA: one Triton kernel (kernels/topk_readback.py) that
+        writes the stored classes and the uniform remainder; on the CPU its torch twin.
+        """
+        idx = indices.to(self.device, non_blocking=True)
+        if self.storage == "dense":
+            return self.probs.index_select(0, idx.long()).float()
+        if self.device.type == "cuda":
+            from kcd_fast.kernels.topk_readback import topk_readback_triton
+
+            return topk_readback_triton(self.values, self.classes, idx, self.num_classes)
+        return _topk_readback_torch(self.values, self.classes, idx, self.num_classes)
+
+    def teacher_logits(self, indices: torch.Tensor) -> torch.Tensor:
+        """Logits that reproduce the stored probabilities at the buffer's temperature.
+
+        T log p: softmax(T log p / T) = p, so any logit loss at temperature T (KD, DKD) reads the
+        cached knowledge unchanged. Zero probabilities are floored at 1e-20.
+        """
+        return self.temperature * torch.log(self.read(indices).clamp_min(1e-20))
+
+    @torch.no_grad()
+    def fill(self, teacher: torch.nn.Module, dataset, *, batch_size: int = 256, device=None, num_workers: int = 0,
+             autocast_dtype=None, indices=None, progress=None) -> int:
+        """The one-off pass: run the teacher over ``dataset`` (typically the evaluation-transform view
+        of the training set) and store every row. ``indices`` restricts it to a share (DDP).
+        Returns the number of teacher forwards."""
+        device = torch.device(device) if device is not None else self.device
+        subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+        order = torch.arange(len(dataset)) if indices is None else torch.as_tensor(list(indices))
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        teacher.eval()
+        done = 0
+        for batch in (progress(loader) if progress else loader):
+            x = batch[0].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                logits = teacher(x)
+            self.write(order[done:done + x.shape[0]], logits)
+            done += x.shape[0]
+        return done
+
+    # ------------------------------------------------------------------ VAKS on the soft labels
+
+    def mix_(self, k1l: torch.Tensor, k0: torch.Tensor, eps: torch.Tensor) -> None:
+        """Apply VAKS pairs (Eq. 14) in place: dense through :func:`ops.vaks_mix_` (one fused kernel),
+        top-k through :func:`ops.vaks_mix_topk_` (the mix truncated back to k)."""
+        d, s, e = k1l.to(self.device), k0.to(self.device), eps.to(self.device)
+        if self.storage == "dense":
+            ops.vaks_mix_(self.probs, d, s, e)
+        else:
+            ops.vaks_mix_topk_(self.values, self.classes, d, s, e, self.num_classes)
+
+    # ------------------------------------------------------------------ DDP
+
+    def complete_ranks(self, owner: torch.Tensor, rank: int) -> None:
+        """Make every rank's replica whole after each rank filled its own share.
+
+        ``owner`` (int64 [N], the same on every rank) names the rank whose row counts for each
+        sample. Each rank zeroes the rows it does not own; ONE all_reduce (SUM) of the raw bytes
+        then leaves every row with its owner's bytes exactly (the other addends are zero).
+        """
+        mine = (owner.to(self.device) == rank)
+        tensors = [self.probs] if self.storage == "dense" else [self.values, self.classes]
+        flat = []
+        for t in tensors:
+            t.mul_(mine.view(-1, *([1] * (t.dim() - 1))).to(t.dtype))
+            flat.append(t.contiguous().view(torch.uint8).reshape(-1))
+        flat.append(self.filled.view(torch.uint8) & mine.to(torch.uint8))
+        packed = torch.cat(flat)
+        dist.all_reduce(packed)
+        offset = 0
+        for t in tensors:
+            size = t.numel() * t.element_size()
+            t.view(torch.uint8).reshape(-1).copy_(packed[offset:offset + size])
+            offset += size
+        self.filled.copy_(packed[offset:].bool())
+
+    # ------------------------------------------------------------------ files
+
+    def header(self) -> dict:
+        return {"num_samples": self.num_samples, "num_classes": self.num_classes, "storage": self.storage,
+                "k": self.k, "dtype": _dtype_name(self.dtype), "temperature": self.temperature,
+                "teacher": self.teacher}
+
+    def save(self, path, *, teacher_hash: str = "") -> None:
+        """Write a memory-mappable file: a 4 KiB header (magic + JSON), then the raw arrays."""
+        head = dict(self.header(), teacher_hash=teacher_hash, filled=int(self.filled.sum()))
+        text = json.dumps(head).encode()
+        if len(text) + len(MAGIC) + 8 > HEADER_BYTES:
+            raise ValueError("KnowledgeBuffer.save: header too long (teacher name?)")
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + len(text).to_bytes(8, "little") + text)
+            f.write(b"\0" * (HEADER_BYTES - f.tell()))
+            for t in self._arrays():
+                f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, path)
+
+    def _arrays(self):
+        return ([self.probs] if self.storage == "dense" else [self.values, self.classes]) + [self.filled]
+
+    @staticmethod
+    def read_header(path) -> dict:
+        with open(path, "rb") as f:
+            blob = f.read(HEADER_BYTES)
+        if len(blob) < len(MAGIC) + 8 or blob[: len(MAGIC)] != MAGIC:
+            raise KnowledgeFileError(f"{path} is not a kcd_fast knowledge file")
+        size = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
+        return json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + size])
+
+    @classmethod
+    def load(cls, path, *, device="cpu", num_samples: int | None = None, num_classes: int | None = None,
+             temperature: float | None = None) -> "KnowledgeBuffer":
+        """Open a file written by :meth:`save` (memory-mapped, then copied to ``device``).
+
+        Refuses a file whose N, C or temperature differ from the ones given, naming both.
+        """
+        head = cls.read_header(path)
+        for name, want in (("num_samples", num_samples), ("num_classes", num_classes), ("temperature", temperature)):
+            if want is not None and head[name] != want:
+                what = {"num_samples": "samples", "num_classes": "classes", "temperature": "temperature"}[name]
+                raise KnowledgeFileError(f"{path} holds knowledge for {head[name]} {what}, but this run has "
+                                         f"{want}; it was made for another dataset or setting")
+        buf = cls(head["num_samples"], head["num_classes"], storage=head["storage"], k=head["k"],
+                  dtype=_DTYPES[head["dtype"]], temperature=head["temperature"], device=device,
+                  teacher=head.get("teacher", ""))
+        offset = HEADER_BYTES
+        size = os.path.getsize(path)
+        for t in buf._arrays():
+            nbytes = t.numel() * t.element_size()
+            if offset + nbytes > size:
+                raise KnowledgeFileError(f"{path} is truncated")
+            raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))  # copy-on-write
+            t.view(torch.uint8).reshape(-1).copy_(torch.from_numpy(raw).to(buf.device))
+            offset += nbytes
+        buf.file_header = head
+        return buf
+
+    def state_dict(self) -> dict:
+        return {"header": self.header(), "arrays": [t.cpu() for t in self._arrays()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["header"] != self.header():
+            raise KnowledgeFileError(f"KnowledgeBuffer.load_state_dict: the state is for {state['header']}, "
+                                     f"this buffer is {self.header()}")
+        for t, s in zip(self._arrays(), state["arrays"]):
+            t.copy_(s.to(self.device))
+
+
+def _topk_readback_torch(values, classes, indices, num_classes):
+    """Torch twin of the Triton read-back: the uniform remainder, then the stored classes."""
+    idx = indices.long()
+    v = values.index_select(0, idx).float()
+    c = classes.index_select(0, idx).long()
+    k = v.shape[1]
+    rest = (1.0 - v.sum(dim=1, keepdim=True)).clamp_min(0.0)
+    uniform = rest / max(num_classes - k, 1) if num_classes > k else torch.zeros_like(rest)
+    out = uniform.expand(v.shape[0], num_classes).contiguous()
+    return out.scatter_(1, c, v)
+
+
+def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse a buffer the device cannot hold, naming the sizes."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        avail, where = free, f"{device} ({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB)"
+    elif device.type == "cpu":
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+        where = f"host memory ({avail / 2**30:.1f} GiB available)"
+    else:
+        return
+    if nbytes > avail:
+        raise MemoryError(f"KnowledgeBuffer: {what} needs {nbytes / 2**30:.2f} GiB, more than {where}; "
+                          f"use storage='topk' or a smaller dtype")

@@ -1,0 +1,181 @@
+"""KnowledgeBuffer (cached soft labels) and vaks_mix_topk_, against the float64 reference."""
+import pytest
+import torch
+
+import kcd_fast
+from kcd_fast import reference as R
+from kcd_fast.knowledge import KnowledgeBuffer, KnowledgeFileError, _topk_readback_torch
+from kcd_fast.ops import vaks_mix_topk_
+
+
+def teacher_logits(n, c, seed=0, scale=3.0):
+    return torch.randn(n, c, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("c", [3, 10, 1001])
+def test_dense_readback_matches_reference(dtype, atol, c):
+    n = 50
+    z = teacher_logits(n, c)
+    buf = KnowledgeBuffer(n, c, storage="dense", dtype=dtype, temperature=4.0)
+    idx = torch.randperm(n)
+    buf.write(idx, z[idx])
+    q = torch.tensor([7, 3, 7, 49, 0])
+    got = buf.read(q)
+    ref = R.soft_labels(z[q], 4.0)
+    assert got.dtype == torch.float32 and got.shape == (5, c)
+    torch.testing.assert_close(got.double(), ref, atol=atol, rtol=atol)
+    # The logits it hands the losses reproduce the stored probabilities at the same temperature.
+    torch.testing.assert_close(torch.softmax(buf.teacher_logits(q) / 4.0, 1).double(), ref, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("c,k", [(10, 1), (10, 10), (100, 5), (1001, 10)])
+def test_topk_readback_matches_reference(dtype, atol, c, k):
+    n = 40
+    z = teacher_logits(n, c, seed=1)
+    z[3, : min(4, c)] = 5.0  # exact ties: the lower class wins
+    buf = KnowledgeBuffer(n, c, storage="topk", k=k, dtype=dtype, temperature=2.0)
+    buf.write(torch.arange(n), z)
+    v_ref, c_ref = R.topk_encode(R.soft_labels(z, 2.0), k)
+    assert torch.equal(buf.classes.long(), c_ref)
+    q = torch.tensor([3, 0, 39, 3])
+    ref = R.topk_decode(v_ref[q], c_ref[q], c)
+    got = buf.read(q)
+    torch.testing.assert_close(got.double(), ref, atol=atol, rtol=atol)
+    torch.testing.assert_close(got.sum(1).double(), torch.ones(4, dtype=torch.float64), atol=k * atol, rtol=0)
+
+
+def test_topk_readback_triton_kernel_matches_torch_twin():
+    from kcd_fast.kernels.topk_readback import topk_readback_triton
+
+    n, c, k = 30, 37, 5
+    buf = KnowledgeBuffer(n, c, storage="topk", k=k, dtype=torch.float16)
+    buf.write(torch.arange(n), teacher_logits(n, c, seed=2))
+    q = torch.tensor([0, 29, 5, 5], dtype=torch.int32)
+    torch.testing.assert_close(topk_readback_triton(buf.values, buf.classes, q, c),
+                               _topk_readback_torch(buf.values, buf.classes, q, c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c,k", [(10, 3), (100, 10), (1000, 10), (20, 20)])
+def test_topk_mixing_against_dense_reference(dtype, c, k):
+    n = 60
+    z = teacher_logits(n, c, seed=3, scale=2.0)
+    v, cl = R.topk_encode(R.soft_labels(z, 1.0), k)
+    values, classes = v.to(dtype).contiguous(), cl.int().contiguous()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(4))
+    dst, src = perm[:20], perm[20:40]
+    eps = torch.linspace(0.0, 0.3, 20)
+    ref_v, ref_c = R.vaks_mix_topk(values.double(), classes, dst, src, eps, c)
+    vaks_mix_topk_(values, classes, dst, src, eps, c)
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    # Compare the distributions the loss will see (ids can swap only between near-equal masses).
+    torch.testing.assert_close(R.topk_decode(values, classes, c), R.topk_decode(ref_v, ref_c, c), atol=tol, rtol=tol)
+    same_ids = (classes.long() == ref_c).float().mean()
+    assert same_ids > 0.97
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[dst] = False
+    assert torch.equal(classes[untouched].long(), cl[untouched])
+
+
+def test_topk_mixing_loses_only_the_tail():
+    c, k = 50, 5
+    a = torch.zeros(1, c)
+    a[0, :5] = torch.tensor([0.5, 0.2, 0.1, 0.05, 0.05])
+    a[0, 5:] = 0.1 / 45
+    b = torch.zeros(1, c)
+    b[0, 10:15] = torch.tensor([0.6, 0.2, 0.1, 0.05, 0.04])
+    b[0, :10] = 0.01 / 45
+    b[0, 15:] = 0.01 / 45
+    dense = torch.cat([a, b]).double()
+    v, cl = R.topk_encode(dense, k)
+    values, classes = v.float().contiguous(), cl.int().contiguous()
+    vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.3]), c)
+    mixed = 0.7 * R.topk_decode(v[:1], cl[:1], c) + 0.3 * R.topk_decode(v[1:], cl[1:], c)
+    got = R.topk_decode(values[:1], classes[:1], c)
+    # The top-k entries are exact; the rest of the mass is kept, but spread uniformly.
+    top = torch.sort(-mixed, dim=1, stable=True).indices[0, :k]
+    torch.testing.assert_close(got[0, top], mixed[0, top], atol=1e-6, rtol=1e-6)
+    assert got.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert (got - mixed).abs().max() > 1e-3  # the tail's shape is what truncation loses
+
+
+def test_dense_buffer_vaks_is_vaks_mix():
+    n, c = 30, 7
+    buf = KnowledgeBuffer(n, c, storage="dense", dtype=torch.float32)
+    buf.write(torch.arange(n), teacher_logits(n, c, seed=5))
+    before = buf.probs.clone()
+    d, s, e = torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([0.1, 0.2])
+    buf.mix_(d, s, e)
+    torch.testing.assert_close(buf.probs, R.vaks_mix(before, d, s, e).float())
+    torch.testing.assert_close(buf.probs.sum(1), torch.ones(n))
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_save_load_roundtrip_and_refusals(tmp_path, storage):
+    n, c = 25, 12
+    buf = KnowledgeBuffer(n, c, storage=storage, k=4, dtype=torch.float16, temperature=3.0, teacher="cnn_large")
+    buf.write(torch.arange(n), teacher_logits(n, c, seed=6))
+    path = tmp_path / "k.kcdk"
+    buf.save(path, teacher_hash="abc")
+    head = KnowledgeBuffer.read_header(path)
+    assert head["num_samples"] == n and head["num_classes"] == c and head["storage"] == storage
+    assert head["teacher"] == "cnn_large" and head["teacher_hash"] == "abc" and head["filled"] == n
+    back = KnowledgeBuffer.load(path, num_samples=n, num_classes=c, temperature=3.0)
+    q = torch.arange(n)
+    assert torch.equal(back.read(q), buf.read(q)) and back.fully_filled()
+    with pytest.raises(KnowledgeFileError, match=f"{n} samples.*but this run has 26"):
+        KnowledgeBuffer.load(path, num_samples=26)
+    with pytest.raises(KnowledgeFileError, match=f"{c} classes.*but this run has 10"):
+        KnowledgeBuffer.load(path, num_classes=10)
+    (tmp_path / "junk.kcdk").write_bytes(b"not a knowledge file")
+    with pytest.raises(KnowledgeFileError, match="not a kcd_fast knowledge file"):
+        KnowledgeBuffer.load(tmp_path / "junk.kcdk")
+    truncated = tmp_path / "short.kcdk"
+    truncated.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(KnowledgeFileError, match="truncated"):
+        KnowledgeBuffer.load(truncated)
+
+
+def test_bytes_per_sample_and_refusal_when_it_does_not_fit():
+    assert KnowledgeBuffer(4, 1000, storage="dense").bytes_per_sample() == 2001
+    assert KnowledgeBuffer(4, 1000, storage="topk", k=10).bytes_per_sample() == 61
+    with pytest.raises(MemoryError, match=r"needs .* GiB, more than host memory"):
+        KnowledgeBuffer(10**9, 10**5, storage="dense", dtype=torch.float32)
+    with pytest.raises(ValueError, match="storage"):
+        KnowledgeBuffer(4, 10, storage="sparse")
+    with pytest.raises(ValueError, match="k"):
+        KnowledgeBuffer(4, 10, storage="topk", k=11)
+
+
+def test_lazy_fill_equals_one_off_pass_on_unaugmented_data():
+    from kcd_fast.data import build_datasets, eval_view
+    from kcd_fast.models import build_model
+
+    bundle = build_datasets("digits", train_transform=False)
+    torch.manual_seed(0)
+    teacher = build_model("cnn_small", 10, 1).eval()
+    n = len(bundle.train)
+    one_off = KnowledgeBuffer(n, 10, storage="dense", dtype=torch.float32)
+    assert one_off.fill(teacher, eval_view(bundle), batch_size=100) == n
+    lazy = KnowledgeBuffer(n, 10, storage="dense", dtype=torch.float32)
+    cond = kcd_fast.KnowledgeCondenser(n, epochs=2, stage_epochs=1)
+    loader = torch.utils.data.DataLoader(kcd_fast.KCDDataset(bundle.train, cond, mix=False), batch_size=64,
+                                         sampler=cond.sampler())
+    with torch.no_grad():
+        for x, y, index in loader:  # the first epoch of training, writing as it goes
+            lazy.write(index, teacher(x))
+    assert lazy.fully_filled()
+    torch.testing.assert_close(lazy.probs, one_off.probs, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_topk_mix_input():
+    values = torch.rand(10, 3)
+    classes = torch.zeros(10, 3, dtype=torch.int32)
+    with pytest.raises(TypeError, match="classes.*int32"):
+        vaks_mix_topk_(values, classes.long(), torch.tensor([0]), torch.tensor([1]), 0.1, 5)
+    with pytest.raises(ValueError, match="num_classes"):
+        vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([1]), 0.1, 2)
+    with pytest.raises(ValueError, match="dst.*src.*share"):
+        vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([0]), 0.1, 5)
