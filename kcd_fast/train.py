@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import kcd_fast
 from kcd_fast import distill
 from kcd_fast.condenser import KCDDataset, KnowledgeCondenser
-from kcd_fast.data import DATASETS, DatasetNotFoundError, build_datasets
+from kcd_fast.data import DATASETS, DatasetNotFoundError, build_datasets, eval_view
+from kcd_fast.knowledge import KnowledgeBuffer, KnowledgeFileError
 from kcd_fast.models import available_models, build_model, default_models
 
 
@@ -120,6 +121,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="--no-adaptive-eps: eps = eps_m for all pairs")
     c.add_argument("--entropy-temperature", type=float, default=1.0, help="temperature of the recorded entropy")
     c.add_argument("--condensed", default=None, help="train on a condensed set saved by an earlier run (Fig. 4)")
+
+    q = p.add_argument_group("knowledge source")
+    q.add_argument("--knowledge", default="online", choices=["online", "cached"],
+                   help="online: run the teacher every step, VAKS mixes the inputs; cached: the teacher fills a "
+                        "soft-label buffer in the first epoch and is not run again, VAKS mixes the soft labels")
+    q.add_argument("--storage", default="dense", choices=["dense", "topk"], help="cached: soft-label storage")
+    q.add_argument("--topk", type=int, default=10, help="cached, topk storage: classes kept per sample")
+    q.add_argument("--knowledge-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    q.add_argument("--knowledge-fill", default="lazy", choices=["lazy", "pass"],
+                   help="cached: fill during the first epoch (its augmented view) or by a one-off pass with the "
+                        "evaluation transform")
+    q.add_argument("--knowledge-file", default=None,
+                   help="cached: a soft-label file; read if it exists (the teacher is then never run), else "
+                        "written once the buffer is filled, to distil other students from")
 
     r = p.add_argument_group("running")
     r.add_argument("--output-dir", default="runs/kcd", help="where checkpoints, metrics and plots go")
@@ -277,13 +292,19 @@ def _progress(iterable, args, desc, total_images):
     return gen()
 
 
-def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args, epoch, device, total_images):
+def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args, epoch, device, total_images,
+                    knowledge=None, fill=False):
     """One M-step epoch (Eq. 11) over the condensed set; OGVE recording per batch (Eq. 12).
 
-    No host synchronisation per step: the loss is accumulated on the device and read once.
+    The teacher's knowledge comes from the teacher itself (``knowledge`` None), from it while
+    filling the buffer (``fill``), or from the buffer alone. No host synchronisation per step:
+    the loss is accumulated on the device and read once. Returns the epoch's mean loss, the
+    samples passed and the teacher forwards run.
     """
     student.train()
-    teacher.eval()
+    if teacher is not None:
+        teacher.eval()
+    forwards = 0
     loss_fn = distill.LOSSES[args.distill]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
@@ -294,8 +315,14 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args
             x = x.to(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with _autocast(args):
-            with torch.no_grad():
-                t_logits = teacher(x)
+            if knowledge is None or fill:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                forwards += x.shape[0]
+                if fill:
+                    knowledge.write(index, t_logits)
+            else:
+                t_logits = knowledge.teacher_logits(index)
             s_logits = student(x)
             loss = loss_fn(s_logits, t_logits, y, args, epoch)
         optimizer.zero_grad(set_to_none=True)
@@ -312,7 +339,8 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args
         seen += y.shape[0]
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]),
                             args)
-    return {"loss": float(totals[0] / totals[1].clamp_min(1)), "samples": int(totals[1])}
+    return {"loss": float(totals[0] / totals[1].clamp_min(1)), "samples": int(totals[1]),
+            "teacher_forwards": forwards * args.world_size}
 
 
 @torch.no_grad()
@@ -387,8 +415,23 @@ def main(args: argparse.Namespace) -> dict:
     bundle.train = train_set
     n = len(train_set)
 
+    cached = args.knowledge == "cached"
+    knowledge, knowledge_loaded = None, False
+    if cached and args.knowledge_file and os.path.isfile(args.knowledge_file):
+        try:  # A teacher's knowledge, computed once: the teacher is not needed at all.
+            knowledge = KnowledgeBuffer.load(args.knowledge_file, device=device, num_samples=n,
+                                             num_classes=bundle.num_classes, temperature=args.kd_temperature)
+        except KnowledgeFileError as exc:
+            raise UserError(f"--knowledge-file: {exc}") from None
+        if not knowledge.fully_filled():
+            raise UserError(f"--knowledge-file {args.knowledge_file} holds only {int(knowledge.filled.sum())} of "
+                            f"{n} samples")
+        knowledge_loaded = True
+
     # Teacher: given weights, or trained here for the small datasets.
-    if args.teacher_weights:
+    if knowledge_loaded:
+        teacher = None
+    elif args.teacher_weights:
         teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels)
         load_teacher_weights(teacher, args.teacher_weights, bundle.num_classes)
         teacher = teacher.to(device)
@@ -397,13 +440,22 @@ def main(args: argparse.Namespace) -> dict:
     else:
         raise UserError(f"--dataset {args.dataset} needs --teacher-weights (a trained {args.teacher}); "
                         f"the trainer only trains teachers for {', '.join(TRAINABLE_TEACHER)}")
-    teacher.eval().requires_grad_(False)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    if cached and knowledge is None and args.condensed and args.knowledge_fill == "lazy":
+        raise UserError("--knowledge cached with --condensed trains on a subset from the first epoch, so the lazy "
+                        "fill cannot see every sample: add --knowledge-fill pass or a filled --knowledge-file")
+    if cached and knowledge is None:
+        knowledge = KnowledgeBuffer(n, bundle.num_classes, storage=args.storage, k=args.topk,
+                                    dtype=getattr(torch, args.knowledge_dtype), temperature=args.kd_temperature,
+                                    device=device, teacher=args.teacher)
 
     torch.manual_seed(args.seed)
     student = build_model(args.student, bundle.num_classes, bundle.in_channels).to(device)
     if device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
     model = student
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.index is not None
@@ -422,7 +474,8 @@ def main(args: argparse.Namespace) -> dict:
             temperature=args.entropy_temperature, device=device, seed=args.seed)
         if args.condensed:
             condenser.load_condensed(args.condensed)
-        dataset = KCDDataset(train_set, condenser)
+        # Cached knowledge: VAKS mixes the soft labels in the buffer, so the inputs stay unmixed.
+        dataset = KCDDataset(train_set, condenser, mix=not cached)
         sampler = condenser.sampler()
     else:
         dataset = _Indexed(train_set)
@@ -434,6 +487,7 @@ def main(args: argparse.Namespace) -> dict:
                         persistent_workers=False, drop_last=False)
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "top5": -1.0, "epoch": -1}
+    knowledge_state = None  # the file holding the buffer as of the last checkpoint (cached mode)
     ckpt_path = out / "checkpoint.pth"
     if args.resume:
         if not ckpt_path.is_file():
@@ -447,6 +501,10 @@ def main(args: argparse.Namespace) -> dict:
         if condenser is not None:
             condenser.load_state_dict(ckpt["condenser"])
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+        knowledge_state = ckpt.get("knowledge_state")
+        if cached and knowledge_state:
+            knowledge = KnowledgeBuffer.load(out / knowledge_state, device=device, num_samples=n,
+                                             num_classes=bundle.num_classes)
         if is_main(args):
             print(f"kcd_fast: resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
 
@@ -458,6 +516,15 @@ def main(args: argparse.Namespace) -> dict:
               f"device {device}, {args.world_size} process(es)", flush=True)
 
     samples_total = sum(h["samples"] for h in history)
+    forwards_total = sum(h.get("teacher_forwards", 0) for h in history)
+    if cached and not knowledge.fully_filled() and args.knowledge_fill == "pass":
+        # The one-off pass with the evaluation transform, shared across ranks, then completed.
+        share = range(args.rank, n, args.world_size)
+        forwards_total += knowledge.fill(teacher, eval_view(bundle), batch_size=args.eval_batch_size, device=device,
+                                         num_workers=args.workers, indices=share,
+                                         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+                                         ) * args.world_size
+        _finish_fill(knowledge, args, n, owner=torch.arange(n) % args.world_size)
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         # Every source of randomness of an epoch derives from (seed, epoch): a resumed run repeats it.
@@ -466,10 +533,22 @@ def main(args: argparse.Namespace) -> dict:
         sampler.set_epoch(epoch)
         total_images = len(sampler) * args.world_size
         kept_fraction = condenser.kept_indices().numel() / n if condenser is not None else 1.0
+        fill = cached and not knowledge.fully_filled()
         train_stats = train_one_epoch(model, teacher, loader, optimizer, scaler, condenser, args, epoch, device,
-                                      total_images)
+                                      total_images, knowledge=knowledge, fill=fill)
+        forwards_total += train_stats["teacher_forwards"]
         scheduler.step()
+        if fill:  # the lazy fill: each rank wrote its own share of this first, full epoch
+            _finish_fill(knowledge, args, n, owner=_epoch_owner(sampler, args, epoch, n))
+            if teacher is not None and device.type == "cuda":
+                teacher = teacher.cpu()  # not run again: give its memory back
         plan = condenser.end_epoch(epoch) if condenser is not None else None
+        if cached and (fill or (plan is not None and args.vaks)):
+            if plan is not None and plan.k1l.numel():
+                knowledge.mix_(plan.k1l, plan.k0, plan.eps)  # VAKS on the soft labels (Eq. 14)
+            knowledge_state = f"knowledge-state-e{epoch}.kcdk"
+            if is_main(args):
+                knowledge.save(out / knowledge_state)
         val = evaluate(student, bundle.val, args, device)
         samples_total += train_stats["samples"]
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_stats["loss"],
@@ -477,7 +556,7 @@ def main(args: argparse.Namespace) -> dict:
                "samples": train_stats["samples"],
                "kept_fraction": kept_fraction,
                "C_so_far": samples_total / (n * (epoch + 1)), "epoch_time": time.time() - t0,
-               "condensed": plan is not None}
+               "condensed": plan is not None, "teacher_forwards": train_stats["teacher_forwards"]}
         history.append(row)
         if val["top1"] > best["top1"]:
             best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch}
@@ -489,7 +568,9 @@ def main(args: argparse.Namespace) -> dict:
             _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                           "condenser": condenser.state_dict() if condenser is not None else None,
-                          "epoch": epoch, "history": history, "best": best, "args": vars(args)}, ckpt_path)
+                          "epoch": epoch, "history": history, "best": best, "args": vars(args),
+                          "knowledge_state": knowledge_state}, ckpt_path)
+            _drop_stale_states(out, keep=knowledge_state)
             _write_metrics(out, history)
             if writer is not None:
                 for key in ("train_loss", "val_loss", "top1", "top5", "kept_fraction", "C_so_far", "lr"):
@@ -497,7 +578,8 @@ def main(args: argparse.Namespace) -> dict:
         if args.distributed:
             dist.barrier()
 
-    summary = _summary(args, history, best, condenser, n, time.time() - t_start, teacher_passes=samples_total)
+    summary = _summary(args, history, best, condenser, n, time.time() - t_start, teacher_passes=forwards_total,
+                       knowledge=knowledge)
     if is_main(args):
         torch.save(student.state_dict(), out / "student.pth")
         if condenser is not None:
@@ -528,7 +610,50 @@ class _Indexed(torch.utils.data.Dataset):
         return x, y, i
 
 
-def _summary(args, history, best, condenser, n, wall, teacher_passes) -> dict:
+def _finish_fill(knowledge, args, n, owner) -> None:
+    """After each rank filled its share: one collective completes every replica; save the file."""
+    if args.distributed:
+        knowledge.complete_ranks(owner, args.rank)
+    if not knowledge.fully_filled():
+        raise RuntimeError(f"the knowledge buffer holds {int(knowledge.filled.sum())} of {n} samples after the fill")
+    if args.knowledge_file and is_main(args):
+        knowledge.save(args.knowledge_file, teacher_hash=_file_hash(args.teacher_weights))
+
+
+def _epoch_owner(sampler, args, epoch, n) -> torch.Tensor:
+    """The rank whose batches held each sample in ``epoch`` (the lowest, for DDP padding repeats)."""
+    owner = torch.full((n,), -1, dtype=torch.int64)
+    for r in reversed(range(args.world_size)):
+        if isinstance(sampler, DistributedSampler):
+            other = DistributedSampler(sampler.dataset, num_replicas=args.world_size, rank=r, shuffle=sampler.shuffle,
+                                       seed=sampler.seed)
+            other.set_epoch(epoch)
+            idx = torch.tensor(list(iter(other)), dtype=torch.int64)
+        else:
+            other = sampler.condenser.sampler(rank=r, world_size=args.world_size, shuffle=sampler.shuffle)
+            other.set_epoch(epoch)
+            idx = other.indices()
+        owner[idx] = r
+    return owner
+
+
+def _file_hash(path) -> str:
+    if not path or not os.path.isfile(path):
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _drop_stale_states(out: Path, keep) -> None:
+    for f in out.glob("knowledge-state-e*.kcdk"):
+        if f.name != keep:
+            f.unlink(missing_ok=True)
+
+
+def _summary(args, history, best, condenser, n, wall, teacher_passes, knowledge=None) -> dict:
     final = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
     passed = sum(h["samples"] for h in history)
     summary = {
@@ -537,12 +662,14 @@ def _summary(args, history, best, condenser, n, wall, teacher_passes) -> dict:
         "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
         "final_top1": final["top1"], "final_top5": final["top5"],
         "C_a": passed, "C": passed / (n * max(len(history), 1)),
-        "knowledge": "online", "teacher_passes": teacher_passes,
+        "knowledge": args.knowledge, "teacher_passes": teacher_passes,
         "wall_time_s": wall, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "kcd_fast": kcd_fast.__version__,
         "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
         "world_size": args.world_size, "args": vars(args),
     }
+    if knowledge is not None:
+        summary["knowledge_storage"] = dict(knowledge.header(), bytes_per_sample=knowledge.bytes_per_sample())
     if condenser is not None:
         summary["C_predicted"] = condenser.predicted_cost()
         summary["bytes_per_sample"] = condenser.bytes_per_sample()

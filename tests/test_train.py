@@ -202,3 +202,108 @@ def test_resume_without_checkpoint_and_bad_stage(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert T.cli(["--epochs", "5", "--stage-epochs", "2", "--output-dir", str(tmp_path / "o")]) == 2
     assert "must divide" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- cached knowledge
+
+
+class CountingTeacher(torch.nn.Module):
+    """Wraps the teacher to count the samples it is run on."""
+
+    def __init__(self, model, counter):
+        super().__init__()
+        self.model = model
+        self.counter = counter
+
+    def forward(self, x):
+        self.counter["samples"] += x.shape[0]
+        return self.model(x)
+
+    def load_state_dict(self, state, strict=True):
+        return self.model.load_state_dict(state, strict)
+
+    def state_dict(self, *a, **k):
+        return self.model.state_dict(*a, **k)
+
+
+def _count_teacher(monkeypatch, teacher_name="cnn_large"):
+    counter = {"samples": 0}
+    real = T.build_model
+
+    def build(name, *a, **k):
+        model = real(name, *a, **k)
+        return CountingTeacher(model, counter) if name == teacher_name else model
+
+    monkeypatch.setattr(T, "build_model", build)
+    return counter
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_cached_mode_runs_the_teacher_exactly_one_epoch(tmp_path, digits_teacher, monkeypatch, storage):
+    counter = _count_teacher(monkeypatch)
+    summary = T.main(args_of("--knowledge", "cached", "--storage", storage, "--teacher-weights", str(digits_teacher),
+                             "--output-dir", str(tmp_path / "c"), *QUICK))
+    n = summary["num_train"]
+    assert counter["samples"] == n, "the teacher must see each sample once, in the first epoch only"
+    assert summary["teacher_passes"] == n and summary["knowledge"] == "cached"
+    assert summary["knowledge_storage"]["storage"] == storage
+    assert summary["final_top1"] > 80.0
+
+
+def test_knowledge_file_is_computed_once_and_reused(tmp_path, digits_teacher, monkeypatch):
+    kfile = tmp_path / "digits.kcdk"
+    common = ["--knowledge", "cached", "--knowledge-file", str(kfile), *QUICK]
+    T.main(args_of(*common, "--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "a")))
+    assert kfile.is_file()
+    counter = _count_teacher(monkeypatch)
+    again = T.main(args_of(*common, "--output-dir", str(tmp_path / "b")))  # no --teacher-weights
+    assert counter["samples"] == 0 and again["teacher_passes"] == 0, "a knowledge file needs no teacher"
+    assert again["final_top1"] > 50.0
+
+
+def test_knowledge_file_of_another_dataset_is_refused(tmp_path, capsys):
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    KnowledgeBuffer(100, 10, temperature=4.0).save(tmp_path / "other.kcdk")
+    code = T.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "other.kcdk"),
+                  "--output-dir", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "100 samples" in err and "1437" in err and "Traceback" not in err
+
+
+def test_cached_mode_one_off_pass(tmp_path, digits_teacher, monkeypatch):
+    counter = _count_teacher(monkeypatch)
+    summary = T.main(args_of("--knowledge", "cached", "--knowledge-fill", "pass", "--teacher-weights",
+                             str(digits_teacher), "--output-dir", str(tmp_path / "p"), *QUICK))
+    assert counter["samples"] == summary["num_train"] == summary["teacher_passes"]
+
+
+def test_resume_in_cached_mode(tmp_path, digits_teacher, monkeypatch):
+    common = ["--knowledge", "cached", "--storage", "topk", "--topk", "3", "--teacher-weights",
+              str(digits_teacher), *QUICK, "--epochs", "6", "--stage-epochs", "2"]
+    T.main(args_of("--output-dir", str(tmp_path / "full"), *common))
+
+    class Killed(Exception):
+        pass
+
+    real_evaluate = T.evaluate
+    calls = {"n": 0}
+
+    def evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 3 done; the buffer was mixed at the end of epoch 2
+            raise Killed
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    with pytest.raises(Killed):
+        T.main(args_of("--output-dir", str(tmp_path / "killed"), *common))
+    monkeypatch.undo()
+    counter = _count_teacher(monkeypatch)
+    resumed = T.main(args_of("--output-dir", str(tmp_path / "killed"), *common, "--resume"))
+    assert counter["samples"] == 0, "the resumed run reads the buffer's saved state"
+    a = torch.load(tmp_path / "full/student.pth")
+    b = torch.load(tmp_path / "killed/student.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "killed").glob("knowledge-state-e*.kcdk"))) == 1
+    assert resumed["teacher_passes"] == resumed["num_train"]
