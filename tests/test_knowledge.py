@@ -179,3 +179,35 @@ def test_bad_topk_mix_input():
         vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([1]), 0.1, 2)
     with pytest.raises(ValueError, match="dst.*src.*share"):
         vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([0]), 0.1, 5)
+
+
+def _complete_worker(rank, world, init_file, out_dir, storage):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    n, c = 23, 9
+    z = teacher_logits(n, c, seed=8)
+    owner = torch.arange(n) % world
+    owner[5] = 1  # a sample both ranks saw (DDP padding): the owner's row counts
+    buf = KnowledgeBuffer(n, c, storage=storage, k=4, dtype=torch.float16)
+    mine = (torch.arange(n) % world == rank) | (torch.arange(n) == 5)
+    idx = mine.nonzero().flatten()
+    buf.write(idx, z[idx] + (0.5 if rank == 0 else 0.0) * (idx == 5).float()[:, None])  # rank 0's copy differs
+    buf.complete_ranks(owner, rank)
+    torch.save(buf.state_dict(), f"{out_dir}/buf{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_ddp_fill_is_completed_by_one_collective(tmp_path, storage):
+    torch.multiprocessing.spawn(_complete_worker, args=(2, str(tmp_path / "init"), str(tmp_path), storage),
+                                nprocs=2, join=True)
+    single = KnowledgeBuffer(23, 9, storage=storage, k=4, dtype=torch.float16)
+    single.write(torch.arange(23), teacher_logits(23, 9, seed=8))
+    for r in range(2):
+        state = torch.load(tmp_path / f"buf{r}.pt")
+        got = KnowledgeBuffer(23, 9, storage=storage, k=4, dtype=torch.float16)
+        got.load_state_dict(state)
+        assert got.fully_filled()
+        for a, b in zip(got._arrays(), single._arrays()):
+            assert torch.equal(a, b), "every replica must equal one process's fill, bit for bit"
