@@ -10,7 +10,7 @@
 #include <array>
 #include <vector>
 
-#include "../kcd_fast.h"
+#include "../checks.h"
 
 namespace kcd_fast {
 namespace {
@@ -133,10 +133,7 @@ at::Tensor update_values_cpu(at::Tensor& values, at::Tensor& counts, const at::T
 }
 
 at::Tensor rank_cpu(const at::Tensor& values, const at::Tensor& counts, double alpha) {
-  TORCH_CHECK(values.scalar_type() == at::kFloat && counts.scalar_type() == at::kInt,
-              "kcd_fast::rank: values must be float32 and counts int32");
-  TORCH_CHECK(values.dim() == 1 && counts.sizes() == values.sizes(),
-              "kcd_fast::rank: values and counts must be 1-D of the same size");
+  check_rank_args(values, counts);
   const at::Tensor v = values.contiguous();
   const at::Tensor f = counts.contiguous();
   const int64_t n = v.numel();
@@ -170,9 +167,7 @@ inline uint8_t from_float<uint8_t>(float x) {
 }
 
 void vaks_mix_cpu(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& src, const at::Tensor& eps) {
-  TORCH_CHECK(buffer.is_contiguous(), "kcd_fast::vaks_mix_: buffer must be contiguous");
-  TORCH_CHECK(dst.scalar_type() == at::kLong && src.scalar_type() == at::kLong && eps.scalar_type() == at::kFloat,
-              "kcd_fast::vaks_mix_: dst/src must be int64 and eps float32");
+  check_mix_args(buffer, dst, src, eps);
   const int64_t pairs = dst.numel();
   if (pairs == 0 || buffer.numel() == 0) return;
   const int64_t row = buffer.numel() / buffer.size(0);
@@ -198,11 +193,7 @@ void vaks_mix_cpu(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& s
 
 void vaks_mix_topk_cpu(at::Tensor& values, at::Tensor& classes, const at::Tensor& dst, const at::Tensor& src,
                        const at::Tensor& eps, int64_t num_classes) {
-  TORCH_CHECK(values.is_contiguous() && classes.is_contiguous() && values.dim() == 2 &&
-                  classes.sizes() == values.sizes() && classes.scalar_type() == at::kInt,
-              "kcd_fast::vaks_mix_topk_: values and classes must be contiguous [N, k], classes int32");
-  const int k = static_cast<int>(values.size(1));
-  TORCH_CHECK(k >= 1 && k <= kMaxTopK, "kcd_fast::vaks_mix_topk_: k must lie in [1, ", kMaxTopK, "]");
+  const int k = check_topk_args(values, classes, dst, src, eps);
   const int64_t pairs = dst.numel();
   if (pairs == 0) return;
   const at::Tensor d = dst.contiguous(), s = src.contiguous(), e = eps.contiguous();

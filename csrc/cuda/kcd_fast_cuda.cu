@@ -11,7 +11,7 @@
 
 #include <cub/device/device_radix_sort.cuh>
 
-#include "../kcd_fast.h"
+#include "../checks.h"
 
 namespace kcd_fast {
 namespace {
@@ -47,10 +47,7 @@ int grid_for(int64_t n, int threads) {
 }
 
 at::Tensor rank_cuda(const at::Tensor& values, const at::Tensor& counts, double alpha) {
-  TORCH_CHECK(values.scalar_type() == at::kFloat && counts.scalar_type() == at::kInt,
-              "kcd_fast::rank: values must be float32 and counts int32");
-  TORCH_CHECK(values.dim() == 1 && counts.sizes() == values.sizes(),
-              "kcd_fast::rank: values and counts must be 1-D of the same size");
+  check_rank_args(values, counts);
   TORCH_CHECK(values.numel() < (int64_t(1) << 31), "kcd_fast::rank: at most 2^31-1 points");
   const c10::cuda::CUDAGuard guard(values.device());
   const at::Tensor v = values.contiguous();
@@ -120,9 +117,7 @@ __global__ void vaks_mix_kernel(scalar_t* __restrict__ buffer, const int64_t* __
 }
 
 void vaks_mix_cuda(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& src, const at::Tensor& eps) {
-  TORCH_CHECK(buffer.is_contiguous(), "kcd_fast::vaks_mix_: buffer must be contiguous");
-  TORCH_CHECK(dst.scalar_type() == at::kLong && src.scalar_type() == at::kLong && eps.scalar_type() == at::kFloat,
-              "kcd_fast::vaks_mix_: dst/src must be int64 and eps float32");
+  check_mix_args(buffer, dst, src, eps);
   const int64_t pairs = dst.numel();
   if (pairs == 0 || buffer.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(buffer.device());
@@ -161,11 +156,7 @@ __global__ void vaks_mix_topk_kernel(scalar_t* __restrict__ values, int32_t* __r
 
 void vaks_mix_topk_cuda(at::Tensor& values, at::Tensor& classes, const at::Tensor& dst, const at::Tensor& src,
                         const at::Tensor& eps, int64_t num_classes) {
-  TORCH_CHECK(values.is_contiguous() && classes.is_contiguous() && values.dim() == 2 &&
-                  classes.sizes() == values.sizes() && classes.scalar_type() == at::kInt,
-              "kcd_fast::vaks_mix_topk_: values and classes must be contiguous [N, k], classes int32");
-  const int k = static_cast<int>(values.size(1));
-  TORCH_CHECK(k >= 1 && k <= kMaxTopK, "kcd_fast::vaks_mix_topk_: k must lie in [1, ", kMaxTopK, "]");
+  const int k = check_topk_args(values, classes, dst, src, eps);
   const int64_t pairs = dst.numel();
   if (pairs == 0) return;
   const c10::cuda::CUDAGuard guard(values.device());
