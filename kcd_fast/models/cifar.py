@@ -8,7 +8,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CifarResNet", "WideResNet", "CifarVGG", "CIFAR_MODELS"]
+__all__ = ["FeatureClassifier", "CifarResNet", "WideResNet", "CifarVGG", "CIFAR_MODELS"]
+
+
+class FeatureClassifier(nn.Module):
+    """``features`` (the given layers), global average pooling, one linear layer: the head every
+    model of this zoo shares."""
+
+    def __init__(self, layers, channels: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -45,12 +59,11 @@ class BasicBlock(nn.Module):
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(FeatureClassifier):
     """CIFAR ResNet of depth 6n+2: a 3x3 stem of ``widths[0]`` channels, then three
     stages of n BasicBlocks with ``widths[1:]`` channels (strides 1, 2, 2)."""
 
     def __init__(self, depth: int, widths, num_classes: int = 100, in_channels: int = 3):
-        super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
@@ -60,13 +73,8 @@ class CifarResNet(nn.Module):
             for j in range(n):
                 layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
                 cin = cout
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        super().__init__(layers, cin, num_classes)
         _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 class WideBlock(nn.Module):
@@ -89,12 +97,11 @@ class WideBlock(nn.Module):
         return self.body(a) + (x if self.shortcut is None else self.shortcut(a))
 
 
-class WideResNet(nn.Module):
+class WideResNet(FeatureClassifier):
     """Wide ResNet WRN-depth-k (depth 6n+4): widths 16, 16k, 32k, 64k."""
 
     def __init__(self, depth: int, widen: int, num_classes: int = 100,
                  in_channels: int = 3, dropout: float = 0.0):
-        super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
@@ -105,13 +112,8 @@ class WideResNet(nn.Module):
                 layers.append(WideBlock(cin, cout, 2 if (i > 0 and j == 0) else 1, dropout))
                 cin = cout
         layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        super().__init__(layers, cin, num_classes)
         _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 VGG_CFGS = {
@@ -120,12 +122,11 @@ VGG_CFGS = {
 }
 
 
-class CifarVGG(nn.Module):
+class CifarVGG(FeatureClassifier):
     """CIFAR VGG with BatchNorm: five stages of 3x3 conv-BN-ReLU, 2x2 max-pool after the
     first four (ceil mode, so 8x8 inputs survive), global average pool, one linear layer."""
 
     def __init__(self, cfg, num_classes: int = 100, in_channels: int = 3):
-        super().__init__()
         layers, cin = [], in_channels
         for i, stage in enumerate(cfg):
             for cout in stage:
@@ -133,13 +134,8 @@ class CifarVGG(nn.Module):
                 cin = cout
             if i < len(cfg) - 1:
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
+        super().__init__(layers, cin, num_classes)
         _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 # name -> factory(num_classes, in_channels)

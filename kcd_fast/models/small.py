@@ -6,8 +6,9 @@ seconds on a couple of CPU cores.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from .cifar import FeatureClassifier
 
 __all__ = ["SmallCNN", "SMALL_MODELS"]
 
@@ -16,12 +17,11 @@ def _cbr(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(FeatureClassifier):
     """Stages of 3x3 conv-BN-ReLU separated by 2x2 max-pools, then global average pool
     and a linear classifier. ``stages`` lists the conv widths of each stage."""
 
     def __init__(self, stages, num_classes: int = 10, in_channels: int = 1):
-        super().__init__()
         layers, cin = [], in_channels
         for i, stage in enumerate(stages):
             if i > 0:
@@ -29,12 +29,7 @@ class SmallCNN(nn.Module):
             for cout in stage:
                 layers += _cbr(cin, cout)
                 cin = cout
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        super().__init__(layers, cin, num_classes)
 
 
 # name -> factory(num_classes, in_channels)
