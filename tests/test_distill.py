@@ -1,0 +1,60 @@
+"""The distillation losses against their definitions, and the one-function extension point."""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from kcd_fast import distill
+from kcd_fast import train as T
+
+
+def cfg(**kw):
+    base = dict(kd_temperature=4.0, ce_weight=0.1, kd_weight=0.9, ce_weight_dkd=1.0, dkd_alpha=1.0, dkd_beta=8.0,
+                dkd_warmup=20)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_kd_is_ce_plus_t2_kl():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (7,), generator=g)
+    p_t = torch.softmax(t / 4, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / 4, 1))).sum(1).mean() * 16
+    want = 0.1 * F.cross_entropy(s, y) + 0.9 * kl
+    assert torch.allclose(distill.kd_loss(s.float(), t.float(), y, cfg(), 0).double(), want, atol=1e-5)
+
+
+def test_dkd_decomposition():
+    """With alpha = beta = 1 and no target-class masking effect, DKD's parts follow their definitions."""
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    y = torch.randint(0, 4, (6,), generator=g)
+    T_ = 2.0
+    p_s, p_t = torch.softmax(s / T_, 1), torch.softmax(t / T_, 1)
+    gt = F.one_hot(y, 4).bool()
+    b_s = torch.stack([p_s[gt], 1 - p_s[gt]], 1)
+    b_t = torch.stack([p_t[gt], 1 - p_t[gt]], 1)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean() * T_ ** 2
+    q_s = p_s.masked_fill(gt, 0) / (1 - p_s[gt])[:, None]
+    q_t = p_t.masked_fill(gt, 0) / (1 - p_t[gt])[:, None]
+    nckd = (q_t * (q_t.clamp_min(1e-30).log() - q_s.clamp_min(1e-30).log())).sum(1).mean() * T_ ** 2
+    c = cfg(kd_temperature=T_, dkd_alpha=1.0, dkd_beta=3.0, dkd_warmup=1)
+    want = F.cross_entropy(s, y) + tckd + 3.0 * nckd
+    torch.testing.assert_close(distill.dkd_loss(s, t, y, c, 5), want, atol=1e-5, rtol=1e-5)
+    # The warm-up scales the distillation part linearly over dkd_warmup epochs.
+    c10 = cfg(kd_temperature=T_, dkd_beta=3.0, dkd_warmup=10)
+    half = F.cross_entropy(s, y) + 0.5 * (tckd + 3.0 * nckd)
+    torch.testing.assert_close(distill.dkd_loss(s, t, y, c10, 4), half, atol=1e-5, rtol=1e-5)
+
+
+def test_a_new_loss_is_one_function():
+    @distill.register_loss("test_only_ce")
+    def ce(student_logits, teacher_logits, target, cfg, epoch):
+        return F.cross_entropy(student_logits, target)
+
+    try:
+        args = T.get_args_parser().parse_args(["--distill", "test_only_ce"])
+        assert args.distill == "test_only_ce"
+    finally:
+        del distill.LOSSES["test_only_ce"]
