@@ -90,13 +90,19 @@ def _same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tens
                              f"all tensors must be on one device")
 
 
+def _matching(op: str, name: str, x, dtypes, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` must be a tensor of ``dtypes`` on ``ref``'s device with ``ref``'s shape."""
+    _tensor(op, name, x, dtypes)
+    _same_device(op, ref_name, ref, **{name: x})
+    if x.shape != ref.shape:
+        raise ValueError(f"{op}: `{name}` must have the shape of `{ref_name}` {tuple(ref.shape)}, "
+                         f"got {tuple(x.shape)}")
+    return x
+
+
 def _check_state(op: str, values, counts) -> None:
     _tensor(op, "values", values, (torch.float32,), 1)
-    _tensor(op, "counts", counts, (torch.int32,), 1)
-    _same_device(op, "values", values, counts=counts)
-    if counts.shape != values.shape:
-        raise ValueError(f"{op}: `counts` must have the shape of `values` {tuple(values.shape)}, "
-                         f"got {tuple(counts.shape)}")
+    _matching(op, "counts", counts, (torch.int32,), "values", values)
 
 
 def _check_range(op: str, name: str, idx: torch.Tensor, n: int) -> None:
@@ -339,18 +345,11 @@ def condense(values: torch.Tensor, counts: torch.Tensor, *, keep, alpha: float, 
     if k0 not in _K0_POLICIES:
         raise ValueError(f"{op}: `k0` must be one of {_K0_POLICIES}, got {k0!r}")
     if previous_keep is not None:
-        _tensor(op, "previous_keep", previous_keep, (torch.bool,), 1)
-        _same_device(op, "values", values, previous_keep=previous_keep)
-        if previous_keep.shape != values.shape:
-            raise ValueError(f"{op}: `previous_keep` must have shape {tuple(values.shape)}, "
-                             f"got {tuple(previous_keep.shape)}")
+        _matching(op, "previous_keep", previous_keep, (torch.bool,), "values", values)
     if order is None:
         order = rank(values, counts, alpha)
     else:
-        _tensor(op, "order", order, (torch.int64,), 1)
-        _same_device(op, "values", values, order=order)
-        if order.shape != values.shape:
-            raise ValueError(f"{op}: `order` must have shape {tuple(values.shape)}, got {tuple(order.shape)}")
+        _matching(op, "order", order, (torch.int64,), "values", values)
         if _checks_contents(order.device) and not torch.equal(
                 torch.sort(order).values, torch.arange(n, device=order.device)):
             raise ValueError(f"{op}: `order` must be a permutation of 0..{n - 1}")
@@ -451,10 +450,7 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
     """
     op = "vaks_mix_topk_"
     _tensor(op, "values", values, (torch.float32, torch.float16, torch.bfloat16), 2)
-    _tensor(op, "classes", classes, (torch.int32,), 2)
-    if classes.shape != values.shape:
-        raise ValueError(f"{op}: `classes` must have the shape of `values` {tuple(values.shape)}, "
-                         f"got {tuple(classes.shape)}")
+    _matching(op, "classes", classes, (torch.int32,), "values", values)
     if not (values.is_contiguous() and classes.is_contiguous()):
         raise ValueError(f"{op}: `values` and `classes` must be contiguous")
     k = values.shape[1]
@@ -462,7 +458,6 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
         raise ValueError(f"{op}: k (the width of `values`) must lie in [1, 64], got {k}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < k:
         raise ValueError(f"{op}: `num_classes` must be an int >= k ({k}), got {num_classes!r}")
-    _same_device(op, "values", values, classes=classes)
     dst_l, src_l, eps_t = _check_pairs(op, "values", values, dst, src, eps)
     _ext.require(op, values.device)
     if dst_l.numel():
