@@ -50,6 +50,17 @@ class OfficialRecorder:
         self.epoch_entropy = -np.ones(len(self.epoch_entropy))
 
 
+def official_record(values: torch.Tensor, counts: torch.Tensor, epochs: int) -> np.ndarray:
+    """The official [N, epochs] float64 record that holds the same V and F as (values, counts):
+    F(x) epochs with entropy V(x), the others -1 (not seen), as the official code writes them."""
+    v = values.double().cpu().numpy()
+    f = counts.cpu().numpy()
+    record = -np.ones((len(v), epochs))
+    seen = np.arange(epochs)[None, :] < f[:, None]
+    record[seen] = np.repeat(v, np.minimum(f, epochs))
+    return record
+
+
 def official_estep(record: np.ndarray, n_keep: int, prev_len: int, stage_epochs: int = 40, alpha: float = 0.03):
     """The official E-step (update_dataset_mul_entropy_V3) over the float64 [N, epochs] record.
 

@@ -85,8 +85,7 @@ def test_estep(benchmark, run, sizes, device, provider):
     elif provider == "eager":
         fn = lambda: baselines.eager_condense(values, counts, n_keep, 0.03, 0.3, prev)  # noqa: E731
     else:
-        g = torch.Generator().manual_seed(0)
-        record = (torch.rand(n, sizes["EPOCHS"], generator=g, dtype=torch.float64) * 4).numpy()
+        record = baselines.official_record(values, counts, sizes["EPOCHS"])  # the same V and F
         fn = lambda: baselines.official_estep(record, n_keep, int(prev.sum()))  # noqa: E731
     run(fn, provider=provider, op="estep", N=n)
 

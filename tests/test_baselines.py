@@ -42,6 +42,19 @@ def test_official_recorder_and_estep_rank_like_kcd():
     assert len(lost) == 100 and len(mix_remain) == 100
 
 
+def test_official_record_holds_the_same_values():
+    values, counts = make_state(2000, seed=4, max_count=6)
+    # Every point is seen before the first condensation (epoch 0 is full); the official code
+    # reads an entropy <= 0 as "not seen" and would rank a never-seen point (0/0) first.
+    counts.clamp_(min=1)
+    values.uniform_(0.01, 4.0, generator=torch.Generator().manual_seed(5))
+    record = baselines.official_record(values, counts, 10)
+    assert record.shape == (2000, 10)
+    remain, _, _ = baselines.official_estep(record, 1500, 2000, stage_epochs=40, alpha=0.03)
+    plan = ops.condense(values, counts, keep=1500, alpha=0.03, eps_max=0.3)
+    assert len(set(remain.tolist()) ^ set(plan.order[:1500].tolist())) <= 4  # float64 vs float32 near-ties
+
+
 def test_eager_condense_matches():
     values, counts = make_state(1000, seed=2)
     prev = torch.rand(1000, generator=torch.Generator().manual_seed(3)) < 0.9
