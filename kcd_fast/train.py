@@ -72,6 +72,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--fake-val-size", type=int, default=512, help="fake: validation samples")
     d.add_argument("--fake-image-size", type=int, default=32, help="fake: image side")
     d.add_argument("--fake-num-classes", type=int, default=10, help="fake: classes")
+    d.add_argument("--fake-on-device", action="store_true",
+                   help="fake: generate the data on the training device and feed batches from there (no loader), "
+                        "for throughput runs where the loader must not hide anything")
     d.add_argument("--workers", type=int, default=None, help="data loader workers per process")
 
     m = p.add_argument_group("models")
@@ -347,9 +350,14 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args
 def evaluate(model, dataset, args, device) -> dict:
     """Top-1/top-5 accuracy and loss over ``dataset``, exact under DDP (disjoint shares, summed)."""
     model.eval()
-    indices = list(range(args.rank, len(dataset), args.world_size)) if args.distributed else None
-    data = Subset(dataset, indices) if indices is not None else dataset
-    loader = DataLoader(data, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
+    if isinstance(dataset, tuple):  # (x, y) resident on the device
+        x_all, y_all = dataset
+        share = torch.arange(args.rank, len(y_all), args.world_size, device=y_all.device)
+        loader = ((x_all[i], y_all[i]) for i in share.split(args.eval_batch_size))
+    else:
+        indices = list(range(args.rank, len(dataset), args.world_size)) if args.distributed else None
+        data = Subset(dataset, indices) if indices is not None else dataset
+        loader = DataLoader(data, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -414,6 +422,12 @@ def main(args: argparse.Namespace) -> dict:
     train_set = _subset(bundle.train, args.train_subset, args.seed)
     bundle.train = train_set
     n = len(train_set)
+    resident = None
+    if args.fake_on_device:
+        if args.dataset != "fake" or args.train_subset:
+            raise UserError("--fake-on-device applies to --dataset fake (without --train-subset)")
+        resident = train_set.materialize(device)
+        bundle.val = bundle.val.materialize(device)
 
     cached = args.knowledge == "cached"
     knowledge, knowledge_loaded = None, False
@@ -482,9 +496,12 @@ def main(args: argparse.Namespace) -> dict:
         sampler = DistributedSampler(dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True,
                                      seed=args.seed)
     loader_gen = torch.Generator()
-    loader = DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
-                        num_workers=args.workers, pin_memory=device.type == "cuda", generator=loader_gen,
-                        persistent_workers=False, drop_last=False)
+    if resident is not None:
+        loader = DeviceBatches(*resident, sampler, args.batch_size // args.world_size, condenser, mix=not cached)
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
+                            num_workers=args.workers, pin_memory=device.type == "cuda", generator=loader_gen,
+                            persistent_workers=False, drop_last=False)
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "top5": -1.0, "epoch": -1}
     knowledge_state = None  # the file holding the buffer as of the last checkpoint (cached mode)
@@ -511,7 +528,8 @@ def main(args: argparse.Namespace) -> dict:
     writer = _tensorboard(out, args)
     if is_main(args):
         _write_metrics(out, history)
-        print(f"kcd_fast: {args.dataset} ({n} train / {len(bundle.val)} val, {bundle.num_classes} classes), "
+        num_val = len(bundle.val[1]) if isinstance(bundle.val, tuple) else len(bundle.val)
+        print(f"kcd_fast: {args.dataset} ({n} train / {num_val} val, {bundle.num_classes} classes), "
               f"{args.teacher} -> {args.student}, {'KCD' if args.kcd else 'KD (no KCD)'}, {args.epochs} epochs, "
               f"device {device}, {args.world_size} process(es)", flush=True)
 
@@ -534,6 +552,7 @@ def main(args: argparse.Namespace) -> dict:
         total_images = len(sampler) * args.world_size
         kept_fraction = condenser.kept_indices().numel() / n if condenser is not None else 1.0
         fill = cached and not knowledge.fully_filled()
+        t_train = time.time()
         train_stats = train_one_epoch(model, teacher, loader, optimizer, scaler, condenser, args, epoch, device,
                                       total_images, knowledge=knowledge, fill=fill)
         forwards_total += train_stats["teacher_forwards"]
@@ -543,9 +562,12 @@ def main(args: argparse.Namespace) -> dict:
             if teacher is not None and device.type == "cuda":
                 teacher = teacher.cpu()  # not run again: give its memory back
         plan = condenser.end_epoch(epoch) if condenser is not None else None
+        if cached and plan is not None and args.vaks and plan.k1l.numel():
+            knowledge.mix_(plan.k1l, plan.k0, plan.eps)  # VAKS on the soft labels (Eq. 14)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time = time.time() - t_train  # M-step and E-step (the checkpoint files are not counted)
         if cached and (fill or (plan is not None and args.vaks)):
-            if plan is not None and plan.k1l.numel():
-                knowledge.mix_(plan.k1l, plan.k0, plan.eps)  # VAKS on the soft labels (Eq. 14)
             knowledge_state = f"knowledge-state-e{epoch}.kcdk"
             if is_main(args):
                 knowledge.save(out / knowledge_state)
@@ -555,7 +577,7 @@ def main(args: argparse.Namespace) -> dict:
                "val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"],
                "samples": train_stats["samples"],
                "kept_fraction": kept_fraction,
-               "C_so_far": samples_total / (n * (epoch + 1)), "epoch_time": time.time() - t0,
+               "C_so_far": samples_total / (n * (epoch + 1)), "epoch_time": time.time() - t0, "train_time": train_time,
                "condensed": plan is not None, "teacher_forwards": train_stats["teacher_forwards"]}
         history.append(row)
         if val["top1"] > best["top1"]:
@@ -594,6 +616,32 @@ def main(args: argparse.Namespace) -> dict:
         print(f"kcd_fast: done in {summary['wall_time_s']:.1f}s: best top-1 {best['top1']:.2f}%, "
               f"final top-1 {summary['final_top1']:.2f}%, C {summary['C']:.3f}; outputs in {out}", flush=True)
     return summary
+
+
+class DeviceBatches:
+    """Batches gathered from data resident on the device, in the sampler's order (``--fake-on-device``).
+
+    With a condenser and online knowledge, K1L inputs are mixed with their K0 partners here, on
+    the device (Eq. 14), as KCDDataset does in the loader workers.
+    """
+
+    def __init__(self, x, y, sampler, batch_size, condenser=None, mix=True):
+        self.x, self.y, self.sampler, self.batch_size = x, y, sampler, batch_size
+        self.condenser, self.mix = condenser, mix
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        order = self.sampler.indices() if hasattr(self.sampler, "indices") else torch.tensor(list(iter(self.sampler)))
+        for i in order.to(self.x.device).split(self.batch_size):
+            x = self.x[i]
+            if self.condenser is not None and self.mix:
+                partner = self.condenser.partner[i].long()
+                has = (partner >= 0).view(-1, 1, 1, 1)
+                e = self.condenser.eps[i].view(-1, 1, 1, 1).to(x.dtype)
+                x = torch.where(has, (1 - e) * x + e * self.x[partner.clamp_min(0)], x)
+            yield x, self.y[i], i
 
 
 class _Indexed(torch.utils.data.Dataset):

@@ -307,3 +307,23 @@ def test_resume_in_cached_mode(tmp_path, digits_teacher, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "killed").glob("knowledge-state-e*.kcdk"))) == 1
     assert resumed["teacher_passes"] == resumed["num_train"]
+
+
+def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
+    summary = T.main(args_of("--dataset", "fake", "--fake-on-device", "--fake-size", "512", "--fake-image-size", "8",
+                             "--teacher", "cnn_small", "--student", "cnn_small", "--teacher-epochs", "1",
+                             "--output-dir", str(tmp_path / "f"), *QUICK))
+    assert summary["num_train"] == 512 and summary["C"] < 1.0
+    # The device loader mixes K1L inputs with their partners like KCDDataset does.
+    from kcd_fast import KnowledgeCondenser, vaks_mix_
+
+    cond = KnowledgeCondenser(20, epochs=1, stage_epochs=1, rho=0.5)
+    cond.values.copy_(torch.rand(20))
+    cond.counts.fill_(1)
+    cond.end_epoch(0)
+    x = torch.rand(20, 1, 2, 2)
+    batches = T.DeviceBatches(x, torch.zeros(20, dtype=torch.long), cond.sampler(shuffle=False), 7, cond)
+    mixed = x.clone()
+    vaks_mix_(mixed.view(20, -1), *cond.pairs)
+    for xb, _, i in batches:
+        torch.testing.assert_close(xb, mixed[i])
