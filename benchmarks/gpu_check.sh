@@ -36,4 +36,7 @@ stamp "timing"
 python -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-only --benchmark-json="$OUT/bench.json" \
   --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 60
 python benchmarks/report.py "$OUT/bench.json" | tee "$OUT/report.md"
+
+stamp "whole runs: KD vs KCD vs cached KCD on device-resident data"
+python benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 30
 stamp "done: results in $OUT"

@@ -1,0 +1,72 @@
+"""Whole-run wall time of KCD against vanilla KD, on data resident on the device (targets P5 and the
+cached-mode target of the knowledge issue).
+
+Three trainer runs of the same length on the same generated data, teacher and seed:
+``kd`` (``--no-kcd``, the teacher online), ``kcd`` (online) and ``kcd_cached`` (dense fp16 soft
+labels, the teacher run in the first epoch only). It reports each run's training time (the sum of
+the per-epoch M-step + E-step times; evaluation and checkpoint files excluded) and its ratio to
+``kd``, next to the measured C. Targets: ratio(kcd) within 2 points of C; ratio(kcd_cached) <= 0.58.
+
+    python benchmarks/wall_ratio.py --out wall.json              # ImageNet-sized on CUDA, small on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kcd_fast import train as T
+from kcd_fast.models import build_model
+
+if torch.cuda.is_available():
+    SIZE = dict(teacher="resnet34", student="resnet18", classes=1000, image=224, n=256 * 40, batch=256, amp="bf16",
+                workers=0)
+else:
+    SIZE = dict(teacher="cnn_large", student="cnn_small", classes=10, image=28, n=64 * 16, batch=64, amp="off",
+                workers=0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--stage-epochs", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    s = SIZE
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        teacher = Path(tmp) / "teacher.pth"  # random weights: the timing does not depend on them
+        torch.save(build_model(s["teacher"], s["classes"], 3).state_dict(), teacher)
+        common = ["--dataset", "fake", "--fake-on-device", "--fake-size", str(s["n"]), "--fake-val-size", "512",
+                  "--fake-image-size", str(s["image"]), "--fake-num-classes", str(s["classes"]),
+                  "--teacher", s["teacher"], "--student", s["student"], "--teacher-weights", str(teacher),
+                  "--batch-size", str(s["batch"]), "--amp", s["amp"], "--epochs", str(args.epochs),
+                  "--stage-epochs", str(args.stage_epochs), "--lr-milestones", str(args.epochs),
+                  "--workers", str(s["workers"]), "--no-progress", "--no-plots"]
+        for name, extra in (("kd", ["--no-kcd"]), ("kcd", []), ("kcd_cached", ["--knowledge", "cached"])):
+            summary = T.main(T.get_args_parser().parse_args(common + extra + ["--output-dir", f"{tmp}/{name}"]))
+            rows = [json.loads(x) for x in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
+            results[name] = {"train_time_s": sum(r["train_time"] for r in rows), "C": summary["C"],
+                             "teacher_passes": summary["teacher_passes"], "per_epoch_s": [r["train_time"] for r in rows]}
+    base = results["kd"]["train_time_s"]
+    for r in results.values():
+        r["ratio_to_kd"] = r["train_time_s"] / base
+    out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "config": dict(s, epochs=args.epochs, stage_epochs=args.stage_epochs),
+           "runs": results,
+           "targets": {"kcd_ratio_minus_C": results["kcd"]["ratio_to_kd"] - results["kcd"]["C"],
+                       "kcd_cached_ratio": results["kcd_cached"]["ratio_to_kd"]}}
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"} | {
+        name: {"train_time_s": round(r["train_time_s"], 2), "ratio_to_kd": round(r["ratio_to_kd"], 3), "C": round(r["C"], 3)}
+        for name, r in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
