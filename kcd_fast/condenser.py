@@ -164,7 +164,6 @@ class KnowledgeCondenser:
         self.stage = -1              # the last stage condensed (-1: none yet)
         self.frozen = False          # True after load_condensed(freeze=True): no more condensation
         self.samples_yielded = {}    # epoch -> samples this rank's samplers yielded
-        self.samples_observed = {}   # epoch -> samples passed to observe() on this rank
         self.history = []            # one summary dict per condensation
         g = torch.Generator().manual_seed(self.seed)
         self.trajectory_points = torch.randperm(n, generator=g)[: min(n, TRAJECTORY_POINTS)].sort().values
@@ -234,7 +233,6 @@ class KnowledgeCondenser:
             idx = indices.long()
             fresh = torch.isfinite(entropy)
             self.last_values.index_put_((idx,), torch.where(fresh, entropy, self.last_values[idx]))
-        self.samples_observed[self.next_epoch] = self.samples_observed.get(self.next_epoch, 0) + indices.numel()
         return entropy
 
     def _note_yield(self, epoch: int, count: int) -> None:
@@ -384,7 +382,7 @@ class KnowledgeCondenser:
             "last_values": None if self.last_values is None else self.last_values.cpu(),
             "synced": None if self._synced is None else tuple(None if t is None else t.cpu() for t in self._synced),
             "next_epoch": self.next_epoch, "stage": self.stage, "frozen": self.frozen,
-            "samples_yielded": dict(self.samples_yielded), "samples_observed": dict(self.samples_observed),
+            "samples_yielded": dict(self.samples_yielded),
             "history": list(self.history),
         }
 
@@ -416,7 +414,6 @@ class KnowledgeCondenser:
             self._synced = tuple(None if t is None else t.to(dev).clone() for t in synced)
         self.next_epoch, self.stage, self.frozen = state["next_epoch"], state["stage"], state["frozen"]
         self.samples_yielded = dict(state["samples_yielded"])
-        self.samples_observed = dict(state["samples_observed"])
         self.history = list(state["history"])
         self._kept_cpu = self.keep.nonzero().flatten().cpu()
         self._partner_cpu.copy_(self.partner.cpu())

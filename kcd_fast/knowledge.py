@@ -145,7 +145,7 @@ class KnowledgeBuffer:
 
     @torch.no_grad()
     def fill(self, teacher: torch.nn.Module, dataset, *, batch_size: int = 256, device=None, num_workers: int = 0,
-             autocast_dtype=None, indices=None, progress=None) -> int:
+             autocast_dtype=None, indices=None) -> int:
         """The one-off pass: run the teacher over ``dataset`` (typically the evaluation-transform view
         of the training set) and store every row. ``indices`` restricts it to a share (DDP).
         Returns the number of teacher forwards."""
@@ -155,7 +155,7 @@ class KnowledgeBuffer:
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         teacher.eval()
         done = 0
-        for batch in (progress(loader) if progress else loader):
+        for batch in loader:
             x = batch[0].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = teacher(x)
@@ -257,7 +257,6 @@ class KnowledgeBuffer:
             raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))  # copy-on-write
             t.view(torch.uint8).reshape(-1).copy_(torch.from_numpy(raw).to(buf.device))
             offset += nbytes
-        buf.file_header = head
         return buf
 
     def state_dict(self) -> dict:
