@@ -35,7 +35,7 @@ if [ "$status" -ne 0 ]; then stamp "GPU correctness FAILED: not timing"; exit 1;
 stamp "timing"
 python -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-only --benchmark-json="$OUT/bench.json" \
   --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 60
-python benchmarks/report.py "$OUT/bench.json" | tee "$OUT/report.md"
+python benchmarks/report.py --strip-data "$OUT/bench.json" | tee "$OUT/report.md"
 
 stamp "whole runs: KD vs KCD vs cached KCD on device-resident data"
 python benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 30

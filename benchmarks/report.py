@@ -68,9 +68,16 @@ def render(data: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", help="a file written by pytest --benchmark-json")
+    p.add_argument("--strip-data", action="store_true",
+                   help="rewrite the JSON without the per-round timings (the statistics stay), before committing it")
     args = p.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
+    if args.strip_data:
+        for b in data["benchmarks"]:
+            b["stats"].pop("data", None)
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
     sys.stdout.write(render(data))
     return 0
 
