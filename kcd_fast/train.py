@@ -420,6 +420,7 @@ def main(args: argparse.Namespace) -> dict:
     except DatasetNotFoundError as exc:
         raise UserError(str(exc)) from None
     train_set = _subset(bundle.train, args.train_subset, args.seed)
+    train_eval = _subset(eval_view(bundle), args.train_subset, args.seed)  # same samples, evaluation transform
     bundle.train = train_set
     n = len(train_set)
     resident = None
@@ -538,7 +539,7 @@ def main(args: argparse.Namespace) -> dict:
     if cached and not knowledge.fully_filled() and args.knowledge_fill == "pass":
         # The one-off pass with the evaluation transform, shared across ranks, then completed.
         share = range(args.rank, n, args.world_size)
-        forwards_total += knowledge.fill(teacher, eval_view(bundle), batch_size=args.eval_batch_size, device=device,
+        forwards_total += knowledge.fill(teacher, train_eval, batch_size=args.eval_batch_size, device=device,
                                          num_workers=args.workers, indices=share,
                                          autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
                                          ) * args.world_size

@@ -327,3 +327,19 @@ def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
     vaks_mix_(mixed.view(20, -1), *cond.pairs)
     for xb, _, i in batches:
         torch.testing.assert_close(xb, mixed[i])
+
+
+def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, digits_teacher):
+    from kcd_fast.data import build_datasets, eval_view
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    kfile = tmp_path / "sub.kcdk"
+    T.main(args_of("--knowledge", "cached", "--knowledge-fill", "pass", "--knowledge-file", str(kfile),
+                   "--train-subset", "300", "--teacher-weights", str(digits_teacher),
+                   "--output-dir", str(tmp_path / "o"), *QUICK))
+    teacher = build_model("cnn_large", 10, 1)
+    T.load_teacher_weights(teacher, str(digits_teacher), 10)
+    expected = KnowledgeBuffer(300, 10, temperature=4.0)
+    expected.fill(teacher.eval(), T._subset(eval_view(build_datasets("digits")), 300, 0), batch_size=64)
+    got = KnowledgeBuffer.load(kfile)
+    torch.testing.assert_close(got.probs.float(), expected.probs.float(), atol=1e-3, rtol=1e-3)
