@@ -135,7 +135,15 @@ def _real(op: str, name: str, x, lo=None, hi=None, lo_open=False, hi_open=False)
 _error_flags: dict[torch.device, torch.Tensor] = {}
 
 
+def _canonical_device(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: the flags are keyed by the tensors' own devices, which carry an index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _error_flag(device: torch.device) -> torch.Tensor:
+    device = _canonical_device(device)
     flag = _error_flags.get(device)
     if flag is None:
         flag = _error_flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
@@ -148,7 +156,7 @@ def check_errors(device: torch.device | str | None = None) -> None:
     This synchronises with the GPU; call it where a sync is cheap (a stage
     end, an epoch end). The flag is cleared.
     """
-    devices = list(_error_flags) if device is None else [torch.device(device)]
+    devices = list(_error_flags) if device is None else [_canonical_device(torch.device(device))]
     for dev in devices:
         flag = _error_flags.get(dev)
         if flag is not None and int(flag.item()) != 0:
@@ -225,6 +233,10 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
     if logits.device.type == "cuda" and not torch.compiler.is_compiling():
         return _update_values_cuda(values, counts, indices, logits, temperature)
     _ext.require(op)  # the CUDA kernel of this op is the Triton kernel, registered below
+    # Checked here too (not only by the C++ guard), so that bad input gets the Python error; under
+    # torch.compile the C++ guard alone checks (reading the indices would break the graph).
+    if not torch.compiler.is_compiling():
+        _check_range(op, "indices", indices, values.numel())
     return torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
 
 
