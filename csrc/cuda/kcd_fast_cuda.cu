@@ -87,8 +87,13 @@ __device__ __forceinline__ uint8_t from_float<uint8_t>(float x) {
   return static_cast<uint8_t>(fminf(255.0f, fmaxf(0.0f, rintf(x))));  // nearest, ties to even
 }
 
-// One warp per pair: row dst = (1-eps) row dst + eps row src, in fp32, with
-// VEC elements (16 bytes when the rows allow it) per lane and iteration.
+// One warp per pair: row dst = (1-eps) row dst + eps row src, in fp32, with VEC elements (16 bytes
+// when the rows allow it) per lane and load. Each lane first loads up to kUnroll packs of both rows,
+// then mixes and stores them: the loads of a chunk are all in flight at once (the compiler cannot
+// hoist them itself, since dst and src rows come from the same buffer). A 1000-wide fp16 row is 125
+// packs, one chunk of 32 lanes x 4.
+constexpr int kUnroll = 4;
+
 template <typename scalar_t, int VEC>
 __global__ void vaks_mix_kernel(scalar_t* __restrict__ buffer, const int64_t* __restrict__ dst,
                                 const int64_t* __restrict__ src, const float* __restrict__ eps,
@@ -105,14 +110,27 @@ __global__ void vaks_mix_kernel(scalar_t* __restrict__ buffer, const int64_t* __
   const float w = eps[p];
   const float keep = 1.0f - w;
   const int64_t packs = row / VEC;
-  for (int64_t j = lane; j < packs; j += 32) {
-    Pack a = out[j];
-    const Pack b = other[j];
+  for (int64_t j0 = lane; j0 < packs; j0 += 32 * kUnroll) {
+    Pack a[kUnroll], b[kUnroll];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      a.v[k] = from_float<scalar_t>(keep * static_cast<float>(a.v[k]) + w * static_cast<float>(b.v[k]));
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + 32 * u;
+      if (j < packs) {
+        a[u] = out[j];
+        b[u] = other[j];
+      }
     }
-    out[j] = a;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = j0 + 32 * u;
+      if (j < packs) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          a[u].v[k] = from_float<scalar_t>(keep * static_cast<float>(a[u].v[k]) + w * static_cast<float>(b[u].v[k]));
+        }
+        out[j] = a[u];
+      }
+    }
   }
 }
 
