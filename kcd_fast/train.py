@@ -635,13 +635,21 @@ class DeviceBatches:
 
     def __iter__(self):
         order = self.sampler.indices() if hasattr(self.sampler, "indices") else torch.tensor(list(iter(self.sampler)))
-        for i in order.to(self.x.device).split(self.batch_size):
+        order = order.to(self.x.device)
+        bs = self.batch_size
+        mixing = self.condenser is not None and self.mix
+        if mixing:
+            # The positions of this epoch's K1L points (the few with a K0 partner), found once per epoch
+            # (one host sync here, none per step): each batch then mixes only its own K1L rows.
+            pos = (self.condenser.partner[order] >= 0).nonzero().squeeze(1)
+            bounds = torch.searchsorted(pos.cpu(), torch.arange(0, order.numel() + bs, bs)).tolist()
+        for b, i in enumerate(order.split(bs)):
             x = self.x[i]
-            if self.condenser is not None and self.mix:
-                partner = self.condenser.partner[i].long()
-                has = (partner >= 0).view(-1, 1, 1, 1)
-                e = self.condenser.eps[i].view(-1, 1, 1, 1).to(x.dtype)
-                x = torch.where(has, (1 - e) * x + e * self.x[partner.clamp_min(0)], x)
+            if mixing and bounds[b + 1] > bounds[b]:
+                rows = pos[bounds[b]: bounds[b + 1]] - b * bs
+                j = i[rows]
+                e = self.condenser.eps[j].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+                x[rows] = (1 - e) * x[rows] + e * self.x[self.condenser.partner[j].long()]
             yield x, self.y[i], i
 
 
