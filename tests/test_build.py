@@ -89,3 +89,27 @@ def test_compiled_ops_under_torch_compile():
     torch.library.opcheck(torch.ops.kcd_fast.vaks_mix_.default, (buf.clone(), dst, src, eps))
     torch.library.opcheck(torch.ops.kcd_fast.update_values.default,
                           (values.clone(), counts.clone(), torch.tensor([1, 5, 1]), torch.randn(3, 7), 1.0))
+
+
+def test_cpp_guards_raise_python_errors_in_a_subprocess():
+    """The C++ guards behind the Python checks raise ValueError/RuntimeError, never crash.
+
+    Run in a child process so that a crash in the C++ exception path (seen once on a lent GPU
+    machine) fails this test with the child's output instead of killing the whole session.
+    """
+    code = textwrap.dedent("""
+        import torch, kcd_fast._C  # noqa: F401
+        v, f = torch.zeros(10), torch.zeros(10, dtype=torch.int32)
+        for call in (lambda: torch.ops.kcd_fast.update_values(v, f, torch.tensor([10]), torch.randn(1, 4), 1.0),
+                     lambda: torch.ops.kcd_fast.rank(v, f.long(), 0.0)):
+            try:
+                call()
+            except (ValueError, RuntimeError):
+                pass
+            else:
+                raise AssertionError("no error")
+        assert int(f.sum()) == 0
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stdout, out.stderr[-3000:])

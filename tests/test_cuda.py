@@ -119,3 +119,71 @@ def test_vaks_mix_cuda(dtype, shape):
         torch.testing.assert_close(gpu.double(), ref.double(), atol=1e-2 if dtype == torch.bfloat16 else 1e-3,
                                    rtol=1e-2)
     assert torch.equal(gpu, cpu), "CUDA and CPU kernels must agree bit for bit (same fp32 math)"
+
+
+@pytest.mark.parametrize("storage,dtype", [("dense", torch.float16), ("dense", torch.bfloat16),
+                                           ("topk", torch.float16), ("topk", torch.float32)])
+@pytest.mark.parametrize("c", [10, 1001])
+def test_knowledge_buffer_cuda_matches_reference_and_cpu(storage, dtype, c):
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    n, k = 300, 10
+    z = torch.randn(n, c, generator=torch.Generator().manual_seed(c)) * 3.0
+    bufs = [KnowledgeBuffer(n, c, storage=storage, k=k, dtype=dtype, temperature=4.0, device=d) for d in ("cpu", DEV)]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    for b in bufs:
+        b.write(perm.to(b.device), z[perm].to(b.device))
+    q = torch.tensor([7, 3, 7, 299, 0, 150])
+    cpu, gpu = bufs[0].read(q), bufs[1].read(q.to(DEV)).cpu()
+    if storage == "dense":
+        ref = R.soft_labels(z[q], 4.0)
+    else:
+        v_ref, c_ref = R.topk_encode(R.soft_labels(z, 4.0), k)
+        ref = R.topk_decode(v_ref[q], c_ref[q], c)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(gpu.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gpu, cpu, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c,k", [(10, 3), (1000, 10), (20, 20)])
+def test_vaks_mix_topk_cuda_equals_cpu_and_dense_reference(dtype, c, k):
+    n = 3000
+    z = torch.randn(n, c, generator=torch.Generator().manual_seed(3)) * 2.0
+    v, cl = R.topk_encode(R.soft_labels(z, 1.0), k)
+    values, classes = v.to(dtype).contiguous(), cl.int().contiguous()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(4))
+    dst, src = perm[:1000], perm[1000:2000]
+    eps = torch.rand(1000, generator=torch.Generator().manual_seed(5)) * 0.3
+    ref_v, ref_c = R.vaks_mix_topk(values.double(), classes, dst, src, eps, c)
+    cpu_v, cpu_c = values.clone(), classes.clone()
+    ops.vaks_mix_topk_(cpu_v, cpu_c, dst, src, eps, c)
+    gpu_v, gpu_c = values.to(DEV), classes.to(DEV)
+    ops.vaks_mix_topk_(gpu_v, gpu_c, dst.to(DEV), src.to(DEV), eps.to(DEV), c)
+    assert torch.equal(gpu_c.cpu(), cpu_c)
+    torch.testing.assert_close(gpu_v.cpu(), cpu_v, atol=0, rtol=0)
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(R.topk_decode(gpu_v.cpu(), gpu_c.cpu(), c), R.topk_decode(ref_v, ref_c, c),
+                               atol=tol, rtol=tol)
+
+
+def test_condenser_observe_no_sync_and_matches_cpu():
+    from kcd_fast import KnowledgeCondenser
+
+    n = 10_000
+    conds = [KnowledgeCondenser(n, epochs=4, stage_epochs=2, device=d) for d in ("cpu", DEV)]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randperm(n, generator=g)[:256], torch.randn(256, 100, generator=g)) for _ in range(3)]
+    for idx, logits in batches:
+        conds[0].observe(idx, logits)
+    gpu_batches = [(i.to(DEV), x.to(DEV)) for i, x in batches]
+    conds[1].observe(*gpu_batches[0])  # warm-up: compiles the kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for idx, logits in gpu_batches[1:]:
+            conds[1].observe(idx, logits)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(conds[1].counts.cpu(), conds[0].counts)
+    torch.testing.assert_close(conds[1].values.cpu(), conds[0].values, atol=2e-5, rtol=2e-5)
