@@ -67,8 +67,8 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr):
     return h, bad == 0
 
 
-# B, C and N are not specialised on (Triton would otherwise compile a second kernel the first time a
-# batch size is not a multiple of 16, e.g. a condensed epoch's last batch: a 0.3 s stall mid-run).
+# B, C and N are not specialised on: Triton would otherwise compile a second kernel the first time a
+# batch size is not a multiple of 16 (a condensed epoch's last batch), a 0.3 s stall mid-run.
 @triton.jit(do_not_specialize=["B", "C", "N"])
 def _update_values_kernel(
     logits_ptr,      # [B, C] fp32/fp16/bf16, element strides (stride_lb, stride_lc)
@@ -88,13 +88,11 @@ def _update_values_kernel(
     BLOCK_B: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    # The loads that do not depend on each other are issued first, so that their latencies overlap:
-    # this row's index and, speculatively, its sample's state (used only by the owner below), the
-    # batch's indices for the ownership scan, then the row's logits.
+    h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C)
+    tl.store(entropy_ptr + row, tl.where(ok, h, float("nan")))
+
     idx = tl.load(indices_ptr + row * stride_i).to(tl.int64)
     in_range = (idx >= 0) & (idx < N)
-    f_old = tl.load(counts_ptr + idx, mask=in_range, other=0)
-    v_old = tl.load(values_ptr + idx, mask=in_range, other=0.0)
     tl.store(error_ptr, 1, mask=~in_range)
 
     # Ownership: is this the first occurrence of idx? And how many duplicates follow?
@@ -107,9 +105,6 @@ def _update_values_kernel(
         same = (pos < B) & (other == idx)
         n_before += tl.sum((same & (pos < row)).to(tl.int32), axis=0)
         n_after += tl.sum((same & (pos > row)).to(tl.int32), axis=0)
-
-    h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C)
-    tl.store(entropy_ptr + row, tl.where(ok, h, float("nan")))
 
     if in_range & (n_before == 0):
         k = ok.to(tl.int32)
@@ -130,6 +125,8 @@ def _update_values_kernel(
                     dup = dup & (pos != j)
                     n_dup -= 1
         if k > 0:
+            f_old = tl.load(counts_ptr + idx)
+            v_old = tl.load(values_ptr + idx)
             f_new = f_old + k
             v_new = v_old + (total - k.to(tl.float32) * v_old) / f_new.to(tl.float32)
             tl.store(counts_ptr + idx, f_new)
