@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "kcd_fast.h"
 
 namespace kcd_fast {
@@ -35,7 +37,7 @@ inline int check_topk_args(const at::Tensor& values, const at::Tensor& classes, 
                   classes.sizes() == values.sizes() && classes.scalar_type() == at::kInt,
               "kcd_fast::vaks_mix_topk_: values and classes must be contiguous [N, k], classes int32");
   const int k = static_cast<int>(values.size(1));
-  TORCH_CHECK(k >= 1 && k <= kMaxTopK, "kcd_fast::vaks_mix_topk_: k must lie in [1, ", kMaxTopK, "]");
+  TORCH_CHECK(k >= 1 && k <= kMaxTopK, "kcd_fast::vaks_mix_topk_: k must lie in [1, ", std::to_string(kMaxTopK), "]");
   check_pair_args("vaks_mix_topk_", dst, src, eps);
   return k;
 }

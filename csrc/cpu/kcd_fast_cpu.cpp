@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <string>
 #include <vector>
 
 #include "../checks.h"
@@ -107,8 +108,10 @@ at::Tensor update_values_cpu(at::Tensor& values, at::Tensor& counts, const at::T
   const int64_t is = idx.stride(0);
   // Check every index before anything changes: state stays untouched on error.
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_VALUE(ip[b * is] >= 0 && ip[b * is] < n, "update_values: `indices` must lie in [0, ", n,
-                      "), found ", ip[b * is]);
+    // Numbers are formatted with std::to_string, not streamed: a g++ newer than the runtime
+    // libstdc++ instantiates the stream's integer output in this library, which then crashed.
+    TORCH_CHECK_VALUE(ip[b * is] >= 0 && ip[b * is] < n, "update_values: `indices` must lie in [0, ",
+                      std::to_string(n), "), found ", std::to_string(ip[b * is]));
   }
   float* ep = entropy.data_ptr<float>();
   const float inv_t = static_cast<float>(1.0 / temperature);
