@@ -31,6 +31,14 @@ mkdir -p "$OUT"
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
+# Run against the libstdc++ of the compiler that builds the extension: where g++ is newer than the
+# system's libstdc++ (the lent machines build with /opt/gcc), code it instantiates in _C crashed
+# against the older runtime library (seen: formatting an integer in a C++ error message).
+libstdcxx=$(${CXX:-g++} -print-file-name=libstdc++.so.6 2>/dev/null)
+if [ "${libstdcxx#/}" != "$libstdcxx" ]; then
+  export LD_LIBRARY_PATH="$(dirname "$libstdcxx")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH (the compiler's libstdc++)" | tee -a "$OUT/device.txt"
+fi
 stamp "build (MAX_JOBS=$MAX_JOBS)"
 if ! timeout "$(cap 240)" python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -n 60 "$OUT/build.log"; stamp "build failed"; exit 1
@@ -39,7 +47,7 @@ grep -E "kcd_fast: |Successfully" "$OUT/build.log"
 python3 -c "import kcd_fast._ext as e; assert e.has_cuda_kernels(), 'no CUDA kernels in the build'" || exit 1
 
 stamp "correctness on the GPU (against the float64 reference, fresh random inputs)"
-xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 4)
+xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py \
   tests/test_update_values.py tests/test_rank.py tests/test_condense.py tests/test_vaks_mix.py tests/test_build.py \
   tests/test_knowledge.py benchmarks/test_step.py::test_observe_has_no_host_sync > "$OUT/tests.log" 2>&1

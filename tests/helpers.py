@@ -16,11 +16,11 @@ def make_logits(b, c, *, dtype=torch.float32, seed=0, scale=3.0, strided=False, 
     g = torch.Generator().manual_seed(seed)
     if strided:
         base = torch.randn(b, 2 * c + 3, generator=g) * scale
-        x = base.to(dtype)[:, 1 : 2 * c + 1 : 2]
+        x = base.to(device, dtype)[:, 1 : 2 * c + 1 : 2]  # strided on the target device itself
         assert x.numel() == 1 or not x.is_contiguous()  # torch calls any 1x1 tensor contiguous
     else:
-        x = (torch.randn(b, c, generator=g) * scale).to(dtype)
-    return x.to(device)
+        x = (torch.randn(b, c, generator=g) * scale).to(device, dtype)
+    return x
 
 
 def make_indices(b, n, *, seed=0, duplicates=True, dtype=torch.int64, device="cpu"):
@@ -43,3 +43,16 @@ def snapshot(*tensors):
 def assert_unchanged(before, *tensors):
     for b, t in zip(before, tensors):
         assert torch.equal(b, t), "state changed by a call that raised"
+
+
+# Where the Triton kernels run: natively on a GPU, else in Triton's interpreter on the CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_triton_device(x):
+    """x on TRITON_DEVICE, keeping it non-contiguous (column stride 2) if it was."""
+    if x.is_contiguous() or x.dim() != 2:
+        return x.to(TRITON_DEVICE)
+    y = torch.empty(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=TRITON_DEVICE)[:, ::2]
+    y.copy_(x)
+    return y

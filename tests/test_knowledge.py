@@ -6,6 +6,7 @@ import kcd_fast
 from kcd_fast import reference as R
 from kcd_fast.knowledge import KnowledgeBuffer, KnowledgeFileError, _topk_readback_torch
 from kcd_fast.ops import vaks_mix_topk_
+from helpers import TRITON_DEVICE
 
 
 def teacher_logits(n, c, seed=0, scale=3.0):
@@ -53,8 +54,9 @@ def test_topk_readback_triton_kernel_matches_torch_twin():
     buf = KnowledgeBuffer(n, c, storage="topk", k=k, dtype=torch.float16)
     buf.write(torch.arange(n), teacher_logits(n, c, seed=2))
     q = torch.tensor([0, 29, 5, 5], dtype=torch.int32)
-    torch.testing.assert_close(topk_readback_triton(buf.values, buf.classes, q, c),
-                               _topk_readback_torch(buf.values, buf.classes, q, c))
+    dev = TRITON_DEVICE  # the GPU, or Triton's interpreter on the CPU
+    got = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), c).cpu()
+    torch.testing.assert_close(got, _topk_readback_torch(buf.values, buf.classes, q, c))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -7,7 +7,7 @@ import torch
 import kcd_fast
 from kcd_fast import reference as R
 from kcd_fast.ops import update_values
-from helpers import assert_unchanged, make_indices, make_logits, make_state, snapshot
+from helpers import TRITON_DEVICE, assert_unchanged, make_indices, make_logits, make_state, on_triton_device, snapshot
 
 TOLS = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-5)}
 
@@ -43,12 +43,16 @@ def torch_twin_fn(v, f, idx, x, t):
 
 
 def triton_fn(v, f, idx, x, t):
+    """The raw Triton launcher on TRITON_DEVICE (the GPU, or the interpreter); state copied back."""
     from kcd_fast.kernels.update_values import update_values_triton
 
-    flag = torch.zeros(1, dtype=torch.int32, device=v.device)
-    out = update_values_triton(v, f, idx, x, t, flag)
+    dv, df = v.to(TRITON_DEVICE), f.to(TRITON_DEVICE)
+    flag = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
+    out = update_values_triton(dv, df, idx.to(TRITON_DEVICE), on_triton_device(x), t, flag)
     assert flag.item() == 0
-    return out
+    v.copy_(dv)
+    f.copy_(df)
+    return out.cpu()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -207,11 +211,11 @@ def test_triton_kernel_duplicates_strided_nonfinite_temperature():
 def test_triton_kernel_flags_out_of_range_without_writing():
     from kcd_fast.kernels.update_values import update_values_triton
 
-    values, counts = make_state(6, seed=1)
+    values, counts = make_state(6, seed=1, device=TRITON_DEVICE)
     before = snapshot(values, counts)
-    flag = torch.zeros(1, dtype=torch.int32)
-    idx = torch.tensor([6, -1])
-    update_values_triton(values, counts, idx, torch.randn(2, 5), 1.0, flag)
+    flag = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
+    idx = torch.tensor([6, -1], device=TRITON_DEVICE)
+    update_values_triton(values, counts, idx, torch.randn(2, 5, device=TRITON_DEVICE), 1.0, flag)
     assert flag.item() == 1
     assert_unchanged(before, values, counts)
 
