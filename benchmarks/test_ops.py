@@ -122,3 +122,28 @@ def test_vaks_mix(benchmark, run, sizes, device, provider):
           "official": baselines.official_vaks_mix_}[provider]
     run(fn, buf, dst, src, eps, provider=provider, op="vaks_mix_", pairs=pairs, row=row,
         bytes=3 * pairs * row * buf.element_size())
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_knowledge_buffer_vaks(benchmark, run, sizes, device, storage):
+    """VAKS inside the cached-knowledge buffer (KnowledgeBuffer.mix_): the ImageNet-sized buffer
+    (1,281,167 x 1000 fp16 dense, 2.56 GB, or top-10) with 74,000 pairs on CUDA; on the CPU,
+    50,000 x 100 with 2,000 pairs. Target (dense, CUDA): >= 2.5 TB/s effective, two rows read and
+    one written per pair."""
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    n, c, pairs = sizes["N"], sizes["C"], sizes["PAIRS"]
+    benchmark.group = f"KnowledgeBuffer.mix_ {n}x{c} fp16 {storage}, {pairs} pairs"
+    buf = KnowledgeBuffer(n, c, storage=storage, k=10, dtype=torch.float16, device=device)
+    if storage == "dense":
+        buf.probs.fill_(1.0 / c)
+        row_bytes = c * 2
+    else:
+        buf.values.fill_(0.05)
+        buf.classes.copy_(torch.arange(10, dtype=torch.int32, device=device).expand(n, 10))
+        row_bytes = 10 * (2 + 4)
+    perm = torch.randperm(n, device=device)
+    k1l, k0 = perm[:pairs], perm[pairs: 2 * pairs]
+    eps = torch.rand(pairs, device=device) * 0.3
+    run(buf.mix_, k1l, k0, eps, provider="kcd_fast", op="knowledge_mix", storage=storage, N=n, pairs=pairs,
+        bytes=3 * pairs * row_bytes)
