@@ -142,13 +142,18 @@ def block_sizes(batch: int, num_classes: int) -> tuple[int, int, int]:
 
 
 def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
-                         logits: torch.Tensor, temperature: float, error_flag: torch.Tensor) -> torch.Tensor:
-    """Launch the fused kernel; returns float32 [B] entropies. Inputs must be valid."""
+                         logits: torch.Tensor, temperature: float, error_flag: torch.Tensor, *,
+                         num_warps: int | None = None) -> torch.Tensor:
+    """Launch the fused kernel; returns float32 [B] entropies. Inputs must be valid.
+
+    ``num_warps`` overrides :func:`block_sizes`' choice (for ``benchmarks/sweep_update_values.py``).
+    """
     batch, num_classes = logits.shape
     entropy = torch.empty(batch, dtype=torch.float32, device=logits.device)
     if batch == 0:
         return entropy
-    block_c, block_b, num_warps = block_sizes(batch, num_classes)
+    block_c, block_b, default_warps = block_sizes(batch, num_classes)
+    num_warps = default_warps if num_warps is None else num_warps
     _update_values_kernel[(batch,)](
         logits, logits.stride(0), logits.stride(1),
         indices, indices.stride(0),

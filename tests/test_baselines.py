@@ -4,7 +4,7 @@ import torch
 
 from benchmarks import baselines
 from kcd_fast import ops
-from helpers import make_state
+from helpers import TRITON_DEVICE, make_state
 
 
 def test_eager_update_matches():
@@ -78,3 +78,16 @@ def test_mix_baselines_match():
     baselines.eager_vaks_mix_(y, dst, src, eps)
     assert int((x.int() - y.int()).abs().max()) <= 1
     assert np.isfinite(eps.numpy()).all()
+
+
+def test_update_values_sweep_checks_every_launch_configuration(tmp_path):
+    """benchmarks/sweep_update_values.py: every num_warps gives the default's results (interpreter here)."""
+    import json
+
+    from benchmarks import sweep_update_values
+
+    out = tmp_path / "sweep.json"
+    sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "5", "--classes", "33",
+                              "--n", "50", "--warps", "1", "4", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["checked"] for r in rows)
