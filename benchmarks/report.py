@@ -53,16 +53,21 @@ def render(data: dict) -> str:
         groups[b["group"] or b["name"]].append(b)
     for group in sorted(groups):
         rows = groups[group]
-        providers = {b.get("params", {}).get("provider"): per_unit(b) for b in rows}
+        providers = {_provider(b): per_unit(b) for b in rows}
         base = providers.get("kcd_fast", providers.get("online"))
         for b in sorted(rows, key=per_unit):
-            provider = b.get("params", {}).get("provider", b["name"])
+            provider = _provider(b)
             t = per_call(b)
             ratio = f"{per_unit(b) / base:.2f}x" if base else "-"
             extra = b.get("extra_info", {})
             bw = f"{extra['bytes'] / t / 1e9:.1f} GB/s" if "bytes" in extra else ""
             lines.append(f"| {group} | {provider} | {_fmt_time(t)} | {ratio} | {bw} |")
     return "\n".join(lines) + "\n"
+
+
+def _provider(b: dict) -> str:
+    """The provider column: the ``provider`` parameter, else the one recorded in extra_info, else the name."""
+    return (b.get("params") or {}).get("provider") or b.get("extra_info", {}).get("provider") or b["name"]
 
 
 def main(argv=None) -> int:
