@@ -3,8 +3,9 @@
 P2 asks for >= 10x eager PyTorch in device time at B=256, C=1000; the first H200 runs measured
 8.0x (fp32) and 8.5x (bf16) with the default configuration (benchmarks/NOTES.md). This script
 times, by CUDA-graph replay of 100 calls (launch cost excluded, as in
-benchmarks/test_ops.py::test_update_values_device_time), the kernel with each num_warps, and the
-eager baseline, and checks every configuration against the default's results first.
+benchmarks/test_ops.py::test_update_values_device_time), the kernel with each num_warps, with and
+without merged (two-operand) block reductions, and the eager baseline; every configuration is
+checked against the default's results first.
 
     python -m benchmarks.sweep_update_values --out sweep.json          # needs a GPU
 """
@@ -70,23 +71,25 @@ def main(argv=None):
         ref_v, ref_f = values.clone(), counts.clone()
         ref = update_values_triton(ref_v, ref_f, idx, logits, 1.0, flag)
         default = block_sizes(args.batch, args.classes)[2]
-        for w in args.warps:
+        for w, merged in [(w, m) for m in (False, True) for w in args.warps]:
             v, f = values.clone(), counts.clone()
-            out = update_values_triton(v, f, idx, logits, 1.0, flag, num_warps=w)
+            out = update_values_triton(v, f, idx, logits, 1.0, flag, num_warps=w, merged_reductions=merged)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v, ref_v, atol=1e-5, rtol=1e-5)
             assert torch.equal(f, ref_f)
+            row = {"dtype": str(dtype)[6:], "provider": "kcd_fast", "num_warps": w, "merged_reductions": merged,
+                   "default": w == default and not merged}
             if args.check_only:
-                rows.append({"dtype": str(dtype)[6:], "provider": "kcd_fast", "num_warps": w, "checked": True})
+                rows.append(dict(row, checked=True))
                 continue
-            t = device_time_us(lambda w=w: update_values_triton(values, counts, idx, logits, 1.0, flag, num_warps=w))
-            rows.append({"dtype": str(dtype)[6:], "provider": "kcd_fast", "num_warps": w, "default": w == default,
-                         "device_us": t})
+            row["device_us"] = device_time_us(lambda w=w, m=merged: update_values_triton(
+                values, counts, idx, logits, 1.0, flag, num_warps=w, merged_reductions=m))
+            rows.append(row)
         if args.check_only:
             continue
         t = device_time_us(lambda: baselines.eager_update_values(values, counts, idx, logits))
-        rows.append({"dtype": str(dtype)[6:], "provider": "eager", "num_warps": None, "default": False,
-                     "device_us": t})
+        rows.append({"dtype": str(dtype)[6:], "provider": "eager", "num_warps": None, "merged_reductions": None,
+                     "default": False, "device_us": t})
     if args.check_only:
         Path(args.out).write_text(json.dumps({"rows": rows}, indent=2))
         print(f"checked {len(rows)} configurations against the default")
@@ -94,7 +97,8 @@ def main(argv=None):
     for r in rows:
         eager = next(x["device_us"] for x in rows if x["dtype"] == r["dtype"] and x["provider"] == "eager")
         r["eager_over_this"] = eager / r["device_us"]
-        print(f"{r['dtype']:>8} {r['provider']:>8} warps={str(r['num_warps']):>4}{' (default)' if r['default'] else '':10}"
+        print(f"{r['dtype']:>8} {r['provider']:>8} warps={str(r['num_warps']):>4}"
+              f" merged={str(r['merged_reductions']):>5}{' (default)' if r['default'] else '':10}"
               f" {r['device_us']:7.2f} us  eager/this = {r['eager_over_this']:.2f}x")
     Path(args.out).write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(dev),

@@ -32,11 +32,22 @@ __all__ = ["update_values_triton", "block_sizes"]
 
 
 @triton.jit
-def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr):
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _max_and_add(a0, a1, b0, b1):
+    return tl.maximum(a0, b0), a1 + b1
+
+
+@triton.jit
+def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, MERGED: tl.constexpr = False):
     """Entropy of softmax(row * inv_temperature) in fp32, and whether the row is finite.
 
     row_ptr: pointer to the row's first logit; stride_c: element stride between
-    classes; C: number of classes.
+    classes; C: number of classes. MERGED: do the four block reductions of a chunk
+    as two two-operand reductions (an experiment towards P2; see sweep_update_values.py).
     """
     offs = tl.arange(0, BLOCK_C)
     m = tl.full((), float("-inf"), tl.float32)
@@ -49,9 +60,14 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr):
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
         # |x| < inf is false for +-inf and NaN.
         valid = mask & (tl.abs(x) < float("inf"))
-        bad += tl.sum((mask & ~valid).to(tl.int32), axis=0)
         z = tl.where(valid, x * inv_temperature, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        if MERGED:
+            z_max, n_bad = tl.reduce((z, (mask & ~valid).to(tl.int32)), 0, _max_and_add)
+        else:
+            n_bad = tl.sum((mask & ~valid).to(tl.int32), axis=0)
+            z_max = tl.max(z, axis=0)
+        bad += n_bad
+        m_new = tl.maximum(m, z_max)
         # Rescale the running sums to the new max: e^(z-m') = e^(z-m) e^(m-m');
         # s == 0 until the first finite logit, where m - m' is -inf.
         shift = tl.where(s > 0, m - m_new, 0.0)
@@ -60,8 +76,13 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr):
         s = s * scale
         d = tl.where(valid, z - m_new, 0.0)
         p = tl.exp(d) * valid.to(tl.float32)
-        s += tl.sum(p, axis=0)
-        t += tl.sum(p * d, axis=0)
+        if MERGED:
+            ps, pt = tl.reduce((p, p * d), 0, _add_pair)
+        else:
+            ps = tl.sum(p, axis=0)
+            pt = tl.sum(p * d, axis=0)
+        s += ps
+        t += pt
         m = m_new
     h = tl.log(s) - t / s
     return h, bad == 0
@@ -86,9 +107,10 @@ def _update_values_kernel(
     inv_temperature,
     BLOCK_C: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    MERGED: tl.constexpr,  # two-operand block reductions (experiment, off by default)
 ):
     row = tl.program_id(0).to(tl.int64)
-    h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C)
+    h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C, MERGED)
     tl.store(entropy_ptr + row, tl.where(ok, h, float("nan")))
 
     idx = tl.load(indices_ptr + row * stride_i).to(tl.int64)
@@ -103,8 +125,13 @@ def _update_values_kernel(
         pos = b0 + offs_b
         other = tl.load(indices_ptr + pos.to(tl.int64) * stride_i, mask=pos < B, other=-1).to(tl.int64)
         same = (pos < B) & (other == idx)
-        n_before += tl.sum((same & (pos < row)).to(tl.int32), axis=0)
-        n_after += tl.sum((same & (pos > row)).to(tl.int32), axis=0)
+        if MERGED:
+            nb, na = tl.reduce(((same & (pos < row)).to(tl.int32), (same & (pos > row)).to(tl.int32)), 0, _add_pair)
+        else:
+            nb = tl.sum((same & (pos < row)).to(tl.int32), axis=0)
+            na = tl.sum((same & (pos > row)).to(tl.int32), axis=0)
+        n_before += nb
+        n_after += na
 
     if in_range & (n_before == 0):
         k = ok.to(tl.int32)
@@ -119,7 +146,8 @@ def _update_values_kernel(
                 n_dup = tl.sum(dup.to(tl.int32), axis=0)
                 while n_dup > 0:
                     j = tl.min(tl.where(dup, pos, B), axis=0).to(tl.int64)
-                    hj, okj = _row_entropy(logits_ptr + j * stride_lb, stride_lc, C, inv_temperature, BLOCK_C)
+                    hj, okj = _row_entropy(logits_ptr + j * stride_lb, stride_lc, C, inv_temperature, BLOCK_C,
+                                           MERGED)
                     k += okj.to(tl.int32)
                     total += tl.where(okj, hj, 0.0)
                     dup = dup & (pos != j)
@@ -143,10 +171,11 @@ def block_sizes(batch: int, num_classes: int) -> tuple[int, int, int]:
 
 def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
                          logits: torch.Tensor, temperature: float, error_flag: torch.Tensor, *,
-                         num_warps: int | None = None) -> torch.Tensor:
+                         num_warps: int | None = None, merged_reductions: bool = False) -> torch.Tensor:
     """Launch the fused kernel; returns float32 [B] entropies. Inputs must be valid.
 
-    ``num_warps`` overrides :func:`block_sizes`' choice (for ``benchmarks/sweep_update_values.py``).
+    ``num_warps`` overrides :func:`block_sizes`' choice, and ``merged_reductions`` does the block
+    reductions in pairs: launch variants timed by ``benchmarks/sweep_update_values.py`` (target P2).
     """
     batch, num_classes = logits.shape
     entropy = torch.empty(batch, dtype=torch.float32, device=logits.device)
@@ -160,6 +189,6 @@ def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: to
         values, counts, entropy, error_flag,
         batch, num_classes, values.numel(),
         1.0 / float(temperature),
-        BLOCK_C=block_c, BLOCK_B=block_b, num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_B=block_b, MERGED=bool(merged_reductions), num_warps=num_warps,
     )
     return entropy

@@ -90,4 +90,4 @@ def test_update_values_sweep_checks_every_launch_configuration(tmp_path):
     sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "5", "--classes", "33",
                               "--n", "50", "--warps", "1", "4", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(r["checked"] for r in rows)
+    assert len(rows) == 8 and all(r["checked"] for r in rows)  # 2 dtypes x 2 warps x merged or not

@@ -42,13 +42,14 @@ def torch_twin_fn(v, f, idx, x, t):
     return _update_values_torch(v, f, idx, x, t)
 
 
-def triton_fn(v, f, idx, x, t):
+def triton_fn(v, f, idx, x, t, merged=False):
     """The raw Triton launcher on TRITON_DEVICE (the GPU, or the interpreter); state copied back."""
     from kcd_fast.kernels.update_values import update_values_triton
 
     dv, df = v.to(TRITON_DEVICE), f.to(TRITON_DEVICE)
     flag = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
-    out = update_values_triton(dv, df, idx.to(TRITON_DEVICE), on_triton_device(x), t, flag)
+    out = update_values_triton(dv, df, idx.to(TRITON_DEVICE), on_triton_device(x), t, flag,
+                               merged_reductions=merged)
     assert flag.item() == 0
     v.copy_(dv)
     f.copy_(df)
@@ -197,14 +198,26 @@ def test_triton_kernel_matches_reference(dtype, b, c):
     check(values, counts, idx, logits, 1.0, triton_fn)
 
 
-def test_triton_kernel_duplicates_strided_nonfinite_temperature():
+# The interpreter runs two-operand reductions slowly (about 25 s at C = 5000), so the experimental
+# variant gets small shapes here; tests/test_cuda.py checks it at B = 256, C = 1000 on the GPU.
+@pytest.mark.parametrize("dtype,b,c", [(torch.float32, 1, 1), (torch.bfloat16, 3, 3), (torch.float16, 6, 40)])
+def test_triton_kernel_merged_reductions_matches_reference(dtype, b, c):
+    n = 40
+    values, counts = make_state(n, seed=c)
+    idx = make_indices(b, n, seed=b)
+    logits = make_logits(b, c, dtype=dtype, seed=b * c)
+    check(values, counts, idx, logits, 1.0, lambda *a: triton_fn(*a, merged=True))
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["default", "merged_reductions"])
+def test_triton_kernel_duplicates_strided_nonfinite_temperature(merged):
     n = 12
     values, counts = make_state(n, seed=5)
     idx = torch.tensor([4, 7, 4, 4, 1, 7, 11, 4, 0], dtype=torch.int32)
     logits = make_logits(9, 37, seed=6, strided=True, dtype=torch.bfloat16)
     logits[2, 3] = float("inf")   # a duplicate visit with a non-finite row
     logits[6, 0] = float("nan")   # a single visit with a non-finite row
-    ent = check(values, counts, idx, logits, 2.0, triton_fn)
+    ent = check(values, counts, idx, logits, 2.0, lambda *a: triton_fn(*a, merged=merged))
     assert torch.isnan(ent[[2, 6]]).all()
 
 
