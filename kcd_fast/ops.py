@@ -187,8 +187,6 @@ def _update_values_torch(values, counts, indices, logits, temperature):
 def _update_values_cuda(values, counts, indices, logits, temperature: float) -> torch.Tensor:
     from kcd_fast.kernels.update_values import update_values_triton
 
-    if _debug:
-        _check_range("update_values", "indices", indices, values.numel())
     with torch.cuda.device(logits.device):
         return update_values_triton(values, counts, indices, logits, temperature, _error_flag(logits.device))
 
@@ -230,13 +228,15 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
         raise ValueError(f"{op}: `values` and `counts` must be contiguous (they are updated in place)")
     temperature = _real(op, "temperature", temperature, lo=0.0, lo_open=True)
     logits = logits.detach()
-    if logits.device.type == "cuda" and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        # Reading the indices would break the graph: the C++ guard checks them instead.
+        _ext.require(op)
+        return torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
+    # Always on the CPU (before the C++ guard, so bad input gets this error); on CUDA in debug mode.
+    _check_range(op, "indices", indices, values.numel())
+    if logits.device.type == "cuda":
         return _update_values_cuda(values, counts, indices, logits, temperature)
     _ext.require(op)  # the CUDA kernel of this op is the Triton kernel, registered below
-    # Checked here too (not only by the C++ guard), so that bad input gets the Python error; under
-    # torch.compile the C++ guard alone checks (reading the indices would break the graph).
-    if not torch.compiler.is_compiling():
-        _check_range(op, "indices", indices, values.numel())
     return torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
 
 
