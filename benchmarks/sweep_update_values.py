@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import baselines
+from benchmarks.conftest import capture_graph
 from kcd_fast.kernels.update_values import block_sizes, update_values_triton
 
 CALLS = 100
@@ -27,17 +28,7 @@ CALLS = 100
 
 def device_time_us(fn, reps: int = 30) -> float:
     """Median over ``reps`` replays of one graph of CALLS calls, per call, in µs."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(CALLS):
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
+    graph = capture_graph(fn, CALLS)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

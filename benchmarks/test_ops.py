@@ -8,7 +8,7 @@ import torch
 
 from kcd_fast import ops
 from benchmarks import baselines
-from benchmarks.conftest import ON_GPU, sync
+from benchmarks.conftest import ON_GPU, capture_graph, sync
 
 PROVIDERS_UPDATE = ["kcd_fast", "eager", "official"]
 
@@ -49,17 +49,7 @@ def test_update_values_device_time(benchmark, sizes, device, provider, dtype):
     logits = torch.randn(sizes["B"], sizes["C"], device=device).to(dtype)
     fn = ops.update_values if provider == "kcd_fast" else baselines.eager_update_values
     calls = 100
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(values, counts, idx, logits)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn(values, counts, idx, logits)
-    torch.cuda.current_stream().wait_stream(stream)
-    sync()
+    graph = capture_graph(lambda: fn(values, counts, idx, logits), calls)
     benchmark.extra_info.update(provider=provider, op="update_values_graph", calls_per_round=calls,
                                 device=torch.cuda.get_device_name(), B=sizes["B"], C=sizes["C"])
 
