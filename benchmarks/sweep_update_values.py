@@ -3,9 +3,15 @@
 P2 asks for >= 10x eager PyTorch in device time at B=256, C=1000; the first H200 runs measured
 8.0x (fp32) and 8.5x (bf16) with the default configuration (benchmarks/NOTES.md). This script
 times, by CUDA-graph replay of 100 calls (launch cost excluded, as in
-benchmarks/test_ops.py::test_update_values_device_time), the kernel with each num_warps, with and
-without merged (two-operand) block reductions, and the eager baseline; every configuration is
-checked against the default's results first.
+benchmarks/test_ops.py::test_update_values_device_time), the kernel with each num_warps and each
+way of doing its block reductions (kcd_fast.kernels.update_values.REDUCTIONS), with vectorised
+(16-byte) row loads, plus the default without them as a control, and the eager baseline. Every
+configuration is first checked against the default's results. benchmarks/codegen_update_values.py
+shows what each compiles to (loads, barriers, instructions) without a GPU.
+
+Two floors are timed the same way, to show how much of the kernel's time any kernel of its shape
+pays: B programs that only store one float each ("launch"), and B programs that load their row
+and store its sum ("row sum", one block reduction).
 
     python -m benchmarks.sweep_update_values --out sweep.json          # needs a GPU
 """
@@ -18,12 +24,36 @@ import statistics
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from benchmarks import baselines
 from benchmarks.conftest import capture_graph
-from kcd_fast.kernels.update_values import block_sizes, update_values_triton
+from kcd_fast.kernels.update_values import REDUCTIONS, block_sizes, row_vector_width, update_values_triton
 
 CALLS = 100
+
+
+@triton.jit(do_not_specialize=["C"])
+def _floor_kernel(x_ptr, stride_b, C, out_ptr, BLOCK_C: tl.constexpr, LOAD_ROW: tl.constexpr, VEC: tl.constexpr):
+    """Program b writes out[b]: 0 (LOAD_ROW False), or the sum of row b of x [B, C] (unit class stride),
+    loaded VEC elements at a time as update_values loads it."""
+    C = (C // VEC) * VEC
+    stride_b = (stride_b // VEC) * VEC
+    row = tl.program_id(0).to(tl.int64)
+    if LOAD_ROW:
+        offs = tl.arange(0, BLOCK_C)
+        x = tl.load(x_ptr + row * stride_b + offs, mask=offs < C, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row, tl.sum(x, axis=0))
+    else:
+        tl.store(out_ptr + row, 0.0)
+
+
+def floor(logits: torch.Tensor, out: torch.Tensor, load_row: bool) -> torch.Tensor:
+    block_c, _, num_warps = block_sizes(*logits.shape)
+    _floor_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], out, BLOCK_C=block_c,
+                                      LOAD_ROW=load_row, VEC=row_vector_width(logits), num_warps=num_warps)
+    return out
 
 
 def device_time_us(fn, reps: int = 30) -> float:
@@ -45,7 +75,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--n", type=int, default=1_281_167)
-    p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda", help="cpu runs the checks in Triton's interpreter")
     p.add_argument("--check-only", action="store_true", help="check each configuration, time nothing")
@@ -62,25 +92,34 @@ def main(argv=None):
         ref_v, ref_f = values.clone(), counts.clone()
         ref = update_values_triton(ref_v, ref_f, idx, logits, 1.0, flag)
         default = block_sizes(args.batch, args.classes)[2]
-        for w, merged in [(w, m) for m in (False, True) for w in args.warps]:
+        configs = [(w, red, True) for red in REDUCTIONS for w in args.warps] + [(default, "separate", False)]
+        for w, red, vec in configs:
             v, f = values.clone(), counts.clone()
-            out = update_values_triton(v, f, idx, logits, 1.0, flag, num_warps=w, merged_reductions=merged)
+            out = update_values_triton(v, f, idx, logits, 1.0, flag, num_warps=w, reductions=red, vectorize=vec)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v, ref_v, atol=1e-5, rtol=1e-5)
             assert torch.equal(f, ref_f)
-            row = {"dtype": str(dtype)[6:], "provider": "kcd_fast", "num_warps": w, "merged_reductions": merged,
-                   "default": w == default and not merged}
+            row = {"dtype": str(dtype)[6:], "provider": "kcd_fast", "num_warps": w, "reductions": red,
+                   "vectorize": vec, "row_vector_width": row_vector_width(logits) if vec else 1,
+                   "default": w == default and red == "separate" and vec}
             if args.check_only:
                 rows.append(dict(row, checked=True))
                 continue
-            row["device_us"] = device_time_us(lambda w=w, m=merged: update_values_triton(
-                values, counts, idx, logits, 1.0, flag, num_warps=w, merged_reductions=m))
+            row["device_us"] = device_time_us(lambda w=w, red=red, vec=vec: update_values_triton(
+                values, counts, idx, logits, 1.0, flag, num_warps=w, reductions=red, vectorize=vec))
             rows.append(row)
+        out = torch.full((args.batch,), float("nan"), device=dev)
+        assert torch.equal(floor(logits, out, False), torch.zeros_like(out))
+        torch.testing.assert_close(floor(logits, out, True), logits.float().sum(1), atol=1e-3, rtol=1e-4)
         if args.check_only:
             continue
+        for name, load_row in (("floor: launch", False), ("floor: row sum", True)):
+            rows.append({"dtype": str(dtype)[6:], "provider": name, "num_warps": block_sizes(*logits.shape)[2],
+                         "reductions": None, "vectorize": None, "row_vector_width": None, "default": False,
+                         "device_us": device_time_us(lambda lr=load_row: floor(logits, out, lr))})
         t = device_time_us(lambda: baselines.eager_update_values(values, counts, idx, logits))
-        rows.append({"dtype": str(dtype)[6:], "provider": "eager", "num_warps": None, "merged_reductions": None,
-                     "default": False, "device_us": t})
+        rows.append({"dtype": str(dtype)[6:], "provider": "eager", "num_warps": None, "reductions": None,
+                     "vectorize": None, "row_vector_width": None, "default": False, "device_us": t})
     if args.check_only:
         Path(args.out).write_text(json.dumps({"rows": rows}, indent=2))
         print(f"checked {len(rows)} configurations against the default")
@@ -88,8 +127,9 @@ def main(argv=None):
     for r in rows:
         eager = next(x["device_us"] for x in rows if x["dtype"] == r["dtype"] and x["provider"] == "eager")
         r["eager_over_this"] = eager / r["device_us"]
-        print(f"{r['dtype']:>8} {r['provider']:>8} warps={str(r['num_warps']):>4}"
-              f" merged={str(r['merged_reductions']):>5}{' (default)' if r['default'] else '':10}"
+        print(f"{r['dtype']:>8} {r['provider']:>14} warps={str(r['num_warps']):>4}"
+              f" reductions={str(r['reductions']):>8} vec={str(r['row_vector_width']):>4}"
+              f"{' (default)' if r['default'] else '':10}"
               f" {r['device_us']:7.2f} us  eager/this = {r['eager_over_this']:.2f}x")
     Path(args.out).write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(dev),

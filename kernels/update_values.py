@@ -18,6 +18,11 @@ One program handles one row ``b`` of the batch:
    sample, so there are no atomics and no races, and the result does not
    depend on scheduling.
 
+Rows are read 16 bytes at a time where C and the row stride allow it
+(:func:`row_vector_width`). How a program does its block reductions is a launch
+option (:data:`REDUCTIONS`), timed against each other by
+``benchmarks/sweep_update_values.py``; all are tested against the reference.
+
 No host synchronisation, no allocation but the output, safe under CUDA-graph
 capture. Indices outside [0, N) are not recorded; ``error_flag[0]`` is set to
 1 instead so that a later, synchronising check can report them.
@@ -28,7 +33,20 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["update_values_triton", "block_sizes"]
+__all__ = ["update_values_triton", "block_sizes", "row_vector_width", "one_tile", "REDUCTIONS"]
+
+
+REDUCTIONS = ("separate", "paired", "fused", "online")
+"""How a program does its block reductions (launch variants towards target P2; results agree to fp32 rounding):
+
+* ``separate``: the default. One ``tl.max``/``tl.sum`` each: the row's max, s and t (loops over
+  4096-wide chunks of C), then the ownership counts (over 1024-wide chunks of B).
+* ``paired``: the same, with (s, t) and (before, after) as two-operand reductions.
+* ``fused``: one tile holds both the row and the batch's indices (C <= 4096, B <= 1024), and
+  two reductions do everything: (max, before, after), then (s, t).
+* ``online``: one tile, and a single reduction of (max, s, t, before, after), merging partial
+  softmax sums as it goes (two exponentials per merge instead of one per element).
+"""
 
 
 @triton.jit
@@ -37,23 +55,44 @@ def _add_pair(a0, a1, b0, b1):
 
 
 @triton.jit
-def _max_and_add(a0, a1, b0, b1):
-    return tl.maximum(a0, b0), a1 + b1
+def _max_add_add(m0, a0, b0, m1, a1, b1):
+    return tl.maximum(m0, m1), a0 + a1, b0 + b1
 
 
 @triton.jit
-def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, MERGED: tl.constexpr = False):
-    """Entropy of softmax(row * inv_temperature) in fp32, and whether the row is finite.
+def _merge_softmax_parts(m0, s0, t0, a0, b0, m1, s1, t1, a1, b1):
+    """Merge two parts of a row: (max m, s = sum e^(z-m), t = sum e^(z-m)(z-m)) each, rescaled to the
+    common max (e^(z-m) = e^(z-m_i) e^(m_i-m), z-m = (z-m_i) + (m_i-m)); the counts a, b are added."""
+    m = tl.maximum(m0, m1)
+    # A part without a finite logit (s == 0) adds nothing; s != 0, unlike s > 0, keeps a NaN part.
+    d0 = tl.where(s0 != 0, m0 - m, 0.0)
+    d1 = tl.where(s1 != 0, m1 - m, 0.0)
+    e0 = tl.exp(d0)
+    e1 = tl.exp(d1)
+    return m, e0 * s0 + e1 * s1, e0 * (t0 + d0 * s0) + e1 * (t1 + d1 * s1), a0 + a1, b0 + b1
+
+
+@triton.jit
+def _finish(s, t):
+    """H = log s - t / s (Eq. 7), and whether it is a number: a non-finite logit has made s NaN."""
+    h = tl.log(s) - t / s
+    return h, tl.abs(h) < float("inf")
+
+
+@triton.jit
+def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, PAIRED: tl.constexpr):
+    """Entropy of softmax(row * inv_temperature) in fp32 over 4096-wide chunks, and whether it is a number.
 
     row_ptr: pointer to the row's first logit; stride_c: element stride between
-    classes; C: number of classes. MERGED: do the four block reductions of a chunk
-    as two two-operand reductions (an experiment towards P2; see sweep_update_values.py).
+    classes; C: number of classes. A non-finite logit makes its p NaN instead of
+    being counted, so the sums s and t turn NaN and the row reads as not finite:
+    one block reduction fewer than counting them. PAIRED: the two sums as one
+    two-operand reduction.
     """
     offs = tl.arange(0, BLOCK_C)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
-    bad = tl.zeros((), tl.int32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + offs
         mask = cols < C
@@ -61,22 +100,17 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, M
         # |x| < inf is false for +-inf and NaN.
         valid = mask & (tl.abs(x) < float("inf"))
         z = tl.where(valid, x * inv_temperature, float("-inf"))
-        if MERGED:
-            z_max, n_bad = tl.reduce((z, (mask & ~valid).to(tl.int32)), 0, _max_and_add)
-        else:
-            n_bad = tl.sum((mask & ~valid).to(tl.int32), axis=0)
-            z_max = tl.max(z, axis=0)
-        bad += n_bad
-        m_new = tl.maximum(m, z_max)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
         # Rescale the running sums to the new max: e^(z-m') = e^(z-m) e^(m-m');
-        # s == 0 until the first finite logit, where m - m' is -inf.
+        # s == 0 until the first finite logit, where m - m' is -inf (and s is NaN,
+        # so s > 0 is false, once a non-finite logit has been seen).
         shift = tl.where(s > 0, m - m_new, 0.0)
         scale = tl.exp(shift)
         t = scale * (t + shift * s)
         s = s * scale
         d = tl.where(valid, z - m_new, 0.0)
-        p = tl.exp(d) * valid.to(tl.float32)
-        if MERGED:
+        p = tl.where(valid, tl.exp(d), tl.where(mask, float("nan"), 0.0))
+        if PAIRED:
             ps, pt = tl.reduce((p, p * d), 0, _add_pair)
         else:
             ps = tl.sum(p, axis=0)
@@ -84,8 +118,49 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, M
         s += ps
         t += pt
         m = m_new
-    h = tl.log(s) - t / s
-    return h, bad == 0
+    return _finish(s, t)
+
+
+@triton.jit
+def _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B: tl.constexpr, PAIRED: tl.constexpr):
+    """How many of the batch's indices equal idx before position row, and after it."""
+    offs_b = tl.arange(0, BLOCK_B)
+    n_before = tl.zeros((), tl.int32)
+    n_after = tl.zeros((), tl.int32)
+    for b0 in range(0, B, BLOCK_B):
+        pos = b0 + offs_b
+        other = tl.load(indices_ptr + pos.to(tl.int64) * stride_i, mask=pos < B, other=-1).to(tl.int64)
+        same = (pos < B) & (other == idx)
+        if PAIRED:
+            nb, na = tl.reduce(((same & (pos < row)).to(tl.int32), (same & (pos > row)).to(tl.int32)), 0, _add_pair)
+        else:
+            nb = tl.sum((same & (pos < row)).to(tl.int32), axis=0)
+            na = tl.sum((same & (pos > row)).to(tl.int32), axis=0)
+        n_before += nb
+        n_after += na
+    return n_before, n_after
+
+
+@triton.jit
+def _tile_entropy(row_ptr, stride_c, C, inv_temperature, before, after, TILE: tl.constexpr, ONLINE: tl.constexpr):
+    """Entropy of a row that fits one tile (C <= TILE), whether it is a number, and the sums of the
+    [TILE] int32 flags ``before`` and ``after``, reduced in the same block reductions as the row."""
+    offs = tl.arange(0, TILE)
+    mask = offs < C
+    x = tl.load(row_ptr + offs.to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
+    valid = mask & (tl.abs(x) < float("inf"))
+    z = tl.where(valid, x * inv_temperature, float("-inf"))
+    if ONLINE:
+        # Each element is a part of its own: (z, 1, 0); a non-finite logit is (-inf, NaN, 0).
+        s0 = tl.where(valid, 1.0, tl.where(mask, float("nan"), 0.0))
+        m, s, t, n_before, n_after = tl.reduce((z, s0, tl.zeros_like(s0), before, after), 0, _merge_softmax_parts)
+    else:
+        m, n_before, n_after = tl.reduce((z, before, after), 0, _max_add_add)
+        d = tl.where(valid, z - m, 0.0)
+        p = tl.where(valid, tl.exp(d), tl.where(mask, float("nan"), 0.0))
+        s, t = tl.reduce((p, p * d), 0, _add_pair)
+    h, ok = _finish(s, t)
+    return h, ok, n_before, n_after
 
 
 # B, C and N are not specialised on: Triton would otherwise compile a second kernel the first time a
@@ -107,31 +182,33 @@ def _update_values_kernel(
     inv_temperature,
     BLOCK_C: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    MERGED: tl.constexpr,  # two-operand block reductions (experiment, off by default)
+    TILE: tl.constexpr,        # fused/online: the one tile, >= C and >= B (0: chunked, separate/paired)
+    REDUCE: tl.constexpr,      # one of REDUCTIONS
+    VEC: tl.constexpr,         # the launcher guarantees VEC | C and VEC | stride_lb (1: no promise)
 ):
+    # Written so that the compiler can prove every row's VEC-element chunks aligned, and load
+    # them 16 bytes at a time; the values are unchanged, as VEC divides both.
+    C = (C // VEC) * VEC
+    stride_lb = (stride_lb // VEC) * VEC
     row = tl.program_id(0).to(tl.int64)
-    h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C, MERGED)
-    tl.store(entropy_ptr + row, tl.where(ok, h, float("nan")))
-
-    idx = tl.load(indices_ptr + row * stride_i).to(tl.int64)
-    in_range = (idx >= 0) & (idx < N)
-    tl.store(error_ptr, 1, mask=~in_range)
-
-    # Ownership: is this the first occurrence of idx? And how many duplicates follow?
-    offs_b = tl.arange(0, BLOCK_B)
-    n_before = tl.zeros((), tl.int32)
-    n_after = tl.zeros((), tl.int32)
-    for b0 in range(0, B, BLOCK_B):
-        pos = b0 + offs_b
+    if TILE > 0:
+        # Ownership: is this the first occurrence of idx? And how many duplicates follow?
+        idx = tl.load(indices_ptr + row * stride_i).to(tl.int64)
+        pos = tl.arange(0, TILE)
         other = tl.load(indices_ptr + pos.to(tl.int64) * stride_i, mask=pos < B, other=-1).to(tl.int64)
         same = (pos < B) & (other == idx)
-        if MERGED:
-            nb, na = tl.reduce(((same & (pos < row)).to(tl.int32), (same & (pos > row)).to(tl.int32)), 0, _add_pair)
-        else:
-            nb = tl.sum((same & (pos < row)).to(tl.int32), axis=0)
-            na = tl.sum((same & (pos > row)).to(tl.int32), axis=0)
-        n_before += nb
-        n_after += na
+        h, ok, n_before, n_after = _tile_entropy(
+            logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, (same & (pos < row)).to(tl.int32),
+            (same & (pos > row)).to(tl.int32), TILE, REDUCE == "online")
+    else:
+        h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C,
+                             REDUCE == "paired")
+        idx = tl.load(indices_ptr + row * stride_i).to(tl.int64)
+        # Ownership, as above.
+        n_before, n_after = _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B, REDUCE == "paired")
+    tl.store(entropy_ptr + row, tl.where(ok, h, float("nan")))
+    in_range = (idx >= 0) & (idx < N)
+    tl.store(error_ptr, 1, mask=~in_range)
 
     if in_range & (n_before == 0):
         k = ok.to(tl.int32)
@@ -139,18 +216,24 @@ def _update_values_kernel(
         if n_after > 0:
             # Recompute the later duplicates' entropies with the same routine,
             # so the recorded visits equal the returned entropies.
+            offs_b = tl.arange(0, BLOCK_B)
             for b0 in range(0, B, BLOCK_B):
-                pos = b0 + offs_b
-                other = tl.load(indices_ptr + pos.to(tl.int64) * stride_i, mask=pos < B, other=-1).to(tl.int64)
-                dup = (pos < B) & (other == idx) & (pos > row)
+                pos_b = b0 + offs_b
+                other_b = tl.load(indices_ptr + pos_b.to(tl.int64) * stride_i, mask=pos_b < B, other=-1).to(tl.int64)
+                dup = (pos_b < B) & (other_b == idx) & (pos_b > row)
                 n_dup = tl.sum(dup.to(tl.int32), axis=0)
                 while n_dup > 0:
-                    j = tl.min(tl.where(dup, pos, B), axis=0).to(tl.int64)
-                    hj, okj = _row_entropy(logits_ptr + j * stride_lb, stride_lc, C, inv_temperature, BLOCK_C,
-                                           MERGED)
+                    j = tl.min(tl.where(dup, pos_b, B), axis=0).to(tl.int64)
+                    if TILE > 0:
+                        no_flags = tl.zeros((TILE,), tl.int32)
+                        hj, okj, _, _ = _tile_entropy(logits_ptr + j * stride_lb, stride_lc, C, inv_temperature,
+                                                      no_flags, no_flags, TILE, REDUCE == "online")
+                    else:
+                        hj, okj = _row_entropy(logits_ptr + j * stride_lb, stride_lc, C, inv_temperature, BLOCK_C,
+                                               REDUCE == "paired")
                     k += okj.to(tl.int32)
                     total += tl.where(okj, hj, 0.0)
-                    dup = dup & (pos != j)
+                    dup = dup & (pos_b != j)
                     n_dup -= 1
         if k > 0:
             f_old = tl.load(counts_ptr + idx)
@@ -169,15 +252,49 @@ def block_sizes(batch: int, num_classes: int) -> tuple[int, int, int]:
     return block_c, block_b, num_warps
 
 
+def row_vector_width(logits: torch.Tensor) -> int:
+    """Elements per 16-byte load that every row of ``logits`` [B, C] allows: the largest power of
+    two up to 16 / element size dividing C and the row stride, with unit class stride; else 1.
+
+    The kernel is told this width (``VEC``) so it can vectorise its masked row loads: C = 1000
+    gives 4 (fp32) and 8 (bf16/fp16). Whether a row's base pointer is 16-byte aligned is Triton's
+    own specialisation, so a misaligned tensor still loads correctly, element by element.
+    """
+    num_classes = logits.shape[1]
+    if logits.stride(1) != 1 and num_classes > 1:
+        return 1
+    vec = 16 // logits.element_size()
+    while vec > 1 and (num_classes % vec or logits.stride(0) % vec):
+        vec //= 2
+    return vec
+
+
+def one_tile(batch: int, num_classes: int) -> int:
+    """The tile of the ``fused`` and ``online`` reductions for a [batch, num_classes] launch, 0 if
+    the row and the batch's indices do not both fit (C > 4096 or B > 1024)."""
+    if num_classes > 4096 or batch > 1024:
+        return 0
+    return max(triton.next_power_of_2(max(num_classes, 16)), triton.next_power_of_2(max(batch, 16)))
+
+
 def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
                          logits: torch.Tensor, temperature: float, error_flag: torch.Tensor, *,
-                         num_warps: int | None = None, merged_reductions: bool = False) -> torch.Tensor:
+                         num_warps: int | None = None, reductions: str = "separate",
+                         vectorize: bool = True) -> torch.Tensor:
     """Launch the fused kernel; returns float32 [B] entropies. Inputs must be valid.
 
-    ``num_warps`` overrides :func:`block_sizes`' choice, and ``merged_reductions`` does the block
-    reductions in pairs: launch variants timed by ``benchmarks/sweep_update_values.py`` (target P2).
+    ``num_warps`` overrides :func:`block_sizes`' choice, ``reductions`` picks one of
+    :data:`REDUCTIONS`, and ``vectorize=False`` withholds :func:`row_vector_width`'s promise
+    (element-wise row loads): launch variants timed by ``benchmarks/sweep_update_values.py``
+    (target P2). All agree with the float64 reference.
     """
+    if reductions not in REDUCTIONS:
+        raise ValueError(f"update_values_triton: `reductions` must be one of {REDUCTIONS}, got {reductions!r}")
     batch, num_classes = logits.shape
+    tile = one_tile(batch, num_classes) if reductions in ("fused", "online") else 0
+    if reductions in ("fused", "online") and tile == 0:
+        raise ValueError(f"update_values_triton: reductions={reductions!r} needs C <= 4096 and B <= 1024 "
+                         f"(one tile), got logits of shape [{batch}, {num_classes}]")
     entropy = torch.empty(batch, dtype=torch.float32, device=logits.device)
     if batch == 0:
         return entropy
@@ -189,6 +306,7 @@ def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: to
         values, counts, entropy, error_flag,
         batch, num_classes, values.numel(),
         1.0 / float(temperature),
-        BLOCK_C=block_c, BLOCK_B=block_b, MERGED=bool(merged_reductions), num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_B=block_b, TILE=tile, REDUCE=reductions,
+        VEC=row_vector_width(logits) if vectorize else 1, num_warps=num_warps,
     )
     return entropy

@@ -81,13 +81,15 @@ def test_mix_baselines_match():
 
 
 def test_update_values_sweep_checks_every_launch_configuration(tmp_path):
-    """benchmarks/sweep_update_values.py: every num_warps gives the default's results (interpreter here)."""
+    """benchmarks/sweep_update_values.py: every launch variant gives the default's results (interpreter here)."""
     import json
 
     from benchmarks import sweep_update_values
 
     out = tmp_path / "sweep.json"
-    sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "5", "--classes", "33",
+    sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "5", "--classes", "40",
                               "--n", "50", "--warps", "1", "4", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 8 and all(r["checked"] for r in rows)  # 2 dtypes x 2 warps x merged or not
+    # 2 dtypes x (2 warps x 4 reductions, vectorised, + the default not vectorised)
+    assert len(rows) == 18 and all(r["checked"] for r in rows)
+    assert {r["row_vector_width"] for r in rows} == {1, 4, 8}  # C = 40: fp32 4, bf16 8, or no promise

@@ -190,21 +190,25 @@ def test_condenser_observe_no_sync_and_matches_cpu():
     torch.testing.assert_close(conds[1].values.cpu(), conds[0].values, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("b,c", [(3, 3), (256, 1000), (64, 1001)])
+@pytest.mark.parametrize("reductions", ["separate", "paired", "fused", "online"])
+@pytest.mark.parametrize("num_warps", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,c", [(3, 3), (256, 1000), (64, 1001), (256, 100)])
 @pytest.mark.parametrize("strided", [False, True])
-def test_update_values_triton_merged_reductions_variant(b, c, strided):
-    """The experimental launch variant (sweep_update_values.py) against the reference too."""
+def test_update_values_triton_launch_variants(reductions, num_warps, dtype, b, c, strided):
+    """Every launch variant that sweep_update_values.py times, against the reference too."""
     from kcd_fast.kernels.update_values import update_values_triton
 
     values, counts = make_state(5000, seed=b)
     idx = make_indices(b, 5000, seed=b, duplicates=True)
-    logits = make_logits(b, c, dtype=torch.bfloat16, seed=c, strided=strided, device=DEV)
+    logits = make_logits(b, c, dtype=dtype, seed=c, strided=strided, device=DEV)
     logits[1, 0] = float("nan")
+    logits[2, c - 1] = -float("inf")
     ent_ref = R.entropy(logits.cpu().float(), 1.0)
     v_ref, f_ref = R.record_values(values, counts, idx, ent_ref)
     v, f = values.to(DEV), counts.to(DEV)
     flag = torch.zeros(1, dtype=torch.int32, device=DEV)
-    ent = update_values_triton(v, f, idx.to(DEV), logits, 1.0, flag, merged_reductions=True, num_warps=1)
+    ent = update_values_triton(v, f, idx.to(DEV), logits, 1.0, flag, reductions=reductions, num_warps=num_warps)
     assert torch.equal(torch.isnan(ent.cpu()), torch.isnan(ent_ref))
     torch.testing.assert_close(ent.cpu().double().nan_to_num(), ent_ref.nan_to_num(), atol=2e-5, rtol=2e-5)
     assert torch.equal(f.cpu().long(), f_ref)

@@ -42,14 +42,14 @@ def torch_twin_fn(v, f, idx, x, t):
     return _update_values_torch(v, f, idx, x, t)
 
 
-def triton_fn(v, f, idx, x, t, merged=False):
+def triton_fn(v, f, idx, x, t, reductions="separate", vectorize=True):
     """The raw Triton launcher on TRITON_DEVICE (the GPU, or the interpreter); state copied back."""
     from kcd_fast.kernels.update_values import update_values_triton
 
     dv, df = v.to(TRITON_DEVICE), f.to(TRITON_DEVICE)
     flag = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
     out = update_values_triton(dv, df, idx.to(TRITON_DEVICE), on_triton_device(x), t, flag,
-                               merged_reductions=merged)
+                               reductions=reductions, vectorize=vectorize)
     assert flag.item() == 0
     v.copy_(dv)
     f.copy_(df)
@@ -189,7 +189,7 @@ def test_device_mismatch_message():
 # --------------------------------------------------------------------------- the Triton kernel, interpreted on the CPU
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,c", [(1, 1), (3, 3), (7, 1001), (5, 5000)])
+@pytest.mark.parametrize("b,c", [(1, 1), (3, 3), (6, 1000), (7, 1001), (5, 5000)])
 def test_triton_kernel_matches_reference(dtype, b, c):
     n = 40
     values, counts = make_state(n, seed=c)
@@ -198,27 +198,52 @@ def test_triton_kernel_matches_reference(dtype, b, c):
     check(values, counts, idx, logits, 1.0, triton_fn)
 
 
-# The interpreter runs two-operand reductions slowly (about 25 s at C = 5000), so the experimental
-# variant gets small shapes here; tests/test_cuda.py checks it at B = 256, C = 1000 on the GPU.
-@pytest.mark.parametrize("dtype,b,c", [(torch.float32, 1, 1), (torch.bfloat16, 3, 3), (torch.float16, 6, 40)])
-def test_triton_kernel_merged_reductions_matches_reference(dtype, b, c):
+# The interpreter runs multi-operand reductions slowly (about 25 s at C = 5000), so the launch variants
+# get small shapes here; tests/test_cuda.py checks them at B = 256, C = 1000 on the GPU.
+VARIANTS = ["paired", "fused", "online"]
+
+
+@pytest.mark.parametrize("reductions", VARIANTS)
+@pytest.mark.parametrize("dtype,b,c", [(torch.float32, 1, 1), (torch.bfloat16, 3, 3), (torch.float16, 6, 40),
+                                       (torch.float32, 20, 9), (torch.bfloat16, 5, 1000)])
+def test_triton_kernel_reduction_variants_match_reference(reductions, dtype, b, c):
     n = 40
     values, counts = make_state(n, seed=c)
     idx = make_indices(b, n, seed=b)
     logits = make_logits(b, c, dtype=dtype, seed=b * c)
-    check(values, counts, idx, logits, 1.0, lambda *a: triton_fn(*a, merged=True))
+    check(values, counts, idx, logits, 1.0, lambda *a: triton_fn(*a, reductions=reductions))
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["default", "merged_reductions"])
-def test_triton_kernel_duplicates_strided_nonfinite_temperature(merged):
+@pytest.mark.parametrize("reductions", ["separate"] + VARIANTS)
+def test_triton_kernel_duplicates_strided_nonfinite_temperature(reductions):
     n = 12
     values, counts = make_state(n, seed=5)
     idx = torch.tensor([4, 7, 4, 4, 1, 7, 11, 4, 0], dtype=torch.int32)
     logits = make_logits(9, 37, seed=6, strided=True, dtype=torch.bfloat16)
     logits[2, 3] = float("inf")   # a duplicate visit with a non-finite row
     logits[6, 0] = float("nan")   # a single visit with a non-finite row
-    ent = check(values, counts, idx, logits, 2.0, lambda *a: triton_fn(*a, merged=merged))
-    assert torch.isnan(ent[[2, 6]]).all()
+    logits[7, 36] = -float("inf")  # the last class of a duplicate's row
+    ent = check(values, counts, idx, logits, 2.0, lambda *a: triton_fn(*a, reductions=reductions))
+    assert torch.isnan(ent[[2, 6, 7]]).all()
+
+
+def test_triton_kernel_reduction_variant_arguments():
+    """An unknown variant, or a one-tile variant on a shape without one tile: a clear error, no launch."""
+    from kcd_fast.kernels.update_values import one_tile, update_values_triton
+
+    assert one_tile(256, 1000) == 1024 and one_tile(256, 100) == 256 and one_tile(3, 3) == 16
+    assert one_tile(256, 4097) == 0 and one_tile(1025, 10) == 0
+    values, counts = make_state(6, device=TRITON_DEVICE)
+    before = snapshot(values, counts)
+    flag = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
+    idx = torch.tensor([1, 2], device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="reductions.*separate.*'twice'"):
+        update_values_triton(values, counts, idx, torch.randn(2, 5, device=TRITON_DEVICE), 1.0, flag,
+                             reductions="twice")
+    with pytest.raises(ValueError, match=r"reductions='fused' needs C <= 4096.*\[2, 4097\]"):
+        update_values_triton(values, counts, idx, torch.randn(2, 4097, device=TRITON_DEVICE), 1.0, flag,
+                             reductions="fused")
+    assert_unchanged(before, values, counts)
 
 
 def test_triton_kernel_flags_out_of_range_without_writing():
@@ -245,3 +270,34 @@ def test_triton_kernel_matches_cpu_path_bitwise_counts():
     assert torch.equal(f1, f2)
     torch.testing.assert_close(e1, e2, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(v1, v2, atol=2e-6, rtol=2e-6)
+
+
+# --------------------------------------------------------------------------- what the compiler makes of it (sm_90)
+
+@pytest.mark.slow
+def test_kernel_compiles_for_hopper_with_16_byte_row_loads():
+    """Compiled ahead of time for sm_90 (no GPU needed; outside the interpreter, so in a subprocess):
+    with the launcher's VEC promise, a [256, 1000] row is read in 16-byte loads; without it, element
+    by element. Guards the P2 work (benchmarks/NOTES.md) against a change that silently loses it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json\n"
+            "from benchmarks.codegen_update_values import compile_variant, stats\n"
+            "out = {f'{d}/{v}': stats(compile_variant(d, 256, 1000, num_warps=4, vec=v))\n"
+            "       for d, v in [('float32', None), ('float32', 1), ('bfloat16', None), ('bfloat16', 1)]}\n"
+            "print(json.dumps(out))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    for dtype in ("float32", "bfloat16"):
+        vec, scalar = got[f"{dtype}/None"], got[f"{dtype}/1"]
+        assert scalar["ptx_16_byte_loads"] == 0
+        # 4 warps = 128 threads over a 1024-wide block: 8 fp32 (2 loads) or 8 bf16 (1 load) each,
+        # in the row's entropy and again in a duplicate's.
+        assert vec["ptx_16_byte_loads"] == (4 if dtype == "float32" else 2)
+        assert vec["ptx_global_loads"] < scalar["ptx_global_loads"]

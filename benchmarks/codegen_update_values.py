@@ -1,0 +1,130 @@
+"""What the compiler makes of the update_values kernel for a Hopper GPU, on a machine without one.
+
+Target P2 is latency-bound (benchmarks/NOTES.md), so the number of instructions a program issues
+and the block-wide barriers it waits at are what its launch variants change. This script compiles
+each variant ahead of time for sm_90 (H100/H200), exactly as a launch on a contiguous
+[B, C] tensor with int64 indices would specialise it, and counts from the PTX and SASS:
+global loads (scalar and 16-byte), barriers, warp shuffles and instructions. No GPU is needed,
+only Triton's bundled ptxas and cuobjdump.
+
+    python -m benchmarks.codegen_update_values                  # the table
+    python -m benchmarks.codegen_update_values --json out.json
+
+Counts are static (the whole kernel, including the rarely taken duplicate path), so they predict
+direction, not microseconds: the sweep (sweep_update_values.py) measures those on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise RuntimeError("codegen_update_values compiles for a GPU target: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kcd_fast.kernels.update_values import REDUCTIONS, _update_values_kernel, block_sizes, one_tile  # noqa: E402
+
+TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def compile_variant(dtype: str = "float32", batch: int = 256, num_classes: int = 1000, *, num_warps: int | None = None,
+                    reductions: str = "separate", vec: int | None = None, capability: int = 90):
+    """The kernel compiled for ``sm_<capability>`` as a launch on contiguous [batch, num_classes] logits of
+    ``dtype`` would specialise it: unit strides become constants, 16-byte-aligned pointers are marked so,
+    B, C and N stay runtime values (``do_not_specialize``). ``vec`` defaults to what
+    :func:`~kcd_fast.kernels.update_values.row_vector_width` gives for such a tensor."""
+    block_c, block_b, default_warps = block_sizes(batch, num_classes)
+    if vec is None:
+        vec = 16 // ELEMENT_SIZE[dtype]
+        while vec > 1 and num_classes % vec:
+            vec //= 2
+    pointers = {"logits_ptr": "*" + TRITON_DTYPE[dtype], "indices_ptr": "*i64", "values_ptr": "*fp32",
+                "counts_ptr": "*i32", "entropy_ptr": "*fp32", "error_ptr": "*i32"}
+    tile = one_tile(batch, num_classes) if reductions in ("fused", "online") else 0
+    constexprs = {"stride_lc": 1, "stride_i": 1, "BLOCK_C": block_c, "BLOCK_B": block_b, "TILE": tile,
+                  "REDUCE": reductions, "VEC": vec}
+    signature, attrs = {}, {}
+    for i, name in enumerate(_update_values_kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "inv_temperature":
+            signature[name] = "fp32"
+        else:  # stride_lb = C, B, C, N; Triton marks an int divisible by 16, except those not specialised
+            signature[name] = "i32"
+            if name == "stride_lb" and num_classes % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=_update_values_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps or default_warps})
+
+
+def _sass_opcodes(cubin: bytes) -> list[str] | None:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    ops = []
+    for line in out.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops.append(m.group(1))
+    return ops
+
+
+def stats(kernel) -> dict:
+    """Static counts from one compiled kernel's PTX (and SASS where cuobjdump is bundled)."""
+    ptx = kernel.asm["ptx"]
+    loads = re.findall(r"ld\.global[\w.:]*", ptx)
+    row = {
+        "ptx_global_loads": len(loads),
+        "ptx_16_byte_loads": sum(1 for x in loads if ".v4.b32" in x),
+        "ptx_barriers": ptx.count("bar.sync"),
+        "ptx_shuffles": ptx.count("shfl.sync"),
+    }
+    ops = _sass_opcodes(kernel.asm["cubin"])
+    if ops is not None:
+        count = collections.Counter(ops)
+        row.update(sass_instructions=len(ops), sass_LDG=count["LDG"], sass_BAR=count["BAR"], sass_MUFU=count["MUFU"])
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    rows = []
+    for dtype, vectorize, reductions, w in itertools.product(("float32", "bfloat16"), (True, False), REDUCTIONS,
+                                                             args.warps):
+        kernel = compile_variant(dtype, args.batch, args.classes, num_warps=w, reductions=reductions,
+                                 vec=None if vectorize else 1)
+        row = {"dtype": dtype, "num_warps": w, "reductions": reductions, "vectorize": vectorize, **stats(kernel)}
+        rows.append(row)
+        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "target": "sm_90", "B": args.batch, "C": args.classes,
+                       "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
