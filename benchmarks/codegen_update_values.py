@@ -31,19 +31,22 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kcd_fast.kernels.update_values import REDUCTIONS, _update_values_kernel, block_sizes, one_tile  # noqa: E402
+from kcd_fast.kernels.update_values import (REDUCTIONS, _update_values_kernel, block_sizes,  # noqa: E402
+                                            default_reductions, one_tile)
 
 TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def compile_variant(dtype: str = "float32", batch: int = 256, num_classes: int = 1000, *, num_warps: int | None = None,
-                    reductions: str = "separate", vec: int | None = None, capability: int = 90):
+                    reductions: str | None = None, vec: int | None = None, capability: int = 90):
     """The kernel compiled for ``sm_<capability>`` as a launch on contiguous [batch, num_classes] logits of
     ``dtype`` would specialise it: unit strides become constants, 16-byte-aligned pointers are marked so,
     B, C and N stay runtime values (``do_not_specialize``). ``vec`` defaults to what
-    :func:`~kcd_fast.kernels.update_values.row_vector_width` gives for such a tensor."""
+    :func:`~kcd_fast.kernels.update_values.row_vector_width` gives for such a tensor, ``reductions``
+    what :func:`~kcd_fast.kernels.update_values.default_reductions` gives."""
     block_c, block_b, default_warps = block_sizes(batch, num_classes)
+    reductions = reductions or default_reductions(batch, num_classes)
     if vec is None:
         vec = 16 // ELEMENT_SIZE[dtype]
         while vec > 1 and num_classes % vec:

@@ -33,17 +33,19 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["update_values_triton", "block_sizes", "row_vector_width", "one_tile", "REDUCTIONS"]
+__all__ = ["update_values_triton", "block_sizes", "row_vector_width", "one_tile", "default_reductions",
+           "REDUCTIONS"]
 
 
 REDUCTIONS = ("separate", "paired", "fused", "online")
 """How a program does its block reductions (launch variants towards target P2; results agree to fp32 rounding):
 
-* ``separate``: the default. One ``tl.max``/``tl.sum`` each: the row's max, s and t (loops over
+* ``separate``: one ``tl.max``/``tl.sum`` each: the row's max, s and t (loops over
   4096-wide chunks of C), then the ownership counts (over 1024-wide chunks of B).
 * ``paired``: the same, with (s, t) and (before, after) as two-operand reductions.
 * ``fused``: one tile holds both the row and the batch's indices (C <= 4096, B <= 1024), and
-  two reductions do everything: (max, before, after), then (s, t).
+  two reductions do everything: (max, before, after), then (s, t). The default where it applies
+  (:func:`default_reductions`).
 * ``online``: one tile, and a single reduction of (max, s, t, before, after), merging partial
   softmax sums as it goes (two exponentials per merge instead of one per element).
 """
@@ -245,9 +247,10 @@ def _update_values_kernel(
 
 
 def block_sizes(batch: int, num_classes: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_B, num_warps) for a [batch, num_classes] launch."""
+    """(BLOCK_C, BLOCK_B, num_warps) for a [batch, num_classes] launch. BLOCK_B is at least 256, so
+    that a short last batch (a condensed epoch's) does not compile a kernel of its own mid-run."""
     block_c = min(triton.next_power_of_2(max(num_classes, 16)), 4096)
-    block_b = min(triton.next_power_of_2(max(batch, 16)), 1024)
+    block_b = min(max(triton.next_power_of_2(batch), 256), 1024)
     num_warps = 4 if block_c <= 1024 else 8
     return block_c, block_b, num_warps
 
@@ -270,27 +273,37 @@ def row_vector_width(logits: torch.Tensor) -> int:
 
 
 def one_tile(batch: int, num_classes: int) -> int:
-    """The tile of the ``fused`` and ``online`` reductions for a [batch, num_classes] launch, 0 if
-    the row and the batch's indices do not both fit (C > 4096 or B > 1024)."""
+    """The tile of the ``fused`` and ``online`` reductions for a [batch, num_classes] launch,
+    max(BLOCK_C, BLOCK_B); 0 if the row and the batch's indices do not both fit (C > 4096 or B > 1024)."""
     if num_classes > 4096 or batch > 1024:
         return 0
-    return max(triton.next_power_of_2(max(num_classes, 16)), triton.next_power_of_2(max(batch, 16)))
+    block_c, block_b, _ = block_sizes(batch, num_classes)
+    return max(block_c, block_b)
+
+
+def default_reductions(batch: int, num_classes: int) -> str:
+    """The reduction scheme a launch uses unless told: ``fused`` where one tile holds the row and the
+    batch's indices, else ``separate``. Chosen from the compiled code (benchmarks/NOTES.md: two
+    block-reduction rounds on the hot path instead of five), to be confirmed by the GPU sweep."""
+    return "fused" if one_tile(batch, num_classes) else "separate"
 
 
 def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
                          logits: torch.Tensor, temperature: float, error_flag: torch.Tensor, *,
-                         num_warps: int | None = None, reductions: str = "separate",
+                         num_warps: int | None = None, reductions: str | None = None,
                          vectorize: bool = True) -> torch.Tensor:
     """Launch the fused kernel; returns float32 [B] entropies. Inputs must be valid.
 
     ``num_warps`` overrides :func:`block_sizes`' choice, ``reductions`` picks one of
-    :data:`REDUCTIONS`, and ``vectorize=False`` withholds :func:`row_vector_width`'s promise
-    (element-wise row loads): launch variants timed by ``benchmarks/sweep_update_values.py``
-    (target P2). All agree with the float64 reference.
+    :data:`REDUCTIONS` instead of :func:`default_reductions`', and ``vectorize=False`` withholds
+    :func:`row_vector_width`'s promise (element-wise row loads): launch variants timed by
+    ``benchmarks/sweep_update_values.py`` (target P2). All agree with the float64 reference.
     """
+    batch, num_classes = logits.shape
+    if reductions is None:
+        reductions = default_reductions(batch, num_classes)
     if reductions not in REDUCTIONS:
         raise ValueError(f"update_values_triton: `reductions` must be one of {REDUCTIONS}, got {reductions!r}")
-    batch, num_classes = logits.shape
     tile = one_tile(batch, num_classes) if reductions in ("fused", "online") else 0
     if reductions in ("fused", "online") and tile == 0:
         raise ValueError(f"update_values_triton: reductions={reductions!r} needs C <= 4096 and B <= 1024 "

@@ -196,7 +196,8 @@ def test_condenser_observe_no_sync_and_matches_cpu():
 @pytest.mark.parametrize("b,c", [(3, 3), (256, 1000), (64, 1001), (256, 100)])
 @pytest.mark.parametrize("strided", [False, True])
 def test_update_values_triton_launch_variants(reductions, num_warps, dtype, b, c, strided):
-    """Every launch variant that sweep_update_values.py times, against the reference too."""
+    """Every launch variant that sweep_update_values.py times, against the reference too (the default,
+    fused where one tile holds a row, also runs through ops.update_values in the tests above)."""
     from kcd_fast.kernels.update_values import update_values_triton
 
     values, counts = make_state(5000, seed=b)

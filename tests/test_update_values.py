@@ -42,7 +42,7 @@ def torch_twin_fn(v, f, idx, x, t):
     return _update_values_torch(v, f, idx, x, t)
 
 
-def triton_fn(v, f, idx, x, t, reductions="separate", vectorize=True):
+def triton_fn(v, f, idx, x, t, reductions=None, vectorize=True):
     """The raw Triton launcher on TRITON_DEVICE (the GPU, or the interpreter); state copied back."""
     from kcd_fast.kernels.update_values import update_values_triton
 
@@ -200,7 +200,7 @@ def test_triton_kernel_matches_reference(dtype, b, c):
 
 # The interpreter runs multi-operand reductions slowly (about 25 s at C = 5000), so the launch variants
 # get small shapes here; tests/test_cuda.py checks them at B = 256, C = 1000 on the GPU.
-VARIANTS = ["paired", "fused", "online"]
+VARIANTS = ["separate", "paired", "fused", "online"]
 
 
 @pytest.mark.parametrize("reductions", VARIANTS)
@@ -214,7 +214,7 @@ def test_triton_kernel_reduction_variants_match_reference(reductions, dtype, b, 
     check(values, counts, idx, logits, 1.0, lambda *a: triton_fn(*a, reductions=reductions))
 
 
-@pytest.mark.parametrize("reductions", ["separate"] + VARIANTS)
+@pytest.mark.parametrize("reductions", VARIANTS)
 def test_triton_kernel_duplicates_strided_nonfinite_temperature(reductions):
     n = 12
     values, counts = make_state(n, seed=5)
@@ -229,10 +229,12 @@ def test_triton_kernel_duplicates_strided_nonfinite_temperature(reductions):
 
 def test_triton_kernel_reduction_variant_arguments():
     """An unknown variant, or a one-tile variant on a shape without one tile: a clear error, no launch."""
-    from kcd_fast.kernels.update_values import one_tile, update_values_triton
+    from kcd_fast.kernels.update_values import default_reductions, one_tile, update_values_triton
 
-    assert one_tile(256, 1000) == 1024 and one_tile(256, 100) == 256 and one_tile(3, 3) == 16
+    assert one_tile(256, 1000) == 1024 and one_tile(256, 100) == 256 and one_tile(3, 3) == 256
+    assert one_tile(512, 100) == 512 and one_tile(256, 4096) == 4096
     assert one_tile(256, 4097) == 0 and one_tile(1025, 10) == 0
+    assert default_reductions(256, 1000) == "fused" and default_reductions(256, 32000) == "separate"
     values, counts = make_state(6, device=TRITON_DEVICE)
     before = snapshot(values, counts)
     flag = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
