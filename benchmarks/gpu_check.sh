@@ -72,5 +72,5 @@ timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider benchmarks/ --benc
 stamp "whole runs: KD vs KCD vs cached KCD on device-resident data ($(left)s left)"
 timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 30
 stamp "update_values launch configurations, device time (target P2: 10x eager)"
-timeout "$(cap 120)" python3 -m benchmarks.sweep_update_values --out "$OUT/sweep_update_values.json" 2>&1 | tail -n 15
+timeout "$(cap 120)" python3 -m benchmarks.sweep_update_values --out "$OUT/sweep_update_values.json" 2>&1 | tail -n 45
 stamp "done: results in $OUT"

@@ -81,15 +81,38 @@ def test_mix_baselines_match():
 
 
 def test_update_values_sweep_checks_every_launch_configuration(tmp_path):
-    """benchmarks/sweep_update_values.py: every launch variant gives the default's results (interpreter here)."""
+    """benchmarks/sweep_update_values.py: every launch variant matches the float64 reference (interpreter here)."""
     import json
 
     from benchmarks import sweep_update_values
 
     out = tmp_path / "sweep.json"
-    sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "5", "--classes", "40",
-                              "--n", "50", "--warps", "1", "4", "--out", str(out)])
+    assert 0 == sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "5", "--classes",
+                                          "40", "--n", "50", "--warps", "1", "4", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     # 2 dtypes x (2 warps x 4 reductions, vectorised, + the default not vectorised)
     assert len(rows) == 18 and all(r["checked"] for r in rows)
     assert {r["row_vector_width"] for r in rows} == {1, 4, 8}  # C = 40: fp32 4, bf16 8, or no promise
+
+
+def test_update_values_sweep_reports_a_variant_that_fails_its_check(tmp_path, monkeypatch):
+    """A wrong variant is reported in its row and by the exit status, and the others still run."""
+    import json
+
+    from benchmarks import sweep_update_values
+
+    real = sweep_update_values.update_values_triton
+
+    def one_variant_off(*args, reductions=None, **kwargs):
+        out = real(*args, reductions=reductions, **kwargs)
+        return out + 1e-3 if reductions == "paired" else out
+
+    monkeypatch.setattr(sweep_update_values, "update_values_triton", one_variant_off)
+    out = tmp_path / "sweep.json"
+    n_failed = sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "3", "--classes",
+                                         "8", "--n", "20", "--warps", "4", "--out", str(out)])
+    assert n_failed == 2  # paired, in fp32 and in bf16; the script then exits with status 1
+    rows = json.loads(out.read_text())["rows"]
+    failed = [r for r in rows if not r["checked"]]
+    assert len(rows) == 10 and {r["reductions"] for r in failed} == {"paired"} and len(failed) == 2
+    assert all("AssertionError" in r["error"] for r in failed)
