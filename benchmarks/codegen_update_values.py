@@ -27,35 +27,29 @@ import tempfile
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise RuntimeError("codegen_update_values compiles for a GPU target: run it without TRITON_INTERPRET=1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kcd_fast.kernels.update_values import (REDUCTIONS, _update_values_kernel, block_sizes,  # noqa: E402
-                                            default_reductions, one_tile)
+from kcd_fast.kernels.update_values import REDUCTIONS, _update_values_kernel, launch_config  # noqa: E402
 
-TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def compile_variant(dtype: str = "float32", batch: int = 256, num_classes: int = 1000, *, num_warps: int | None = None,
-                    reductions: str | None = None, vec: int | None = None, capability: int = 90):
-    """The kernel compiled for ``sm_<capability>`` as a launch on contiguous [batch, num_classes] logits of
-    ``dtype`` would specialise it: unit strides become constants, 16-byte-aligned pointers are marked so,
-    B, C and N stay runtime values (``do_not_specialize``). ``vec`` defaults to what
-    :func:`~kcd_fast.kernels.update_values.row_vector_width` gives for such a tensor, ``reductions``
-    what :func:`~kcd_fast.kernels.update_values.default_reductions` gives."""
-    block_c, block_b, default_warps = block_sizes(batch, num_classes)
-    reductions = reductions or default_reductions(batch, num_classes)
-    if vec is None:
-        vec = 16 // ELEMENT_SIZE[dtype]
-        while vec > 1 and num_classes % vec:
-            vec //= 2
+def compile_variant(dtype: torch.dtype = torch.float32, batch: int = 256, num_classes: int = 1000, *,
+                    num_warps: int | None = None, reductions: str | None = None, vectorize: bool = True,
+                    capability: int = 90):
+    """The kernel compiled for ``sm_<capability>`` as :func:`update_values_triton` would launch it on
+    contiguous [batch, num_classes] logits of ``dtype`` (its :func:`launch_config`, with the same
+    overrides), specialised as Triton would: unit strides become constants, 16-byte-aligned pointers
+    are marked so, B, C and N stay runtime values (``do_not_specialize``)."""
+    logits = torch.empty(batch, num_classes, dtype=dtype, device="meta")
+    config = launch_config(logits, num_warps=num_warps, reductions=reductions, vectorize=vectorize)
+    num_warps = config.pop("num_warps")
     pointers = {"logits_ptr": "*" + TRITON_DTYPE[dtype], "indices_ptr": "*i64", "values_ptr": "*fp32",
                 "counts_ptr": "*i32", "entropy_ptr": "*fp32", "error_ptr": "*i32"}
-    tile = one_tile(batch, num_classes) if reductions in ("fused", "online") else 0
-    constexprs = {"stride_lc": 1, "stride_i": 1, "BLOCK_C": block_c, "BLOCK_B": block_b, "TILE": tile,
-                  "REDUCE": reductions, "VEC": vec}
+    constexprs = {"stride_lc": 1, "stride_i": 1, **config}
     signature, attrs = {}, {}
     for i, name in enumerate(_update_values_kernel.arg_names):
         if name in constexprs:
@@ -70,8 +64,7 @@ def compile_variant(dtype: str = "float32", batch: int = 256, num_classes: int =
             if name == "stride_lb" and num_classes % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=_update_values_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps or default_warps})
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
 
 
 def _sass_opcodes(cubin: bytes) -> list[str] | None:
@@ -116,11 +109,11 @@ def main(argv=None):
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     rows = []
-    for dtype, vectorize, reductions, w in itertools.product(("float32", "bfloat16"), (True, False), REDUCTIONS,
-                                                             args.warps):
+    for dtype, vectorize, reductions, w in itertools.product((torch.float32, torch.bfloat16), (True, False),
+                                                             REDUCTIONS, args.warps):
         kernel = compile_variant(dtype, args.batch, args.classes, num_warps=w, reductions=reductions,
-                                 vec=None if vectorize else 1)
-        row = {"dtype": dtype, "num_warps": w, "reductions": reductions, "vectorize": vectorize, **stats(kernel)}
+                                 vectorize=vectorize)
+        row = {"dtype": str(dtype)[6:], "num_warps": w, "reductions": reductions, "vectorize": vectorize, **stats(kernel)}
         rows.append(row)
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.json:

@@ -29,10 +29,9 @@ import triton
 import triton.language as tl
 
 from benchmarks import baselines
-from kcd_fast import reference as R
 from benchmarks.conftest import capture_graph
-from kcd_fast.kernels.update_values import (REDUCTIONS, block_sizes, default_reductions, row_vector_width,
-                                            update_values_triton)
+from kcd_fast import reference as R
+from kcd_fast.kernels.update_values import REDUCTIONS, launch_config, update_values_triton
 
 CALLS = 100
 
@@ -53,9 +52,9 @@ def _floor_kernel(x_ptr, stride_b, C, out_ptr, BLOCK_C: tl.constexpr, LOAD_ROW: 
 
 
 def floor(logits: torch.Tensor, out: torch.Tensor, load_row: bool) -> torch.Tensor:
-    block_c, _, num_warps = block_sizes(*logits.shape)
-    _floor_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], out, BLOCK_C=block_c,
-                                      LOAD_ROW=load_row, VEC=row_vector_width(logits), num_warps=num_warps)
+    config = launch_config(logits)  # the default update_values launch's block, vector width and warps
+    _floor_kernel[(logits.shape[0],)](logits, logits.stride(0), logits.shape[1], out, BLOCK_C=config["BLOCK_C"],
+                                      LOAD_ROW=load_row, VEC=config["VEC"], num_warps=config["num_warps"])
     return out
 
 
@@ -94,14 +93,14 @@ def main(argv=None):
         flag = torch.zeros(1, dtype=torch.int32, device=dev)
         ent_ref = R.entropy(logits.cpu().float(), 1.0)
         v_ref, f_ref = R.record_values(values.cpu(), counts.cpu(), idx.cpu(), ent_ref)
-        default = block_sizes(args.batch, args.classes)[2]
-        default_red = default_reductions(args.batch, args.classes)
+        default = launch_config(logits)
         # Every scheme at every width, vectorised, and the default without 16-byte loads, as a control.
-        configs = [(w, red, True) for red in REDUCTIONS for w in args.warps] + [(default, default_red, False)]
+        configs = [(w, red, True) for red in REDUCTIONS for w in args.warps]
+        configs.append((default["num_warps"], default["REDUCE"], False))
         for w, red, vec in configs:
             row = {"dtype": str(dtype)[6:], "provider": "kcd_fast", "num_warps": w, "reductions": red,
-                   "vectorize": vec, "row_vector_width": row_vector_width(logits) if vec else 1,
-                   "default": w == default and red == default_red and vec}
+                   "vectorize": vec, "row_vector_width": launch_config(logits, vectorize=vec)["VEC"],
+                   "default": w == default["num_warps"] and red == default["REDUCE"] and vec}
             try:  # against the float64 reference; one broken variant must not cost the others' timings
                 v, f = values.clone(), counts.clone()
                 out = update_values_triton(v, f, idx, logits, 1.0, flag, num_warps=w, reductions=red, vectorize=vec)
@@ -125,7 +124,7 @@ def main(argv=None):
         if args.check_only:
             continue
         for name, load_row in (("floor: launch", False), ("floor: row sum", True)):
-            rows.append({"dtype": str(dtype)[6:], "provider": name, "num_warps": block_sizes(*logits.shape)[2],
+            rows.append({"dtype": str(dtype)[6:], "provider": name, "num_warps": default["num_warps"],
                          "reductions": None, "vectorize": None, "row_vector_width": None, "default": False,
                          "device_us": device_time_us(lambda lr=load_row: floor(logits, out, lr))})
         t = device_time_us(lambda: baselines.eager_update_values(values, counts, idx, logits))

@@ -53,11 +53,11 @@ def test_update_values_device_time(benchmark, sizes, device, provider, dtype):
     benchmark.extra_info.update(provider=provider, op="update_values_graph", calls_per_round=calls,
                                 device=torch.cuda.get_device_name(), B=sizes["B"], C=sizes["C"])
     if provider == "kcd_fast":  # the launch the default makes, so that the JSON says what was timed
-        from kcd_fast.kernels.update_values import block_sizes, default_reductions, row_vector_width
+        from kcd_fast.kernels.update_values import launch_config
 
-        benchmark.extra_info.update(reductions=default_reductions(sizes["B"], sizes["C"]),
-                                    num_warps=block_sizes(sizes["B"], sizes["C"])[2],
-                                    row_vector_width=row_vector_width(logits))
+        config = launch_config(logits)
+        benchmark.extra_info.update(reductions=config["REDUCE"], num_warps=config["num_warps"],
+                                    row_vector_width=config["VEC"])
 
     def replay():
         graph.replay()

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["update_values_triton", "block_sizes", "row_vector_width", "one_tile", "default_reductions",
-           "REDUCTIONS"]
+__all__ = ["update_values_triton", "launch_config", "block_sizes", "row_vector_width", "one_tile",
+           "default_reductions", "REDUCTIONS"]
 
 
 REDUCTIONS = ("separate", "paired", "fused", "online")
@@ -82,6 +82,22 @@ def _finish(s, t):
 
 
 @triton.jit
+def _scaled_logits(row_ptr, cols, stride_c, C, inv_temperature):
+    """z = x * inv_temperature for the columns ``cols`` of a row (-inf where masked or not finite),
+    with ``mask`` (cols < C) and ``valid`` (in the row and finite: |x| < inf is false for +-inf, NaN)."""
+    mask = cols < C
+    x = tl.load(row_ptr + cols.to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
+    valid = mask & (tl.abs(x) < float("inf"))
+    return tl.where(valid, x * inv_temperature, float("-inf")), mask, valid
+
+
+@triton.jit
+def _poisoned_probs(d, mask, valid):
+    """e^d for valid columns, 0 outside the row, NaN for a non-finite logit: it poisons the sums."""
+    return tl.where(valid, tl.exp(d), tl.where(mask, float("nan"), 0.0))
+
+
+@triton.jit
 def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, PAIRED: tl.constexpr):
     """Entropy of softmax(row * inv_temperature) in fp32 over 4096-wide chunks, and whether it is a number.
 
@@ -96,12 +112,7 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, P
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        mask = cols < C
-        x = tl.load(row_ptr + cols.to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
-        # |x| < inf is false for +-inf and NaN.
-        valid = mask & (tl.abs(x) < float("inf"))
-        z = tl.where(valid, x * inv_temperature, float("-inf"))
+        z, mask, valid = _scaled_logits(row_ptr, c0 + offs, stride_c, C, inv_temperature)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # Rescale the running sums to the new max: e^(z-m') = e^(z-m) e^(m-m');
         # s == 0 until the first finite logit, where m - m' is -inf (and s is NaN,
@@ -111,7 +122,7 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, P
         t = scale * (t + shift * s)
         s = s * scale
         d = tl.where(valid, z - m_new, 0.0)
-        p = tl.where(valid, tl.exp(d), tl.where(mask, float("nan"), 0.0))
+        p = _poisoned_probs(d, mask, valid)
         if PAIRED:
             ps, pt = tl.reduce((p, p * d), 0, _add_pair)
         else:
@@ -147,19 +158,16 @@ def _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B: tl.constexpr, PAIRE
 def _tile_entropy(row_ptr, stride_c, C, inv_temperature, before, after, TILE: tl.constexpr, ONLINE: tl.constexpr):
     """Entropy of a row that fits one tile (C <= TILE), whether it is a number, and the sums of the
     [TILE] int32 flags ``before`` and ``after``, reduced in the same block reductions as the row."""
-    offs = tl.arange(0, TILE)
-    mask = offs < C
-    x = tl.load(row_ptr + offs.to(tl.int64) * stride_c, mask=mask, other=0.0).to(tl.float32)
-    valid = mask & (tl.abs(x) < float("inf"))
-    z = tl.where(valid, x * inv_temperature, float("-inf"))
+    z, mask, valid = _scaled_logits(row_ptr, tl.arange(0, TILE), stride_c, C, inv_temperature)
     if ONLINE:
-        # Each element is a part of its own: (z, 1, 0); a non-finite logit is (-inf, NaN, 0).
+        # Each element is a part of its own: (z, 1, 0); a non-finite logit is (-inf, NaN, 0), as in
+        # _poisoned_probs (e^0 = 1, without computing it).
         s0 = tl.where(valid, 1.0, tl.where(mask, float("nan"), 0.0))
         m, s, t, n_before, n_after = tl.reduce((z, s0, tl.zeros_like(s0), before, after), 0, _merge_softmax_parts)
     else:
         m, n_before, n_after = tl.reduce((z, before, after), 0, _max_add_add)
         d = tl.where(valid, z - m, 0.0)
-        p = tl.where(valid, tl.exp(d), tl.where(mask, float("nan"), 0.0))
+        p = _poisoned_probs(d, mask, valid)
         s, t = tl.reduce((p, p * d), 0, _add_pair)
     h, ok = _finish(s, t)
     return h, ok, n_before, n_after
@@ -288,6 +296,26 @@ def default_reductions(batch: int, num_classes: int) -> str:
     return "fused" if one_tile(batch, num_classes) else "separate"
 
 
+def launch_config(logits: torch.Tensor, *, num_warps: int | None = None, reductions: str | None = None,
+                  vectorize: bool = True) -> dict:
+    """The launch options and constexprs of the kernel for ``logits`` [B, C] (only its shape, strides
+    and dtype are read): BLOCK_C, BLOCK_B, TILE, REDUCE, VEC and num_warps, with the overrides of
+    :func:`update_values_triton`. Raises ValueError for an unknown or inapplicable ``reductions``."""
+    batch, num_classes = logits.shape
+    if reductions is None:
+        reductions = default_reductions(batch, num_classes)
+    if reductions not in REDUCTIONS:
+        raise ValueError(f"update_values_triton: `reductions` must be one of {REDUCTIONS}, got {reductions!r}")
+    tile = one_tile(batch, num_classes) if reductions in ("fused", "online") else 0
+    if reductions in ("fused", "online") and tile == 0:
+        raise ValueError(f"update_values_triton: reductions={reductions!r} needs C <= 4096 and B <= 1024 "
+                         f"(one tile), got logits of shape [{batch}, {num_classes}]")
+    block_c, block_b, default_warps = block_sizes(batch, num_classes)
+    return dict(BLOCK_C=block_c, BLOCK_B=block_b, TILE=tile, REDUCE=reductions,
+                VEC=row_vector_width(logits) if vectorize else 1,
+                num_warps=default_warps if num_warps is None else num_warps)
+
+
 def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
                          logits: torch.Tensor, temperature: float, error_flag: torch.Tensor, *,
                          num_warps: int | None = None, reductions: str | None = None,
@@ -299,27 +327,17 @@ def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: to
     :func:`row_vector_width`'s promise (element-wise row loads): launch variants timed by
     ``benchmarks/sweep_update_values.py`` (target P2). All agree with the float64 reference.
     """
+    config = launch_config(logits, num_warps=num_warps, reductions=reductions, vectorize=vectorize)
     batch, num_classes = logits.shape
-    if reductions is None:
-        reductions = default_reductions(batch, num_classes)
-    if reductions not in REDUCTIONS:
-        raise ValueError(f"update_values_triton: `reductions` must be one of {REDUCTIONS}, got {reductions!r}")
-    tile = one_tile(batch, num_classes) if reductions in ("fused", "online") else 0
-    if reductions in ("fused", "online") and tile == 0:
-        raise ValueError(f"update_values_triton: reductions={reductions!r} needs C <= 4096 and B <= 1024 "
-                         f"(one tile), got logits of shape [{batch}, {num_classes}]")
     entropy = torch.empty(batch, dtype=torch.float32, device=logits.device)
     if batch == 0:
         return entropy
-    block_c, block_b, default_warps = block_sizes(batch, num_classes)
-    num_warps = default_warps if num_warps is None else num_warps
     _update_values_kernel[(batch,)](
         logits, logits.stride(0), logits.stride(1),
         indices, indices.stride(0),
         values, counts, entropy, error_flag,
         batch, num_classes, values.numel(),
         1.0 / float(temperature),
-        BLOCK_C=block_c, BLOCK_B=block_b, TILE=tile, REDUCE=reductions,
-        VEC=row_vector_width(logits) if vectorize else 1, num_warps=num_warps,
+        **config,
     )
     return entropy

@@ -286,10 +286,10 @@ def test_kernel_compiles_for_hopper_with_16_byte_row_loads():
     import subprocess
     import sys
 
-    code = ("import json\n"
+    code = ("import json, torch\n"
             "from benchmarks.codegen_update_values import compile_variant, stats\n"
-            "out = {f'{d}/{v}': stats(compile_variant(d, 256, 1000, num_warps=4, vec=v))\n"
-            "       for d, v in [('float32', None), ('float32', 1), ('bfloat16', None), ('bfloat16', 1)]}\n"
+            "out = {f'{str(d)[6:]}/{v}': stats(compile_variant(d, 256, 1000, num_warps=4, vectorize=v))\n"
+            "       for d in (torch.float32, torch.bfloat16) for v in (True, False)}\n"
             "print(json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -297,7 +297,7 @@ def test_kernel_compiles_for_hopper_with_16_byte_row_loads():
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     for dtype in ("float32", "bfloat16"):
-        vec, scalar = got[f"{dtype}/None"], got[f"{dtype}/1"]
+        vec, scalar = got[f"{dtype}/True"], got[f"{dtype}/False"]
         assert scalar["ptx_16_byte_loads"] == 0
         # 4 warps = 128 threads over a 1024-wide block: 8 fp32 (2 loads) or 8 bf16 (1 load) each,
         # in the row's entropy and again in a duplicate's.
