@@ -88,9 +88,14 @@ def stats(kernel) -> dict:
     """Static counts from one compiled kernel's PTX (and SASS where cuobjdump is bundled)."""
     ptx = kernel.asm["ptx"]
     loads = re.findall(r"ld\.global[\w.:]*", ptx)
+    first_barrier = ptx.find("bar.sync")
+    late = re.findall(r"ld\.global[\w.:]*", ptx[first_barrier:]) if first_barrier >= 0 else []
     row = {
         "ptx_global_loads": len(loads),
         "ptx_16_byte_loads": sum(1 for x in loads if ".v4.b32" in x),
+        # 4-byte scalar loads issued after the first block reduction has begun: where rows load in
+        # 16-byte pieces, these can only be the sample's state (F, V), a dependent round trip at the end.
+        "ptx_b32_loads_after_first_barrier": sum(1 for x in late if x == "ld.global.b32"),
         "ptx_barriers": ptx.count("bar.sync"),
         "ptx_shuffles": ptx.count("shfl.sync"),
     }
