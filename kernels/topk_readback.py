@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pow2_at_least
+
 __all__ = ["topk_readback_triton"]
 
 
@@ -53,8 +55,8 @@ def topk_readback_triton(values: torch.Tensor, classes: torch.Tensor, indices: t
     if batch == 0:
         return out
     k = values.shape[1]
-    block_k = triton.next_power_of_2(max(k, 2))
-    block_c = min(triton.next_power_of_2(max(num_classes, 16)), max(16, 16384 // block_k))
+    block_k = pow2_at_least(max(k, 2))
+    block_c = min(pow2_at_least(max(num_classes, 16)), max(16, 16384 // block_k))
     _topk_readback_kernel[(batch,)](values, classes, indices.contiguous(), out, k, num_classes,
                                     BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4)
     return out

@@ -31,9 +31,13 @@ capture. Indices outside [0, N) are not recorded; ``error_flag[0]`` is set to
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from . import pow2_at_least
 
 __all__ = ["update_values_triton", "launch_config", "block_sizes", "row_vector_width", "one_tile",
            "default_reductions", "REDUCTIONS"]
@@ -267,8 +271,8 @@ def _update_values_kernel(
 def block_sizes(batch: int, num_classes: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_B, num_warps) for a [batch, num_classes] launch. BLOCK_B is at least 256, so
     that a short last batch (a condensed epoch's) does not compile a kernel of its own mid-run."""
-    block_c = min(triton.next_power_of_2(max(num_classes, 16)), 4096)
-    block_b = min(max(triton.next_power_of_2(batch), 256), 1024)
+    block_c = min(pow2_at_least(max(num_classes, 16)), 4096)
+    block_b = min(max(pow2_at_least(batch), 256), 1024)
     num_warps = 4 if block_c <= 1024 else 8
     return block_c, block_b, num_warps
 
@@ -281,11 +285,14 @@ def row_vector_width(logits: torch.Tensor) -> int:
     gives 4 (fp32) and 8 (bf16/fp16). Whether a row's base pointer is 16-byte aligned is Triton's
     own specialisation, so a misaligned tensor still loads correctly, element by element.
     """
-    num_classes = logits.shape[1]
-    if logits.stride(1) != 1 and num_classes > 1:
+    return _row_vector_width(logits.shape[1], logits.stride(0), logits.stride(1), logits.element_size())
+
+
+def _row_vector_width(num_classes: int, stride_b: int, stride_c: int, element_size: int) -> int:
+    if stride_c != 1 and num_classes > 1:
         return 1
-    vec = 16 // logits.element_size()
-    while vec > 1 and (num_classes % vec or logits.stride(0) % vec):
+    vec = 16 // element_size
+    while vec > 1 and (num_classes % vec or stride_b % vec):
         vec //= 2
     return vec
 
@@ -310,8 +317,16 @@ def launch_config(logits: torch.Tensor, *, num_warps: int | None = None, reducti
                   vectorize: bool = True) -> dict:
     """The launch options and constexprs of the kernel for ``logits`` [B, C] (only its shape, strides
     and dtype are read): BLOCK_C, BLOCK_B, TILE, REDUCE, VEC and num_warps, with the overrides of
-    :func:`update_values_triton`. Raises ValueError for an unknown or inapplicable ``reductions``."""
+    :func:`update_values_triton`. Raises ValueError for an unknown or inapplicable ``reductions``.
+
+    Worked out once per shape, strides, dtype and overrides (cached): it runs on every launch."""
     batch, num_classes = logits.shape
+    return dict(_launch_config(batch, num_classes, logits.stride(0), logits.stride(1), logits.element_size(),
+                               num_warps, reductions, vectorize))
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_config(batch, num_classes, stride_b, stride_c, element_size, num_warps, reductions, vectorize):
     if reductions is None:
         reductions = default_reductions(batch, num_classes)
     if reductions not in REDUCTIONS:
@@ -321,9 +336,9 @@ def launch_config(logits: torch.Tensor, *, num_warps: int | None = None, reducti
         raise ValueError(f"update_values_triton: reductions={reductions!r} needs C <= 4096 and B <= 1024 "
                          f"(one tile), got logits of shape [{batch}, {num_classes}]")
     block_c, block_b, default_warps = block_sizes(batch, num_classes)
-    return dict(BLOCK_C=block_c, BLOCK_B=block_b, TILE=tile, REDUCE=reductions,
-                VEC=row_vector_width(logits) if vectorize else 1,
-                num_warps=default_warps if num_warps is None else num_warps)
+    return (("BLOCK_C", block_c), ("BLOCK_B", block_b), ("TILE", tile), ("REDUCE", reductions),
+            ("VEC", _row_vector_width(num_classes, stride_b, stride_c, element_size) if vectorize else 1),
+            ("num_warps", default_warps if num_warps is None else num_warps))
 
 
 def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,

@@ -248,6 +248,30 @@ def test_triton_kernel_reduction_variant_arguments():
     assert_unchanged(before, values, counts)
 
 
+def test_launch_config_follows_shape_strides_and_dtype_and_is_not_shared():
+    """launch_config is cached per (shape, strides, dtype, overrides): each distinct layout still gets
+    its own vector width, and a caller that edits the returned dict (codegen pops num_warps) does not
+    edit the next call's."""
+    import triton
+
+    from kcd_fast.kernels import pow2_at_least
+    from kcd_fast.kernels.update_values import launch_config
+
+    for n in [*range(0, 1100), 4095, 4096, 4097, 2**20 + 3]:
+        assert pow2_at_least(n) == (1 if n <= 1 else triton.next_power_of_2(n)), n
+    x = torch.empty(256, 1000, device="meta")
+    assert launch_config(x) == dict(BLOCK_C=1024, BLOCK_B=256, TILE=1024, REDUCE="fused", VEC=4, num_warps=4)
+    assert launch_config(x.to(torch.bfloat16))["VEC"] == 8
+    assert launch_config(torch.empty(256, 1001, device="meta")[:, :1000])["VEC"] == 1  # row stride 1001
+    assert launch_config(torch.empty(1000, 256, device="meta").t())["VEC"] == 1  # class stride 256
+    assert launch_config(torch.empty(256, 1002, device="meta"))["VEC"] == 2
+    assert launch_config(x, vectorize=False)["VEC"] == 1
+    assert launch_config(x, num_warps=2, reductions="separate") == dict(
+        BLOCK_C=1024, BLOCK_B=256, TILE=0, REDUCE="separate", VEC=4, num_warps=2)
+    launch_config(x).pop("num_warps")
+    assert launch_config(x)["num_warps"] == 4
+
+
 def test_triton_kernel_flags_out_of_range_without_writing():
     from kcd_fast.kernels.update_values import update_values_triton
 
