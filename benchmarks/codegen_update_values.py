@@ -89,20 +89,22 @@ def stats(kernel) -> dict:
     ptx = kernel.asm["ptx"]
     loads = re.findall(r"ld\.global[\w.:]*", ptx)
     first_barrier = ptx.find("bar.sync")
-    late = re.findall(r"ld\.global[\w.:]*", ptx[first_barrier:]) if first_barrier >= 0 else []
+    early = re.findall(r"ld\.global[\w.:]*", ptx[:first_barrier] if first_barrier >= 0 else ptx)
     row = {
         "ptx_global_loads": len(loads),
         "ptx_16_byte_loads": sum(1 for x in loads if ".v4.b32" in x),
-        # 4-byte scalar loads issued after the first block reduction has begun: where rows load in
-        # 16-byte pieces, these can only be the sample's state (F, V), a dependent round trip at the end.
-        "ptx_b32_loads_after_first_barrier": sum(1 for x in late if x == "ld.global.b32"),
+        # 4-byte scalar loads before the first block reduction: where rows load in 16-byte pieces
+        # (and indices in 8), these can only be the sample's state (F, V), read with the row.
+        "ptx_b32_loads_before_first_barrier": sum(1 for x in early if x == "ld.global.b32"),
         "ptx_barriers": ptx.count("bar.sync"),
         "ptx_shuffles": ptx.count("shfl.sync"),
     }
     ops = _sass_opcodes(kernel.asm["cubin"])
     if ops is not None:
         count = collections.Counter(ops)
-        row.update(sass_instructions=len(ops), sass_LDG=count["LDG"], sass_BAR=count["BAR"], sass_MUFU=count["MUFU"])
+        # STL: ptxas spilled a register to the stack (it then waits for the value where it stores it).
+        row.update(sass_instructions=len(ops), sass_LDG=count["LDG"], sass_BAR=count["BAR"], sass_MUFU=count["MUFU"],
+                   sass_STL=count["STL"])
     return row
 
 

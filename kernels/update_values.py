@@ -16,9 +16,10 @@ One program handles one row ``b`` of the batch:
    F' = F + k and V' = V + (sum_e - k V) / F' for its k finite visits: the
    exact result of k successive Eq. 12 updates. No other program writes the
    sample, so there are no atomics and no races, and the result does not
-   depend on scheduling. Every program reads its sample's (F, V) at the start,
-   with its row, so that the owner's update waits on no memory round trip of
-   its own after the reductions.
+   depend on scheduling. Every program reads its sample's (F, V) as soon as
+   it knows idx, with its row (``separate``: after the row's chunks), so that
+   the owner's update waits on no memory round trip of its own after the
+   reductions; the rare duplicate path reads it again after its loop.
 
 Rows are read 16 bytes at a time where C and the row stride allow it
 (:func:`row_vector_width`). How a program does its block reductions is a launch
@@ -171,6 +172,16 @@ def _load_state(indices_ptr, stride_i, counts_ptr, values_ptr, row, N):
 
 
 @triton.jit
+def _record(counts_ptr, values_ptr, idx, f_old, v_old, k, total):
+    """k >= 1 successive Eq. 12 visits with entropies summing to ``total``, in one write:
+    F' = F + k, V' = V + (total - k V) / F'."""
+    f_new = f_old + k
+    v_new = v_old + (total - k * v_old) / f_new.to(tl.float32)
+    tl.store(counts_ptr + idx, f_new)
+    tl.store(values_ptr + idx, v_new)
+
+
+@triton.jit
 def _tile_entropy(row_ptr, stride_c, C, inv_temperature, before, after, TILE: tl.constexpr, ONLINE: tl.constexpr):
     """Entropy of a row that fits one tile (C <= TILE), whether it is a number, and the sums of the
     [TILE] int32 flags ``before`` and ``after``, reduced in the same block reductions as the row."""
@@ -217,10 +228,11 @@ def _update_values_kernel(
     C = (C // VEC) * VEC
     stride_lb = (stride_lb // VEC) * VEC
     row = tl.program_id(0).to(tl.int64)
-    # The sample's state (F, V) is read now, with the row, not after the reductions: a memory round
-    # trip fewer on the hot path. Only idx's owner (below) writes it, and only after this read.
-    idx, in_range, f_old, v_old = _load_state(indices_ptr, stride_i, counts_ptr, values_ptr, row, N)
+    # The sample's state (F, V) is read as soon as idx is known, not after the last reduction: a
+    # memory round trip fewer on the hot path. Only idx's owner (below) writes it, after this read.
     if TILE > 0:
+        # With the row and the batch's indices.
+        idx, in_range, f_old, v_old = _load_state(indices_ptr, stride_i, counts_ptr, values_ptr, row, N)
         # Ownership: is this the first occurrence of idx? And how many duplicates follow?
         pos = tl.arange(0, TILE)
         other = tl.load(indices_ptr + pos.to(tl.int64) * stride_i, mask=pos < B, other=-1).to(tl.int64)
@@ -231,17 +243,23 @@ def _update_values_kernel(
     else:
         h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C,
                              REDUCE == "paired")
+        # After the row's chunk loop (the compiler would wait for it before the loop), with the indices.
+        idx, in_range, f_old, v_old = _load_state(indices_ptr, stride_i, counts_ptr, values_ptr, row, N)
         # Ownership, as above.
         n_before, n_after = _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B, REDUCE == "paired")
     tl.store(entropy_ptr + row, tl.where(ok, h, float("nan")))
     tl.store(error_ptr, 1, mask=~in_range)
 
     if in_range & (n_before == 0):
-        k = ok.to(tl.int32)
-        total = tl.where(ok, h, 0.0)
-        if n_after > 0:
+        if n_after == 0:
+            # The common case, one visit: the state read at the start.
+            if ok:
+                _record(counts_ptr, values_ptr, idx, f_old, v_old, 1, h)
+        else:
             # Recompute the later duplicates' entropies with the same routine,
             # so the recorded visits equal the returned entropies.
+            k = ok.to(tl.int32)
+            total = tl.where(ok, h, 0.0)
             offs_b = tl.arange(0, BLOCK_B)
             for b0 in range(0, B, BLOCK_B):
                 pos_b = b0 + offs_b
@@ -261,11 +279,11 @@ def _update_values_kernel(
                     total += tl.where(okj, hj, 0.0)
                     dup = dup & (pos_b != j)
                     n_dup -= 1
-        if k > 0:
-            f_new = f_old + k
-            v_new = v_old + (total - k.to(tl.float32) * v_old) / f_new.to(tl.float32)
-            tl.store(counts_ptr + idx, f_new)
-            tl.store(values_ptr + idx, v_new)
+            if k > 0:
+                # Read again on this rare path: kept live across the loop above, the early read is
+                # spilled to the stack by ptxas right where it is loaded, which waits for it there,
+                # on the hot path too.
+                _record(counts_ptr, values_ptr, idx, tl.load(counts_ptr + idx), tl.load(values_ptr + idx), k, total)
 
 
 def block_sizes(batch: int, num_classes: int) -> tuple[int, int, int]:
