@@ -97,7 +97,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
     k = p.add_argument_group("distillation")
-    k.add_argument("--distill", default="kd", choices=sorted(distill.LOSSES), help="logit loss")
+    k.add_argument("--distill", default="kd",
+                   help=f"logit loss: {', '.join(sorted(distill.LOSSES))}, or one registered by --loss-module")
+    k.add_argument("--loss-module", default=None,
+                   help="a module to import first, which registers losses with kcd_fast.distill.register_loss")
     k.add_argument("--kd-temperature", type=float, default=4.0)
     k.add_argument("--ce-weight", type=float, default=0.1, help="kd: weight of the cross-entropy")
     k.add_argument("--kd-weight", type=float, default=0.9, help="kd: weight of the KL term")
@@ -161,11 +164,106 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in (args.teacher, args.student):
         if name not in available_models():
             raise UserError(f"unknown model {name!r}; choose one of {', '.join(available_models())}")
+    if args.loss_module:
+        import importlib
+
+        try:
+            importlib.import_module(args.loss_module)
+        except ImportError as exc:
+            raise UserError(f"--loss-module {args.loss_module}: {exc}") from None
+    if args.distill not in distill.LOSSES:
+        raise UserError(f"--distill {args.distill!r} is not a registered loss; choose one of "
+                        f"{', '.join(sorted(distill.LOSSES))} (or register it in a --loss-module)")
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     if args.kcd and (args.stage_epochs < 1 or args.epochs % args.stage_epochs):
         raise UserError(f"--stage-epochs ({args.stage_epochs}) must divide --epochs ({args.epochs})")
+    _check_numbers(args)
+    _check_paths(args)
     return args
+
+
+def _check_numbers(args) -> None:
+    """Every number the run uses, before any data is read or any file written."""
+    import math
+
+    def need(ok: bool, flag: str, what: str, value) -> None:
+        if not ok:
+            raise UserError(f"--{flag} must be {what}, got {value}")
+
+    for flag in ("batch-size", "eval-batch-size"):
+        value = getattr(args, flag.replace("-", "_"))
+        need(value >= 1, flag, "an int >= 1", value)
+    need(args.workers >= 0, "workers", "an int >= 0", args.workers)
+    need(args.train_subset >= 0, "train-subset", ">= 0 (0: all samples)", args.train_subset)
+    for flag in ("lr", "kd-temperature", "entropy-temperature", "lr-gamma"):
+        value = getattr(args, flag.replace("-", "_"))
+        need(math.isfinite(value) and value > 0, flag, "a finite number > 0", value)
+    for flag in ("momentum", "weight-decay", "ce-weight", "kd-weight", "ce-weight-dkd", "dkd-alpha", "dkd-beta"):
+        value = getattr(args, flag.replace("-", "_"))
+        need(math.isfinite(value) and value >= 0, flag, "a finite number >= 0", value)
+    need(args.dkd_warmup >= 0, "dkd-warmup", "an int >= 0", args.dkd_warmup)
+    if args.kcd:
+        need(0 < args.rho <= 1, "rho", "in (0, 1]", args.rho)
+        need(math.isfinite(args.alpha) and args.alpha >= 0, "alpha", "a finite number >= 0", args.alpha)
+        need(0 <= args.eps_max <= 1, "eps-max", "in [0, 1]", args.eps_max)
+    if args.knowledge == "cached" and args.storage == "topk":
+        need(1 <= args.topk <= 64, "topk", "in [1, 64] (and at most the class count)", args.topk)
+    if args.dataset == "fake":
+        for flag in ("fake-size", "fake-val-size", "fake-image-size"):
+            value = getattr(args, flag.replace("-", "_"))
+            need(value >= 1, flag, "an int >= 1", value)
+        need(args.fake_num_classes >= 2, "fake-num-classes", "an int >= 2", args.fake_num_classes)
+    if args.dataset in TRAINABLE_TEACHER and not args.teacher_weights and not _knowledge_file_given(args):
+        need(args.teacher_epochs >= 1, "teacher-epochs", "an int >= 1 (the teacher is trained here)",
+             args.teacher_epochs)
+
+
+def _knowledge_file_given(args) -> bool:
+    return bool(args.knowledge == "cached" and args.knowledge_file and os.path.isfile(args.knowledge_file))
+
+
+def _check_paths(args) -> None:
+    """Files the run reads, and the folder of the knowledge file it writes, before any work is done."""
+    if args.knowledge_file and args.knowledge != "cached":
+        raise UserError("--knowledge-file applies to --knowledge cached (online knowledge runs the teacher every "
+                        "step and stores nothing)")
+    if args.knowledge_file and not os.path.isfile(args.knowledge_file):
+        folder = os.path.dirname(os.path.abspath(args.knowledge_file))
+        if not os.path.isdir(folder):
+            raise UserError(f"--knowledge-file {args.knowledge_file}: it does not exist yet and its folder {folder} "
+                            f"does not exist, so it cannot be written either")
+    if args.condensed and not os.path.isfile(args.condensed):
+        raise UserError(f"--condensed {args.condensed}: no such file")
+    if args.teacher_weights and not _knowledge_file_given(args) and not os.path.isfile(args.teacher_weights):
+        raise UserError(f"--teacher-weights {args.teacher_weights}: no such file")
+    if (args.dataset not in TRAINABLE_TEACHER and not args.teacher_weights and not _knowledge_file_given(args)):
+        raise UserError(f"--dataset {args.dataset} needs --teacher-weights (a trained {args.teacher}); "
+                        f"the trainer only trains teachers for {', '.join(TRAINABLE_TEACHER)}")
+
+
+# What a resumed run must share with the checkpoint's run, or it would not continue it.
+RESUME_KEYS = (
+    "dataset", "train_subset", "fake_size", "fake_val_size", "fake_image_size", "fake_num_classes", "teacher",
+    "student", "teacher_epochs", "epochs", "batch_size", "lr", "lr_milestones", "lr_gamma", "momentum",
+    "weight_decay", "amp", "seed", "distill", "kd_temperature", "ce_weight", "kd_weight", "ce_weight_dkd",
+    "dkd_alpha", "dkd_beta", "dkd_warmup", "kcd", "stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0",
+    "selection", "online_recording", "vaks", "adaptive_eps", "entropy_temperature", "condensed", "knowledge",
+    "storage", "topk", "knowledge_dtype", "knowledge_fill")
+
+
+def _check_resume(args, ckpt_path: Path) -> dict:
+    """Load the checkpoint of ``--resume`` and refuse it if it was made with other settings, naming each."""
+    if not ckpt_path.is_file():
+        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    before = ckpt.get("args", {})
+    diff = [f"--{k.replace('_', '-')} {before[k]!r} there, {getattr(args, k)!r} here"
+            for k in RESUME_KEYS if k in before and before[k] != getattr(args, k)]
+    if diff:
+        raise UserError(f"--resume: {ckpt_path} was made with other settings ({'; '.join(diff)}); resume with the "
+                        f"same settings, or start a new --output-dir")
+    return ckpt
 
 
 # --------------------------------------------------------------------------- distributed helpers
@@ -233,9 +331,19 @@ def load_teacher_weights(model: torch.nn.Module, path: str, num_classes: int) ->
 def train_teacher(args, bundle, device) -> torch.nn.Module:
     """Train (or reuse) a teacher with cross-entropy, for the datasets that ship without one."""
     teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels).to(device)
-    key = f"{args.dataset}-{args.teacher}-{bundle.num_classes}-{args.teacher_epochs}-{args.seed}-{args.train_subset}"
+    # Every setting the teacher's training depends on: another one trains (and caches) another teacher.
+    data_dir = os.path.abspath(args.data_dir) if args.data_dir else ""
+    fake = (args.fake_size, args.fake_val_size, args.fake_image_size, args.fake_num_classes) \
+        if args.dataset == "fake" else ()
+    key = (f"{args.dataset}-{data_dir}-{fake}-{args.teacher}-{bundle.num_classes}-{args.teacher_epochs}-{args.seed}-"
+           f"{args.train_subset}-{args.lr}-{args.batch_size}-{args.amp}")
     path = Path(args.output_dir) / f"teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pth"
-    if not path.exists():
+    if path.exists():
+        if is_main(args):
+            top1 = torch.load(path, map_location="cpu", weights_only=False).get("top1", float("nan"))
+            print(f"kcd_fast: reusing the teacher {path} (top-1 {top1:.2f}%), trained by an earlier run with the "
+                  f"same settings", flush=True)
+    else:
         if is_main(args):
             print(f"kcd_fast: training the teacher {args.teacher} for {args.teacher_epochs} epochs "
                   f"(saved to {path}, reused by later runs)", flush=True)
@@ -282,7 +390,9 @@ def _progress(iterable, args, desc, total_images):
         return iterable
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_images, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, leave=False)
+    # disable=None: no bar when stderr is not a terminal (a log file gets the per-epoch lines only).
+    bar = tqdm(total=total_images, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, leave=False,
+               disable=None)
 
     def gen():
         try:
@@ -404,21 +514,23 @@ def main(args: argparse.Namespace) -> dict:
     init_distributed(args)
     device = torch.device(args.device)
     out = Path(args.output_dir)
-    if is_main(args):
-        out.mkdir(parents=True, exist_ok=True)
-    if args.distributed:
-        dist.barrier()
     if args.batch_size % args.world_size:
         raise UserError(f"--batch-size ({args.batch_size}) must be divisible by the number of processes "
                         f"({args.world_size})")
+    ckpt_path = out / "checkpoint.pth"
+    ckpt = _check_resume(args, ckpt_path) if args.resume else None
     torch.manual_seed(args.seed)
 
     try:
         bundle = build_datasets(args.dataset, args.data_dir, download=args.download, fake_size=args.fake_size,
                                 fake_val_size=args.fake_val_size, fake_image_size=args.fake_image_size,
                                 fake_num_classes=args.fake_num_classes, seed=args.seed)
-    except DatasetNotFoundError as exc:
-        raise UserError(str(exc)) from None
+    except (DatasetNotFoundError, ValueError, OSError, EOFError) as exc:  # missing, mismatched or corrupt data
+        raise UserError(f"--dataset {args.dataset}: {exc}") from None
+    if is_main(args):  # only once the run's input is known to be good
+        out.mkdir(parents=True, exist_ok=True)
+    if args.distributed:
+        dist.barrier()
     train_set = _subset(bundle.train, args.train_subset, args.seed)
     train_eval = _subset(eval_view(bundle), args.train_subset, args.seed)  # same samples, evaluation transform
     bundle.train = train_set
@@ -430,18 +542,44 @@ def main(args: argparse.Namespace) -> dict:
         resident = train_set.materialize(device)
         bundle.val = bundle.val.materialize(device)
 
+    condenser = None
+    if args.kcd:  # before the teacher, so that bad settings cost no teacher training
+        try:
+            condenser = KnowledgeCondenser(
+                n, epochs=args.epochs, stage_epochs=args.stage_epochs, rho=args.rho, alpha=args.alpha,
+                eps_max=args.eps_max, schedule=args.schedule, k0=args.k0, selection=args.selection,
+                online_recording=args.online_recording, vaks=args.vaks, adaptive_eps=args.adaptive_eps,
+                temperature=args.entropy_temperature, device=device, seed=args.seed)
+            if args.condensed:
+                condenser.load_condensed(args.condensed)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"{'--condensed ' + args.condensed + ': ' if args.condensed else ''}{exc}") from None
+
     cached = args.knowledge == "cached"
     knowledge, knowledge_loaded = None, False
     if cached and args.knowledge_file and os.path.isfile(args.knowledge_file):
         try:  # A teacher's knowledge, computed once: the teacher is not needed at all.
             knowledge = KnowledgeBuffer.load(args.knowledge_file, device=device, num_samples=n,
-                                             num_classes=bundle.num_classes, temperature=args.kd_temperature)
-        except KnowledgeFileError as exc:
+                                             num_classes=bundle.num_classes, temperature=args.kd_temperature,
+                                             storage=args.storage, k=args.topk if args.storage == "topk" else None,
+                                             dtype=getattr(torch, args.knowledge_dtype),
+                                             teacher_hash=_file_hash(args.teacher_weights))
+        except (KnowledgeFileError, MemoryError) as exc:
             raise UserError(f"--knowledge-file: {exc}") from None
         if not knowledge.fully_filled():
             raise UserError(f"--knowledge-file {args.knowledge_file} holds only {int(knowledge.filled.sum())} of "
                             f"{n} samples")
         knowledge_loaded = True
+    if cached and knowledge is None and args.condensed and args.knowledge_fill == "lazy":
+        raise UserError("--knowledge cached with --condensed trains on a subset from the first epoch, so the lazy "
+                        "fill cannot see every sample: add --knowledge-fill pass or a filled --knowledge-file")
+    if cached and knowledge is None:
+        try:
+            knowledge = KnowledgeBuffer(n, bundle.num_classes, storage=args.storage, k=args.topk,
+                                        dtype=getattr(torch, args.knowledge_dtype), temperature=args.kd_temperature,
+                                        device=device, teacher=args.teacher)
+        except (ValueError, TypeError, MemoryError) as exc:
+            raise UserError(f"--knowledge cached: {exc}") from None
 
     # Teacher: given weights, or trained here for the small datasets.
     if knowledge_loaded:
@@ -450,20 +588,10 @@ def main(args: argparse.Namespace) -> dict:
         teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels)
         load_teacher_weights(teacher, args.teacher_weights, bundle.num_classes)
         teacher = teacher.to(device)
-    elif args.dataset in TRAINABLE_TEACHER:
+    else:  # _check_paths has refused the datasets without a trainable teacher
         teacher = train_teacher(args, bundle, device)
-    else:
-        raise UserError(f"--dataset {args.dataset} needs --teacher-weights (a trained {args.teacher}); "
-                        f"the trainer only trains teachers for {', '.join(TRAINABLE_TEACHER)}")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    if cached and knowledge is None and args.condensed and args.knowledge_fill == "lazy":
-        raise UserError("--knowledge cached with --condensed trains on a subset from the first epoch, so the lazy "
-                        "fill cannot see every sample: add --knowledge-fill pass or a filled --knowledge-file")
-    if cached and knowledge is None:
-        knowledge = KnowledgeBuffer(n, bundle.num_classes, storage=args.storage, k=args.topk,
-                                    dtype=getattr(torch, args.knowledge_dtype), temperature=args.kd_temperature,
-                                    device=device, teacher=args.teacher)
 
     torch.manual_seed(args.seed)
     student = build_model(args.student, bundle.num_classes, bundle.in_channels).to(device)
@@ -480,15 +608,7 @@ def main(args: argparse.Namespace) -> dict:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
-    condenser = None
-    if args.kcd:
-        condenser = KnowledgeCondenser(
-            n, epochs=args.epochs, stage_epochs=args.stage_epochs, rho=args.rho, alpha=args.alpha,
-            eps_max=args.eps_max, schedule=args.schedule, k0=args.k0, selection=args.selection,
-            online_recording=args.online_recording, vaks=args.vaks, adaptive_eps=args.adaptive_eps,
-            temperature=args.entropy_temperature, device=device, seed=args.seed)
-        if args.condensed:
-            condenser.load_condensed(args.condensed)
+    if condenser is not None:
         # Cached knowledge: VAKS mixes the soft labels in the buffer, so the inputs stay unmixed.
         dataset = KCDDataset(train_set, condenser, mix=not cached)
         sampler = condenser.sampler()
@@ -506,11 +626,7 @@ def main(args: argparse.Namespace) -> dict:
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "top5": -1.0, "epoch": -1}
     knowledge_state = None  # the file holding the buffer as of the last checkpoint (cached mode)
-    ckpt_path = out / "checkpoint.pth"
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise UserError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -535,15 +651,18 @@ def main(args: argparse.Namespace) -> dict:
               f"device {device}, {args.world_size} process(es)", flush=True)
 
     samples_total = sum(h["samples"] for h in history)
-    forwards_total = sum(h.get("teacher_forwards", 0) for h in history)
+    # The one-off pass's teacher forwards, and the time already spent: kept in the checkpoint.
+    fill_forwards = ckpt.get("fill_forwards", 0) if ckpt is not None else 0
+    wall_before = ckpt.get("wall_time_s", 0.0) if ckpt is not None else 0.0
     if cached and not knowledge.fully_filled() and args.knowledge_fill == "pass":
         # The one-off pass with the evaluation transform, shared across ranks, then completed.
         share = range(args.rank, n, args.world_size)
-        forwards_total += knowledge.fill(teacher, train_eval, batch_size=args.eval_batch_size, device=device,
-                                         num_workers=args.workers, indices=share,
-                                         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-                                         ) * args.world_size
+        fill_forwards = knowledge.fill(teacher, train_eval, batch_size=args.eval_batch_size, device=device,
+                                       num_workers=args.workers, indices=share,
+                                       autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+                                       ) * args.world_size
         _finish_fill(knowledge, args, n, owner=torch.arange(n) % args.world_size)
+    forwards_total = fill_forwards + sum(h.get("teacher_forwards", 0) for h in history)
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         # Every source of randomness of an epoch derives from (seed, epoch): a resumed run repeats it.
@@ -583,6 +702,8 @@ def main(args: argparse.Namespace) -> dict:
         history.append(row)
         if val["top1"] > best["top1"]:
             best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch}
+        # Under DDP, every rank takes part in the condenser's state (it merges the ranks' records first).
+        condenser_state = condenser.state_dict() if condenser is not None else None
         if is_main(args):
             stage_note = f", condensed to {plan.num_kept}/{n} (|K1L|={plan.k1l.numel()})" if plan is not None else ""
             print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}, top-1 {val['top1']:.2f}%, "
@@ -590,9 +711,10 @@ def main(args: argparse.Namespace) -> dict:
                   f"{row['epoch_time']:.1f}s{stage_note}", flush=True)
             _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                          "condenser": condenser.state_dict() if condenser is not None else None,
+                          "condenser": condenser_state,
                           "epoch": epoch, "history": history, "best": best, "args": vars(args),
-                          "knowledge_state": knowledge_state}, ckpt_path)
+                          "knowledge_state": knowledge_state, "fill_forwards": fill_forwards,
+                          "wall_time_s": wall_before + time.time() - t_start}, ckpt_path)
             _drop_stale_states(out, keep=knowledge_state)
             _write_metrics(out, history)
             if writer is not None:
@@ -601,8 +723,8 @@ def main(args: argparse.Namespace) -> dict:
         if args.distributed:
             dist.barrier()
 
-    summary = _summary(args, history, best, condenser, n, time.time() - t_start, teacher_passes=forwards_total,
-                       knowledge=knowledge)
+    summary = _summary(args, history, best, condenser, n, wall_before + time.time() - t_start,
+                       teacher_passes=forwards_total, knowledge=knowledge)
     if is_main(args):
         torch.save(student.state_dict(), out / "student.pth")
         if condenser is not None:
@@ -643,7 +765,12 @@ class DeviceBatches:
             # (one host sync here, none per step): each batch then mixes only its own K1L rows.
             pos = (self.condenser.partner[order] >= 0).nonzero().squeeze(1)
             bounds = torch.searchsorted(pos.cpu(), torch.arange(0, order.numel() + bs, bs)).tolist()
+        # What a KeptSampler notes as it yields (the condenser's measured cost), noted here per batch.
+        note = getattr(self.condenser, "_note_yield", None) if hasattr(self.sampler, "indices") else None
+        epoch = getattr(self.sampler, "epoch", 0)
         for b, i in enumerate(order.split(bs)):
+            if note is not None:
+                note(epoch, i.numel())
             x = self.x[i]
             if mixing and bounds[b + 1] > bounds[b]:
                 rows = pos[bounds[b]: bounds[b + 1]] - b * bs
@@ -728,7 +855,8 @@ def _summary(args, history, best, condenser, n, wall, teacher_passes, knowledge=
     if knowledge is not None:
         summary["knowledge_storage"] = dict(knowledge.header(), bytes_per_sample=knowledge.bytes_per_sample())
     if condenser is not None:
-        summary["C_predicted"] = condenser.predicted_cost()
+        # A fixed condensed set (--condensed) trains on it every epoch: no schedule to predict from.
+        summary["C_predicted"] = None if condenser.frozen else condenser.predicted_cost()
         summary["bytes_per_sample"] = condenser.bytes_per_sample()
         summary["stages"] = condenser.history
     return summary

@@ -19,6 +19,7 @@ def args_of(*argv):
     return T.get_args_parser().parse_args(list(argv))
 
 
+
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory):
     """A digits teacher trained once through the trainer's own path, reused by the other tests."""
@@ -52,15 +53,27 @@ def test_default_digits_run_learns_and_writes_its_outputs(tmp_path, digits_teach
     assert ckpt["epoch"] == 5 and ckpt["args"]["dataset"] == "digits"
 
 
-def test_trains_its_own_teacher_and_reuses_it(tmp_path, digits_teacher):
-    # The fixture trained one through main(); a second run with the same settings reuses the file.
+def test_trains_its_own_teacher_and_reuses_it(tmp_path, digits_teacher, capsys):
+    # The fixture trained one through main(); a second run with the same settings reuses the file, and says so.
     out = digits_teacher.parent
     before = digits_teacher.stat().st_mtime_ns
+    capsys.readouterr()
     T.main(args_of("--dataset", "digits", "--teacher-epochs", "6", "--output-dir", str(out), *QUICK,
                    "--epochs", "1", "--stage-epochs", "1"))
     assert digits_teacher.stat().st_mtime_ns == before
+    assert f"reusing the teacher {digits_teacher}" in capsys.readouterr().out
     blob = torch.load(digits_teacher, weights_only=False)
     assert blob["top1"] > 80.0
+
+
+def test_a_teacher_trained_with_other_settings_is_not_reused(tmp_path, digits_teacher):
+    # Another learning rate (the teacher is trained with --lr) is another teacher, in a file of its own.
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / digits_teacher.name).write_bytes(digits_teacher.read_bytes())
+    T.main(args_of("--dataset", "digits", "--teacher-epochs", "1", "--lr", "0.2", "--output-dir", str(out), *QUICK,
+                   "--epochs", "1", "--stage-epochs", "1"))
+    assert len(list(out.glob("teacher-*.pth"))) == 2
 
 
 def test_no_kcd_passes_every_sample_kcd_follows_the_schedule(tmp_path, digits_teacher):
@@ -190,11 +203,48 @@ def test_teacher_with_other_class_count_is_refused(tmp_path, capsys):
 
 
 def test_cli_subprocess_has_no_traceback(tmp_path):
+    (tmp_path / "t.pth").write_bytes(b"")  # present: the run gets as far as the data, and stops there
     res = subprocess.run([sys.executable, "-m", "kcd_fast.train", "--dataset", "imagenet", "--data-dir",
-                          str(tmp_path / "none"), "--output-dir", str(tmp_path / "o")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "none"), "--teacher-weights", str(tmp_path / "t.pth"), "--output-dir",
+                          str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr and str(tmp_path / "none") in res.stderr
+    assert not (tmp_path / "o").exists(), "nothing is written before the input is known to be good"
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--teacher-epochs", "0"], "--teacher-epochs"),
+    (["--kd-temperature", "0"], "--kd-temperature"),
+    (["--train-subset", "-5"], "--train-subset"),
+    (["--rho", "1.5"], "--rho"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--eps-max", "2"], "--eps-max"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--workers", "-1"], "--workers"),
+    (["--lr", "-1"], "--lr"),
+    (["--knowledge", "cached", "--storage", "topk", "--topk", "0"], "--topk"),
+    (["--condensed", "/nonexistent/c.pt"], "--condensed"),
+    (["--knowledge-file", "k.kcdk"], "--knowledge cached"),
+    (["--knowledge", "cached", "--knowledge-file", "/nonexistent_dir/x.kcdk"], "/nonexistent_dir"),
+    (["--dataset", "imagenet", "--data-dir", "/nonexistent"], "--teacher-weights"),
+    (["--distill", "my_kd"], "my_kd"),
+    (["--loss-module", "no_such_module_here"], "no_such_module_here"),
+])
+def test_bad_settings_exit_2_before_any_work(tmp_path, capsys, argv, named):
+    """Checked before any data is read, any teacher trained or any file written: one line, exit 2."""
+    code = T.cli([*argv, "--output-dir", str(tmp_path / "o"), "--no-progress", "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, digits_teacher, capsys):
+    common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
+              "--epochs", "2", "--stage-epochs", "1"]
+    T.main(args_of(*common))
+    assert T.cli([*common, "--resume", "--lr", "0.2", "--no-kcd"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.05 there, 0.2 here" in err and "--kcd True there, False here" in err
 
 
 def test_resume_without_checkpoint_and_bad_stage(tmp_path, capsys):
@@ -278,9 +328,10 @@ def test_cached_mode_one_off_pass(tmp_path, digits_teacher, monkeypatch):
     assert counter["samples"] == summary["num_train"] == summary["teacher_passes"]
 
 
-def test_resume_in_cached_mode(tmp_path, digits_teacher, monkeypatch):
+@pytest.mark.parametrize("fill", ["lazy", "pass"])
+def test_resume_in_cached_mode(tmp_path, digits_teacher, monkeypatch, fill):
     common = ["--knowledge", "cached", "--storage", "topk", "--topk", "3", "--teacher-weights",
-              str(digits_teacher), *QUICK, "--epochs", "6", "--stage-epochs", "2"]
+              str(digits_teacher), *QUICK, "--epochs", "6", "--stage-epochs", "2", "--knowledge-fill", fill]
     T.main(args_of("--output-dir", str(tmp_path / "full"), *common))
 
     class Killed(Exception):
@@ -314,6 +365,8 @@ def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
                              "--teacher", "cnn_small", "--student", "cnn_small", "--teacher-epochs", "1",
                              "--output-dir", str(tmp_path / "f"), *QUICK))
     assert summary["num_train"] == 512 and summary["C"] < 1.0
+    # The condenser's own measured cost counts the device loader's batches too (it read 0 before).
+    assert summary["stages"] and all(st["C_so_far"] > 0.5 for st in summary["stages"])
     # The device loader mixes K1L inputs with their partners like KCDDataset does.
     from kcd_fast import KnowledgeCondenser, vaks_mix_
 
