@@ -22,6 +22,7 @@ replays the crops): FKD keeps the region-level agreement, at many times the stor
 from __future__ import annotations
 
 import json
+import math
 import os
 from numbers import Integral, Real
 
@@ -36,6 +37,10 @@ __all__ = ["KnowledgeBuffer", "KnowledgeFileError"]
 MAGIC = b"KCDKNOW1"
 HEADER_BYTES = 4096
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The keys :meth:`KnowledgeBuffer.save` writes into the header, and their JSON types.
+_HEADER_TYPES = {"num_samples": int, "num_classes": int, "storage": str, "k": int, "dtype": str,
+                 "temperature": float, "teacher": str, "teacher_hash": str, "filled": int}
+_MEMINFO = "/proc/meminfo"
 
 
 class KnowledgeFileError(ValueError):
@@ -78,7 +83,8 @@ class KnowledgeBuffer:
         self.teacher = teacher
         need = self.num_samples * self.bytes_per_sample()
         _check_fits(need, self.device, f"a {storage} buffer of {self.num_samples} x "
-                    f"{self.k if storage == 'topk' else self.num_classes} {_dtype_name(dtype)}")
+                    f"{self.k if storage == 'topk' else self.num_classes} {_dtype_name(dtype)}",
+                    "a smaller `k` or dtype" if storage == "topk" else "storage='topk' or a smaller dtype")
         n = self.num_samples
         if storage == "dense":
             self.probs = torch.zeros(n, self.num_classes, dtype=dtype, device=self.device)
@@ -104,11 +110,22 @@ class KnowledgeBuffer:
     # ------------------------------------------------------------------ write / read
 
     def write(self, indices: torch.Tensor, teacher_logits: torch.Tensor) -> None:
-        """Store softmax(teacher_logits / T) for the samples ``indices`` (no host sync)."""
-        if teacher_logits.dim() != 2 or teacher_logits.shape[1] != self.num_classes:
-            raise ValueError(f"KnowledgeBuffer.write: `teacher_logits` must be [B, {self.num_classes}], "
-                             f"got {tuple(teacher_logits.shape)}")
+        """Store softmax(teacher_logits / T) for the samples ``indices`` (no host sync on CUDA).
+
+        The indices of one call must be distinct: refused on the CPU and in debug mode on CUDA
+        (:func:`kcd_fast.ops.set_debug`); unchecked on CUDA otherwise, where a repeat stores one of
+        its rows, unspecified which.
+        """
+        op = "KnowledgeBuffer.write"
+        ops._tensor(op, "indices", indices, ops._INDEX_DTYPES, 1)
+        if teacher_logits.dim() != 2 or teacher_logits.shape != (indices.shape[0], self.num_classes):
+            raise ValueError(f"{op}: `teacher_logits` must be [B, {self.num_classes}] with B = len(indices) "
+                             f"({indices.shape[0]}), got {tuple(teacher_logits.shape)}")
         idx = indices.to(self.device, non_blocking=True).long()
+        if idx.numel() and ops._checks_contents(self.device):
+            ops._check_range(op, "indices", idx, self.num_samples)
+            if torch.unique(idx).numel() != idx.numel():
+                raise ValueError(f"{op}: `indices` must be distinct within one call, got a repeated index")
         with torch.no_grad():
             p = torch.softmax(teacher_logits.detach().float() / self.temperature, dim=1).to(self.device)
             if self.storage == "dense":
@@ -125,6 +142,7 @@ class KnowledgeBuffer:
 
         Dense: a row gather. Top-k on CUDA: one Triton kernel (kernels/topk_readback.py) that
         writes the stored classes and the uniform remainder; on the CPU its torch twin.
+        A row not yet filled reads back as all zeros, with either storage (no host sync).
         """
         idx = indices.to(self.device, non_blocking=True)
         if self.storage == "dense":
@@ -132,8 +150,9 @@ class KnowledgeBuffer:
         if self.device.type == "cuda":
             from kcd_fast.kernels.topk_readback import topk_readback_triton
 
-            return topk_readback_triton(self.values, self.classes, idx, self.num_classes)
-        return _topk_readback_torch(self.values, self.classes, idx, self.num_classes)
+            with torch.cuda.device(self.device):
+                return topk_readback_triton(self.values, self.classes, idx, self.num_classes, self.filled)
+        return _topk_readback_torch(self.values, self.classes, idx, self.num_classes, self.filled)
 
     def teacher_logits(self, indices: torch.Tensor) -> torch.Tensor:
         """Logits that reproduce the stored probabilities at the buffer's temperature.
@@ -150,8 +169,14 @@ class KnowledgeBuffer:
         of the training set) and store every row. ``indices`` restricts it to a share (DDP).
         Returns the number of teacher forwards."""
         device = torch.device(device) if device is not None else self.device
-        subset = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
-        order = torch.arange(len(dataset)) if indices is None else torch.as_tensor(list(indices))
+        if indices is None:
+            if len(dataset) != self.num_samples:
+                raise ValueError(f"KnowledgeBuffer.fill: the dataset has {len(dataset)} samples, but the buffer "
+                                 f"holds {self.num_samples}; pass the dataset the buffer was made for")
+            subset, order = dataset, torch.arange(self.num_samples)
+        else:
+            order = torch.as_tensor(list(indices), dtype=torch.long)  # materialised once (a generator)
+            subset = torch.utils.data.Subset(dataset, order.tolist())
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         teacher.eval()
         done = 0
@@ -180,15 +205,17 @@ class KnowledgeBuffer:
         """Make every rank's replica whole after each rank filled its own share.
 
         ``owner`` (int64 [N], the same on every rank) names the rank whose row counts for each
-        sample. Each rank zeroes the rows it does not own; ONE all_reduce (SUM) of the raw bytes
-        then leaves every row with its owner's bytes exactly (the other addends are zero).
+        sample. Each rank zeroes the bytes of the rows it does not own (whatever they hold, NaN
+        included); ONE all_reduce (SUM) of the raw bytes then leaves every row with its owner's
+        bytes exactly (the other addends are zero).
         """
         mine = (owner.to(self.device) == rank)
         tensors = [self.probs] if self.storage == "dense" else [self.values, self.classes]
         flat = []
         for t in tensors:
-            t.mul_(mine.view(-1, *([1] * (t.dim() - 1))).to(t.dtype))
-            flat.append(t.contiguous().view(torch.uint8).reshape(-1))
+            raw = t.view(torch.uint8)  # [N, row bytes]: the buffers are contiguous
+            raw.masked_fill_(~mine.view(-1, 1), 0)
+            flat.append(raw.reshape(-1))
         flat.append(self.filled.view(torch.uint8) & mine.to(torch.uint8))
         packed = torch.cat(flat)
         dist.all_reduce(packed)
@@ -220,24 +247,46 @@ class KnowledgeBuffer:
                 f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         os.replace(tmp, path)
 
+    def _array_names(self) -> list[str]:
+        return (["probs"] if self.storage == "dense" else ["values", "classes"]) + ["filled"]
+
     def _arrays(self):
-        return ([self.probs] if self.storage == "dense" else [self.values, self.classes]) + [self.filled]
+        return [getattr(self, name) for name in self._array_names()]
 
     @staticmethod
     def read_header(path) -> dict:
+        """The header of a knowledge file, checked: every key :meth:`save` writes, of its type and range."""
         with open(path, "rb") as f:
             blob = f.read(HEADER_BYTES)
         if len(blob) < len(MAGIC) + 8 or blob[: len(MAGIC)] != MAGIC:
             raise KnowledgeFileError(f"{path} is not a kcd_fast knowledge file")
+        if len(blob) < HEADER_BYTES:
+            raise KnowledgeFileError(f"{path} is truncated: {len(blob)} bytes, less than its header")
         size = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
-        return json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + size])
+        if len(MAGIC) + 8 + size > HEADER_BYTES:
+            raise KnowledgeFileError(f"{path} is corrupt: its header claims {size} bytes")
+        try:
+            head = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + size].decode())
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise KnowledgeFileError(f"{path} is corrupt: its header is not JSON ({exc})") from None
+        _check_header(path, head)
+        return head
 
     @classmethod
     def load(cls, path, *, device="cpu", num_samples: int | None = None, num_classes: int | None = None,
-             temperature: float | None = None) -> "KnowledgeBuffer":
-        """Open a file written by :meth:`save` (memory-mapped, then copied to ``device``).
+             temperature: float | None = None, storage: str | None = None, k: int | None = None,
+             dtype: torch.dtype | None = None, teacher_hash: str | None = None) -> "KnowledgeBuffer":
+        """Open a file written by :meth:`save`.
 
-        Refuses a file whose N, C or temperature differ from the ones given, naming both.
+        On the CPU the arrays ARE the file's mapping, copy-on-write: nothing is read or allocated
+        up front (an array the layout leaves misaligned for its dtype is copied), and in-place
+        changes (:meth:`mix_`, :meth:`write`) stay private to this process. The file must not be
+        modified in place while mapped (:meth:`save` replaces a file, which is safe). On CUDA
+        the mapping is copied into the device buffer.
+
+        Refuses (:class:`KnowledgeFileError`) a corrupt file, and one whose N, C, temperature,
+        storage, k (top-k files only), dtype or teacher hash differ from those given (None: not
+        checked; an empty hash, in the file or given, is not checked), naming both.
         """
         head = cls.read_header(path)
         for name, want in (("num_samples", num_samples), ("num_classes", num_classes), ("temperature", temperature)):
@@ -245,22 +294,58 @@ class KnowledgeBuffer:
                 what = {"num_samples": "samples", "num_classes": "classes", "temperature": "temperature"}[name]
                 raise KnowledgeFileError(f"{path} holds knowledge for {head[name]} {what}, but this run has "
                                          f"{want}; it was made for another dataset or setting")
-        buf = cls(head["num_samples"], head["num_classes"], storage=head["storage"], k=head["k"],
-                  dtype=_DTYPES[head["dtype"]], temperature=head["temperature"], device=device,
-                  teacher=head.get("teacher", ""))
-        offset = HEADER_BYTES
+        checks = (("storage", head["storage"], storage),
+                  ("k", head["k"], k if head["storage"] == "topk" else None),  # k means nothing for dense
+                  ("dtype", head["dtype"], None if dtype is None else _dtype_name(dtype)),
+                  ("teacher hash", head["teacher_hash"], teacher_hash if head["teacher_hash"] else None))
+        for what, have, want in checks:
+            if want is not None and want != "" and have != want:
+                raise KnowledgeFileError(f"{path} holds knowledge with {what} {have!r}, but this run has {want!r}; "
+                                         f"it was made for another teacher or setting")
+        layout = _layout(head)
+        expected = HEADER_BYTES + sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
         size = os.path.getsize(path)
-        for t in buf._arrays():
-            nbytes = t.numel() * t.element_size()
-            if offset + nbytes > size:
-                raise KnowledgeFileError(f"{path} is truncated")
-            raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))  # copy-on-write
-            t.view(torch.uint8).reshape(-1).copy_(torch.from_numpy(raw).to(buf.device))
-            offset += nbytes
+        if size != expected:
+            why = "truncated" if size < expected else f"longer than its header says ({size - expected} bytes more)"
+            raise KnowledgeFileError(f"{path} is {why}: {size} bytes, expected {expected}")
+        device = torch.device(device)
+        # On the CPU: a buffer without storage (meta), which then takes the mapped arrays; no memory check.
+        buf = cls(head["num_samples"], head["num_classes"], storage=head["storage"], k=head["k"],
+                  dtype=_DTYPES[head["dtype"]], temperature=head["temperature"],
+                  device="meta" if device.type == "cpu" else device, teacher=head["teacher"])
+        mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=HEADER_BYTES,
+                                            shape=(size - HEADER_BYTES,)))  # copy-on-write, page-aligned
+        offset = 0
+        for name, shape, dt in layout:
+            raw = mapped[offset:offset + math.prod(shape) * dt.itemsize]
+            if device.type == "cpu":
+                if offset % dt.itemsize:
+                    raw = raw.clone()  # an array after an odd count of 2-byte values: an aligned copy
+                setattr(buf, name, raw.view(dt).view(shape))
+            else:
+                getattr(buf, name).view(torch.uint8).view(-1).copy_(raw)
+            offset += raw.numel()
+        buf.device = device
+        buf._check_contents(path, head["filled"])
         return buf
 
+    def _check_contents(self, path, filled: int) -> None:
+        """A loaded file's filled mask holds 0/1 bytes, as many 1s as its header says; its class ids lie in [0, C)."""
+        mask = self.filled.view(torch.uint8)
+        if int(mask.max()) > 1:
+            raise KnowledgeFileError(f"{path} is corrupt: its filled mask holds bytes other than 0 and 1")
+        count = int(mask.sum())
+        if count != filled:
+            raise KnowledgeFileError(f"{path} is corrupt: its header says {filled} samples are filled, "
+                                     f"its filled mask {count}")
+        if self.storage == "topk":
+            lo, hi = int(self.classes.min()), int(self.classes.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise KnowledgeFileError(f"{path} is corrupt: it holds class {lo if lo < 0 else hi}, "
+                                         f"outside [0, {self.num_classes})")
+
     def state_dict(self) -> dict:
-        return {"header": self.header(), "arrays": [t.cpu() for t in self._arrays()]}
+        return {"header": self.header(), "arrays": [t.to("cpu", copy=True) for t in self._arrays()]}
 
     def load_state_dict(self, state: dict) -> None:
         if state["header"] != self.header():
@@ -270,8 +355,49 @@ class KnowledgeBuffer:
             t.copy_(s.to(self.device))
 
 
-def _topk_readback_torch(values, classes, indices, num_classes):
-    """Torch twin of the Triton read-back: the uniform remainder, then the stored classes."""
+def _check_header(path, head) -> None:
+    """Refuse a header that lacks a key :meth:`KnowledgeBuffer.save` writes, or holds a bad value."""
+    def corrupt(why):
+        return KnowledgeFileError(f"{path} is corrupt: its header {why}")
+
+    if not isinstance(head, dict):
+        raise corrupt(f"is a JSON {type(head).__name__}, not an object")
+    for key, kind in _HEADER_TYPES.items():
+        if key not in head:
+            raise corrupt(f"has no `{key}`")
+        x = head[key]
+        if kind is str:
+            ok = isinstance(x, str)
+        else:
+            ok = isinstance(x, Integral if kind is int else Real) and not isinstance(x, bool)
+        if not ok:
+            raise corrupt(f"has `{key}` = {x!r}, expected {'a string' if kind is str else 'an integer' if kind is int else 'a number'}")
+    n, c, k = head["num_samples"], head["num_classes"], head["k"]
+    if head["storage"] not in ("dense", "topk"):
+        raise corrupt(f"has `storage` = {head['storage']!r}, expected 'dense' or 'topk'")
+    if head["dtype"] not in _DTYPES:
+        raise corrupt(f"has `dtype` = {head['dtype']!r}, expected one of {', '.join(_DTYPES)}")
+    if n < 1 or c < 1:
+        raise corrupt(f"has {n} samples and {c} classes, expected at least 1 of each")
+    if not (k == c if head["storage"] == "dense" else 1 <= k <= min(64, c)):
+        raise corrupt(f"has k = {k} for {head['storage']} storage of {c} classes")
+    if not (math.isfinite(head["temperature"]) and head["temperature"] > 0):
+        raise corrupt(f"has temperature {head['temperature']}, expected a finite number > 0")
+    if not 0 <= head["filled"] <= n:
+        raise corrupt(f"says {head['filled']} of {n} samples are filled")
+
+
+def _layout(head: dict) -> list:
+    """(attribute, shape, dtype) of the arrays that follow the header of a file, in order."""
+    n, c, k, dt = head["num_samples"], head["num_classes"], head["k"], _DTYPES[head["dtype"]]
+    arrays = [("probs", (n, c), dt)] if head["storage"] == "dense" else [("values", (n, k), dt),
+                                                                          ("classes", (n, k), torch.int32)]
+    return arrays + [("filled", (n,), torch.bool)]
+
+
+def _topk_readback_torch(values, classes, indices, num_classes, filled):
+    """Torch twin of the Triton read-back: the uniform remainder, then the stored classes; rows not
+    ``filled`` all zeros."""
     idx = indices.long()
     v = values.index_select(0, idx).float()
     c = classes.index_select(0, idx).long()
@@ -279,22 +405,37 @@ def _topk_readback_torch(values, classes, indices, num_classes):
     rest = (1.0 - v.sum(dim=1, keepdim=True)).clamp_min(0.0)
     uniform = rest / max(num_classes - k, 1) if num_classes > k else torch.zeros_like(rest)
     out = uniform.expand(v.shape[0], num_classes).contiguous()
-    return out.scatter_(1, c, v)
+    out.scatter_(1, c, v)
+    return out.masked_fill_(~filled.index_select(0, idx).view(-1, 1), 0.0)
 
 
-def _check_fits(nbytes: int, device: torch.device, what: str) -> None:
-    """Refuse a buffer the device cannot hold, naming the sizes."""
+def _host_available() -> int | None:
+    """Bytes of host memory available to a new allocation: MemAvailable (free plus reclaimable
+    cache), else the free pages; None where neither is known."""
+    try:
+        with open(_MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits(nbytes: int, device: torch.device, what: str, hint: str) -> None:
+    """Refuse a buffer the device cannot hold, naming the sizes and ``hint`` (what to use instead)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         avail, where = free, f"{device} ({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB)"
     elif device.type == "cpu":
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
+        avail = _host_available()
+        if avail is None:
             return
         where = f"host memory ({avail / 2**30:.1f} GiB available)"
     else:
         return
     if nbytes > avail:
-        raise MemoryError(f"KnowledgeBuffer: {what} needs {nbytes / 2**30:.2f} GiB, more than {where}; "
-                          f"use storage='topk' or a smaller dtype")
+        raise MemoryError(f"KnowledgeBuffer: {what} needs {nbytes / 2**30:.2f} GiB, more than {where}; use {hint}")

@@ -458,7 +458,8 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
     the lower class) and the truncated mass returns to the uniform remainder, so rows stay
     normalised; what is lost is the shape of the mass outside the top k. Math in fp32; one thread
     per pair on CUDA, a C++ loop on the CPU. ``dst``, ``src`` and ``eps`` as in :func:`vaks_mix_`;
-    k <= 64. Returns (values, classes).
+    k <= 64; the classes of rows ``dst`` and ``src`` in [0, num_classes) (checked with the other
+    contents). Returns (values, classes).
     """
     op = "vaks_mix_topk_"
     _tensor(op, "values", values, (torch.float32, torch.float16, torch.bfloat16), 2)
@@ -471,6 +472,8 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
     if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < k:
         raise ValueError(f"{op}: `num_classes` must be an int >= k ({k}), got {num_classes!r}")
     dst_l, src_l, eps_t = _check_pairs(op, "values", values, dst, src, eps)
+    if dst_l.numel() and _checks_contents(values.device):  # the rows the mix reads
+        _check_range(op, "classes", classes.index_select(0, torch.cat([dst_l, src_l])), int(num_classes))
     _ext.require(op, values.device)
     if dst_l.numel():
         torch.ops.kcd_fast.vaks_mix_topk_(values, classes, dst_l, src_l, eps_t, int(num_classes))

@@ -637,8 +637,13 @@ def main(args: argparse.Namespace) -> dict:
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
         knowledge_state = ckpt.get("knowledge_state")
         if cached and knowledge_state:
-            knowledge = KnowledgeBuffer.load(out / knowledge_state, device=device, num_samples=n,
-                                             num_classes=bundle.num_classes)
+            try:
+                knowledge = KnowledgeBuffer.load(out / knowledge_state, device=device, num_samples=n,
+                                                 num_classes=bundle.num_classes, temperature=args.kd_temperature,
+                                                 storage=args.storage, k=args.topk if args.storage == "topk" else None,
+                                                 dtype=getattr(torch, args.knowledge_dtype))
+            except (KnowledgeFileError, MemoryError, FileNotFoundError) as exc:
+                raise UserError(f"--resume: the knowledge state {out / knowledge_state}: {exc}") from None
         if is_main(args):
             print(f"kcd_fast: resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
 

@@ -55,8 +55,8 @@ def test_topk_readback_triton_kernel_matches_torch_twin():
     buf.write(torch.arange(n), teacher_logits(n, c, seed=2))
     q = torch.tensor([0, 29, 5, 5], dtype=torch.int32)
     dev = TRITON_DEVICE  # the GPU, or Triton's interpreter on the CPU
-    got = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), c).cpu()
-    torch.testing.assert_close(got, _topk_readback_torch(buf.values, buf.classes, q, c))
+    got = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), c, buf.filled.to(dev)).cpu()
+    torch.testing.assert_close(got, _topk_readback_torch(buf.values, buf.classes, q, c, buf.filled))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -183,7 +183,7 @@ def test_bad_topk_mix_input():
         vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([0]), 0.1, 5)
 
 
-def _complete_worker(rank, world, init_file, out_dir, storage):
+def _complete_worker(rank, world, init_file, out_dir, storage, poison=False):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -194,15 +194,19 @@ def _complete_worker(rank, world, init_file, out_dir, storage):
     buf = KnowledgeBuffer(n, c, storage=storage, k=4, dtype=torch.float16)
     mine = (torch.arange(n) % world == rank) | (torch.arange(n) == 5)
     idx = mine.nonzero().flatten()
-    buf.write(idx, z[idx] + (0.5 if rank == 0 else 0.0) * (idx == 5).float()[:, None])  # rank 0's copy differs
+    z_mine = z[idx] + (0.5 if rank == 0 else 0.0) * (idx == 5).float()[:, None]  # rank 0's copy differs
+    if poison and rank == 0:
+        z_mine[idx == 5, 0] = float("inf")  # rank 0's teacher overflowed: its copy of row 5 is NaN
+    buf.write(idx, z_mine)
     buf.complete_ranks(owner, rank)
     torch.save(buf.state_dict(), f"{out_dir}/buf{rank}.pt")
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("poison", [False, True])
 @pytest.mark.parametrize("storage", ["dense", "topk"])
-def test_ddp_fill_is_completed_by_one_collective(tmp_path, storage):
-    torch.multiprocessing.spawn(_complete_worker, args=(2, str(tmp_path / "init"), str(tmp_path), storage),
+def test_ddp_fill_is_completed_by_one_collective(tmp_path, storage, poison):
+    torch.multiprocessing.spawn(_complete_worker, args=(2, str(tmp_path / "init"), str(tmp_path), storage, poison),
                                 nprocs=2, join=True)
     single = KnowledgeBuffer(23, 9, storage=storage, k=4, dtype=torch.float16)
     single.write(torch.arange(23), teacher_logits(23, 9, seed=8))
@@ -213,3 +217,228 @@ def test_ddp_fill_is_completed_by_one_collective(tmp_path, storage):
         assert got.fully_filled()
         for a, b in zip(got._arrays(), single._arrays()):
             assert torch.equal(a, b), "every replica must equal one process's fill, bit for bit"
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+def _saved(tmp_path, storage="topk", n=25, c=12, k=4, dtype=torch.float16, name="k.kcdk", fill=None):
+    buf = KnowledgeBuffer(n, c, storage=storage, k=k, dtype=dtype, temperature=3.0, teacher="t")
+    idx = torch.arange(n) if fill is None else fill
+    buf.write(idx, teacher_logits(n, c, seed=6)[idx])
+    path = tmp_path / name
+    buf.save(path, teacher_hash="abc")
+    return buf, path
+
+
+def test_load_refuses_storage_k_dtype_and_teacher_hash_mismatches(tmp_path):
+    _, path = _saved(tmp_path, storage="topk", k=4)
+    cases = [(dict(storage="dense"), "storage 'topk'.*but this run has 'dense'"),
+             (dict(k=5), "k 4.*but this run has 5"),
+             (dict(dtype=torch.float32), "dtype 'float16'.*but this run has 'float32'"),
+             (dict(teacher_hash="def"), "teacher hash 'abc'.*but this run has 'def'")]
+    for kwargs, match in cases:
+        with pytest.raises(KnowledgeFileError, match=match):
+            KnowledgeBuffer.load(path, **kwargs)
+    back = KnowledgeBuffer.load(path, storage="topk", k=4, dtype=torch.float16, teacher_hash="abc")
+    assert back.k == 4
+    KnowledgeBuffer.load(path, teacher_hash="")  # an unknown hash is not checked
+    _, dense = _saved(tmp_path, storage="dense", name="d.kcdk")
+    KnowledgeBuffer.load(dense, storage="dense", k=10)  # k means nothing for dense storage
+    bare = KnowledgeBuffer(3, 4, storage="topk", k=2)
+    bare.write(torch.arange(3), teacher_logits(3, 4))
+    bare.save(tmp_path / "nohash.kcdk")
+    KnowledgeBuffer.load(tmp_path / "nohash.kcdk", teacher_hash="def")  # the file's hash is unknown
+
+
+def _rewrite_header(path, out, **changes):
+    import json
+    from kcd_fast.knowledge import HEADER_BYTES, MAGIC
+
+    raw = path.read_bytes()
+    head = KnowledgeBuffer.read_header(path)
+    head.update(changes)
+    head = {key: v for key, v in head.items() if v is not _DROP}
+    text = json.dumps(head).encode()
+    blob = MAGIC + len(text).to_bytes(8, "little") + text
+    out.write_bytes(blob + b"\0" * (HEADER_BYTES - len(blob)) + raw[HEADER_BYTES:])
+    return out
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_corrupt_or_mismatched_files_raise_knowledge_file_error(tmp_path, storage):
+    from kcd_fast.knowledge import HEADER_BYTES, MAGIC
+
+    _, path = _saved(tmp_path, storage=storage, fill=torch.arange(0, 25, 2))
+    raw = path.read_bytes()
+    bad = tmp_path / "bad.kcdk"
+    variants = {
+        "header cut": raw[:100],
+        "trailing bytes": raw + b"x" * 10,
+        "not json": raw[:16] + b"x" + raw[17:],
+        "huge length": raw[:8] + (10**9).to_bytes(8, "little") + raw[16:],
+        "not an object": MAGIC + (2).to_bytes(8, "little") + b"[]" + b"\0" * (HEADER_BYTES - 18) + raw[HEADER_BYTES:],
+        "bad utf-8": raw[:16] + b"\xff" + raw[17:],
+    }
+    for what, data in variants.items():
+        bad.write_bytes(data)
+        with pytest.raises(KnowledgeFileError):
+            KnowledgeBuffer.load(bad)
+    head_variants = [dict(dtype="float64"), dict(storage="sparse"), dict(k=None), dict(dtype=_DROP),
+                     dict(num_samples=24), dict(num_samples=-1), dict(num_samples=10**12), dict(num_classes=True),
+                     dict(temperature="4"), dict(temperature=0.0), dict(filled=12), dict(filled=_DROP),
+                     dict(k=3) if storage == "topk" else dict(k=11)]
+    for change in head_variants:
+        with pytest.raises(KnowledgeFileError):
+            KnowledgeBuffer.load(_rewrite_header(path, bad, **change))
+    mask = bytearray(raw)
+    mask[-2] = 7  # a filled byte that is not 0 or 1
+    bad.write_bytes(bytes(mask))
+    with pytest.raises(KnowledgeFileError, match="filled"):
+        KnowledgeBuffer.load(bad)
+    mask[-2] = 1  # a well-formed byte, but the header counts one fewer
+    bad.write_bytes(bytes(mask))
+    with pytest.raises(KnowledgeFileError, match="filled"):
+        KnowledgeBuffer.load(bad)
+    if storage == "topk":
+        for cls_id in (12, -1):
+            data = bytearray(raw)
+            at = HEADER_BYTES + 25 * 4 * 2 + 4 * 5  # classes[1, 1]
+            data[at:at + 4] = cls_id.to_bytes(4, "little", signed=True)
+            bad.write_bytes(bytes(data))
+            with pytest.raises(KnowledgeFileError, match=r"class.*\[0, 12\)"):
+                KnowledgeBuffer.load(bad)
+
+
+def _mapped_from(t, path):
+    """Whether ``t``'s memory lies in a mapping of the file ``path`` (Linux /proc/self/maps)."""
+    import os
+
+    ptr, ino = t.data_ptr(), os.stat(path).st_ino
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if len(parts) >= 6 and int(parts[4]) == ino and lo <= ptr < hi:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("storage,n,k", [("dense", 25, 4), ("topk", 25, 4), ("topk", 25, 3), ("topk", 7, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cpu_load_maps_the_file_copy_on_write(tmp_path, monkeypatch, storage, n, k, dtype):
+    import kcd_fast.knowledge as K
+
+    buf, path = _saved(tmp_path, storage=storage, n=n, c=12, k=k, dtype=dtype)
+    on_disk = path.read_bytes()
+    monkeypatch.setattr(K, "_host_available", lambda: 0)
+    with pytest.raises(MemoryError):
+        KnowledgeBuffer(n, 12, storage=storage, k=k, dtype=dtype)
+    back = KnowledgeBuffer.load(path)  # no host-memory check: nothing is allocated
+    for a, b in zip(back._arrays(), buf._arrays()):
+        assert torch.equal(a, b) and a.is_contiguous() and a.data_ptr() % a.element_size() == 0
+    first = back._arrays()[0]
+    assert _mapped_from(first, path), "the first array must be the file's mapping, not a copy"
+    if storage == "topk":  # the classes follow N k values: mapped where aligned, else copied
+        aligned = (n * k * first.element_size()) % 4 == 0
+        assert _mapped_from(back.classes, path) == aligned
+    back.mix_(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0.5, 0.5]))
+    assert not torch.equal(back._arrays()[0], buf._arrays()[0])
+    assert path.read_bytes() == on_disk, "an in-place mix must not write through to the file"
+
+
+def test_unfilled_topk_rows_read_back_as_zeros_in_both_paths():
+    from kcd_fast.kernels.topk_readback import topk_readback_triton
+
+    n, c, k = 9, 13, 3
+    buf = KnowledgeBuffer(n, c, storage="topk", k=k, dtype=torch.float16)
+    some = torch.tensor([1, 4, 8])
+    buf.write(some, teacher_logits(3, c, seed=9))
+    q = torch.tensor([0, 1, 2, 4, 8, 7, 1])
+    got = buf.read(q)
+    full = KnowledgeBuffer(n, c, storage="topk", k=k, dtype=torch.float16)
+    full.write(some, teacher_logits(3, c, seed=9))
+    full.filled.fill_(True)
+    expected = full.read(q) * buf.filled[q].float()[:, None]
+    assert torch.equal(got[[0, 2, 5]], torch.zeros(3, c))
+    assert torch.equal(got, expected)
+    dev = TRITON_DEVICE
+    triton = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), c, buf.filled.to(dev)).cpu()
+    assert torch.equal(triton, got)
+    dense = KnowledgeBuffer(n, c, storage="dense")
+    assert torch.equal(dense.read(q), torch.zeros(len(q), c))  # the same as dense storage
+
+
+def test_fill_materialises_a_generator_once_and_refuses_a_dataset_of_another_length():
+    n, c = 30, 5
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(n))
+    teacher = torch.nn.Linear(4, c)
+    buf = KnowledgeBuffer(n, c, storage="dense", dtype=torch.float32)
+    assert buf.fill(teacher, ds, indices=(i for i in range(0, n, 3)), batch_size=4) == 10
+    assert torch.equal(buf.filled.nonzero().flatten(), torch.arange(0, n, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(buf.read(torch.tensor([3])), torch.softmax(teacher(x[3:4]) / 4.0, 1))
+    small = KnowledgeBuffer(n - 1, c)
+    with pytest.raises(ValueError, match=f"dataset.*{n} samples.*{n - 1}"):
+        small.fill(teacher, ds)
+    assert not small.filled.any()
+
+
+def test_state_dict_is_a_snapshot():
+    buf = KnowledgeBuffer(6, 5, storage="topk", k=2)
+    buf.write(torch.arange(3), teacher_logits(3, 5))
+    state = buf.state_dict()
+    before = [t.clone() for t in state["arrays"]]
+    buf.write(torch.arange(6), teacher_logits(6, 5, seed=1))
+    for a, b in zip(state["arrays"], before):
+        assert torch.equal(a, b)
+
+
+def test_topk_mix_refuses_class_ids_out_of_range():
+    values = torch.rand(10, 3)
+    classes = torch.tensor([0, 1, 2], dtype=torch.int32).repeat(10, 1)
+    for row, cls_id in ((2, 9), (1, -7), (2, 5)):
+        bad = classes.clone()
+        bad[row, 1] = cls_id
+        before = [values.clone(), bad.clone()]
+        with pytest.raises(ValueError, match=r"classes.*\[0, 5\)"):
+            vaks_mix_topk_(values, bad, torch.tensor([1]), torch.tensor([2]), 0.5, 5)
+        assert torch.equal(values, before[0]) and torch.equal(bad, before[1])
+    bad = classes.clone()
+    bad[7, 0] = 99  # a row the pairs do not touch is not read
+    vaks_mix_topk_(values, bad, torch.tensor([1]), torch.tensor([2]), 0.5, 5)
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_write_refuses_duplicate_indices(storage):
+    buf = KnowledgeBuffer(8, 5, storage=storage, k=2)
+    before = [t.clone() for t in buf._arrays()]
+    with pytest.raises(ValueError, match="indices.*distinct"):
+        buf.write(torch.tensor([1, 3, 1]), teacher_logits(3, 5))
+    for a, b in zip(buf._arrays(), before):
+        assert torch.equal(a, b)
+
+
+def test_host_memory_check_uses_mem_available(tmp_path, monkeypatch):
+    import os
+
+    import kcd_fast.knowledge as K
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000000 kB\nMemFree:            1024 kB\nMemAvailable:     102400 kB\n")
+    monkeypatch.setattr(K, "_MEMINFO", str(meminfo))
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 256 if name == "SC_AVPHYS_PAGES" else real(name))  # MemFree
+    KnowledgeBuffer(10_000, 500, storage="dense")  # 10 MB: more than MemFree, less than MemAvailable
+    with pytest.raises(MemoryError, match=r"\(0\.1 GiB available\).*storage='topk'"):
+        KnowledgeBuffer(100_000, 1000, storage="dense")
+    with pytest.raises(MemoryError, match="needs") as info:
+        KnowledgeBuffer(2_000_000, 1000, storage="topk", k=64)
+    assert "storage='topk'" not in str(info.value)
+    meminfo.write_text("MemTotal: 1 kB\n")  # no MemAvailable (old kernels): sysconf
+    with pytest.raises(MemoryError, match="needs"):
+        KnowledgeBuffer(10_000, 500, storage="dense")
