@@ -48,10 +48,18 @@ def _int(name, x, lo):
     return int(x)
 
 
-def _unit(name, x, lo_open=True):
-    if isinstance(x, bool) or not isinstance(x, Real) or not math.isfinite(float(x)):
-        raise TypeError(f"KnowledgeCondenser: `{name}` must be a finite number, got {x!r}")
+def _real(name, x):
+    """A number (TypeError otherwise) that is finite (ValueError otherwise), as a float."""
+    if isinstance(x, bool) or not isinstance(x, Real):
+        raise TypeError(f"KnowledgeCondenser: `{name}` must be a number, got {type(x).__name__}")
     x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"KnowledgeCondenser: `{name}` must be finite, got {x}")
+    return x
+
+
+def _unit(name, x, lo_open=True):
+    x = _real(name, x)
     if not ((0.0 < x) if lo_open else (0.0 <= x)) or x > 1.0:
         raise ValueError(f"KnowledgeCondenser: `{name}` must lie in {'(0' if lo_open else '[0'}, 1], got {x}")
     return x
@@ -120,12 +128,12 @@ class KnowledgeCondenser:
                              f"({epochs}) into whole stages")
         self.rho = _unit("rho", rho)
         self.eps_max = _unit("eps_max", eps_max)
-        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"KnowledgeCondenser: `alpha` must be a finite number >= 0, got {alpha!r}")
-        self.alpha = float(alpha)
-        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
+        self.alpha = _real("alpha", alpha)
+        if self.alpha < 0:
+            raise ValueError(f"KnowledgeCondenser: `alpha` must be >= 0, got {alpha!r}")
+        self.temperature = _real("temperature", temperature)
+        if not self.temperature > 0:
             raise ValueError(f"KnowledgeCondenser: `temperature` must be > 0, got {temperature!r}")
-        self.temperature = float(temperature)
         self.schedule = _choice("schedule", schedule, _SCHEDULES)
         self.k0 = _choice("k0", k0, _K0_POLICIES)
         self.selection = _choice("selection", selection, _SELECTIONS)
@@ -134,12 +142,19 @@ class KnowledgeCondenser:
         self.adaptive_eps = bool(adaptive_eps)
         self.seed = _int("seed", seed, 0)
         self.device = torch.device(device)
+        rank = None if rank is None else _int("rank", rank, 0)
+        world_size = None if world_size is None else _int("world_size", world_size, 1)
         self.rank, self.world_size = _dist_info(rank, world_size)
         if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise ValueError(f"KnowledgeCondenser: world_size={self.world_size} needs an initialised "
                              f"torch.distributed process group (the ranks' records are merged at each stage end); "
                              f"for samplers of other ranks without one, use sampler(rank=..., world_size=...)")
         self.num_stages = self.epochs // self.stage_epochs
+        smallest = min(self.num_kept(t) for t in range(self.num_stages))
+        if smallest < 1:
+            raise ValueError(f"KnowledgeCondenser: `num_samples`={self.num_samples} with `rho`={self.rho} keeps "
+                             f"{smallest} points at the last stage (floor(tau^t N), Eq. 8); every stage must keep "
+                             f"at least one: raise rho or num_samples")
 
         n, dev = self.num_samples, self.device
         self.values = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -212,11 +227,14 @@ class KnowledgeCondenser:
 
     def measured_cost(self) -> dict:
         """C_a and C measured from what the samplers yielded (all ranks), over the epochs run so far."""
-        epochs = sorted(self.samples_yielded)
-        passed = sum(self.samples_yielded[e] for e in epochs) * self.world_size
+        return self._cost(self.samples_yielded)
+
+    def _cost(self, samples_yielded: dict) -> dict:
+        epochs = sorted(samples_yielded)
+        passed = sum(samples_yielded[e] for e in epochs) * self.world_size
         full = self.num_samples * len(epochs)
         return {"epochs": len(epochs), "C_a": passed, "C": passed / full if full else float("nan"),
-                "per_epoch": {e: self.samples_yielded[e] * self.world_size for e in epochs}}
+                "per_epoch": {e: samples_yielded[e] * self.world_size for e in epochs}}
 
     # ------------------------------------------------------------------ M-step side: per step
 
@@ -226,6 +244,9 @@ class KnowledgeCondenser:
         This is the only per-step call: one fused kernel on CUDA, no host sync
         (pass ``indices`` on the condenser's device).
         """
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"observe: `indices` must be a torch.Tensor of dataset indices, got "
+                            f"{type(indices).__name__}")
         if indices.device != self.device:
             indices = indices.to(self.device, non_blocking=True)
         entropy = ops.update_values(self.values, self.counts, indices, logits, temperature=self.temperature)
@@ -245,26 +266,34 @@ class KnowledgeCondenser:
 
         Returns the new plan, or None when the epoch is not a boundary. Every DDP
         rank must call this every epoch; at a boundary it runs ONE collective.
+        If it raises, the epoch stays open (``next_epoch``, the plan and the history are unchanged)
+        and can be ended again; a DDP merge that already ran is kept (it changes no record).
         """
+        if isinstance(epoch, bool) or not isinstance(epoch, Integral):
+            raise TypeError(f"end_epoch: `epoch` must be an int, got {type(epoch).__name__}")
+        epoch = int(epoch)
         if epoch != self.next_epoch:
             raise ValueError(f"end_epoch: expected epoch {self.next_epoch}, got {epoch}; call it once per epoch, "
                              f"in order (after a resume, load the checkpoint's state_dict first)")
         if epoch >= self.epochs:
             raise ValueError(f"end_epoch: epoch {epoch} is past the last epoch ({self.epochs - 1})")
+        plan = None
+        if not self.frozen and self.is_boundary(epoch):
+            if self.device.type == "cuda":
+                ops.check_errors(self.device)  # out-of-range indices skipped by the kernel this stage
+            self._merge_ranks()
+            plan = self._condense(epoch // self.stage_epochs, epoch)
+        # Only now that the stage end succeeded does the epoch close.
         self.samples_yielded.setdefault(epoch, 0)
         self.next_epoch = epoch + 1
-        if self.frozen or not self.is_boundary(epoch):
-            return None
-        if self.device.type == "cuda":
-            ops.check_errors(self.device)  # out-of-range indices skipped by the kernel this stage
-        self._merge_ranks()
-        return self._condense(epoch // self.stage_epochs, epoch)
+        return plan
 
     def _merge_ranks(self) -> None:
-        """One all_reduce of this stage's deltas: every rank then holds the single-process state.
+        """One all_reduce of the deltas since the last merge: every rank then holds the single-process state.
 
         For each point, rank r contributes dF_r = F_r - F0 and dS_r = F_r V_r - F0 V0 (the sum of
-        its new entropies); the merged state is F = F0 + sum dF_r, V = (F0 V0 + sum dS_r) / F.
+        its new entropies); the merged state is F = F0 + sum dF_r, V = (F0 V0 + sum dS_r) / F (Eq. 12).
+        It runs at each stage end and in :meth:`state_dict`; merging early only moves (F0, V0).
         """
         if self.world_size == 1:
             return
@@ -302,9 +331,10 @@ class KnowledgeCondenser:
         if not self.vaks:
             empty = plan.k1l[:0]
             plan = ops.CondensePlan(plan.keep, plan.order, empty, empty, plan.eps[:0], plan.num_kept, plan.num_k0)
+        summary = self._summary(plan, stage, epoch, values)
         self._apply_plan(plan)
         self.stage = stage
-        self.history.append(self._summary(plan, stage, epoch, values))
+        self.history.append(summary)
         return plan
 
     def _apply_plan(self, plan: ops.CondensePlan) -> None:
@@ -332,7 +362,7 @@ class KnowledgeCondenser:
             "stage": stage, "epoch": epoch, "tau": self.tau(stage), "kept": plan.num_kept,
             "k1h": plan.num_kept - pairs, "k1l": pairs, "k0": plan.num_k0,
             "mean_value_kept": kept_mean, "mean_value_dropped": drop_mean,
-            "C_so_far": self.measured_cost()["C"],
+            "C_so_far": self._cost({epoch: 0, **self.samples_yielded})["C"],
             "value_quantiles_kept": _quantiles(values[keep]),
             "value_quantiles_dropped": _quantiles(values[dropped]),
             "value_hist": _histograms(values, keep),
@@ -373,51 +403,124 @@ class KnowledgeCondenser:
             "online_recording", "vaks", "adaptive_eps", "temperature", "seed")}
 
     def state_dict(self) -> dict:
-        """Everything needed to continue the run exactly: tensors on the host, config, progress."""
+        """Everything needed to continue the run exactly: config, progress and host copies of the state.
+
+        The tensors are copies (they do not follow the run after the call).
+
+        Under DDP (world_size > 1) this is a COLLECTIVE that EVERY rank must call, at the same
+        point (e.g. all ranks, right before rank 0 saves the checkpoint): it first merges the
+        ranks' records since the last merge (:meth:`_merge_ranks`, the merge of each stage end),
+        so the state holds no per-rank deltas and every rank can load it. The merge only moves
+        the sync point: the next stage end merges the deltas recorded since, so the records stay
+        those of one process observing all ranks' batches (Eq. 12), up to float32 rounding.
+        """
+        self._merge_ranks()
+
+        def host(t):
+            return None if t is None else t.detach().to("cpu", copy=True)
+
         return {
             "version": STATE_VERSION, "config": self._config(),
-            "values": self.values.cpu(), "counts": self.counts.cpu(), "keep": self.keep.cpu(),
-            "partner": self.partner.cpu(), "eps": self.eps.cpu(),
-            "pairs": tuple(t.cpu() for t in self.pairs),
-            "last_values": None if self.last_values is None else self.last_values.cpu(),
-            "synced": None if self._synced is None else tuple(None if t is None else t.cpu() for t in self._synced),
+            "values": host(self.values), "counts": host(self.counts), "keep": host(self.keep),
+            "partner": host(self.partner), "eps": host(self.eps),
+            "pairs": tuple(host(t) for t in self.pairs),
+            "last_values": host(self.last_values),
+            "synced": None if self._synced is None else tuple(host(t) for t in self._synced),
             "next_epoch": self.next_epoch, "stage": self.stage, "frozen": self.frozen,
             "samples_yielded": dict(self.samples_yielded),
             "history": list(self.history),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`. Refuses a state of another version, N or configuration."""
+        """Restore :meth:`state_dict`. Refuses a state of another version, N or configuration.
+
+        Every key is checked (type, dtype, shape, range, finiteness, consistency of the pairs)
+        before anything changes: a refused state leaves the condenser as it was.
+        """
+        where = "load_state_dict"
         if not isinstance(state, dict) or "version" not in state:
-            raise ValueError("load_state_dict: not a KnowledgeCondenser state_dict")
+            raise ValueError(f"{where}: not a KnowledgeCondenser state_dict")
         if state["version"] != STATE_VERSION:
-            raise ValueError(f"load_state_dict: state version {state['version']} is not this kcd_fast's "
+            raise ValueError(f"{where}: state version {state['version']} is not this kcd_fast's "
                              f"{STATE_VERSION}")
+        missing = [k for k in ("config", "values", "counts", "keep", "partner", "eps", "pairs", "last_values",
+                               "synced", "next_epoch", "stage", "frozen", "samples_yielded", "history")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"{where}: the state has no {', '.join(f'`{k}`' for k in missing)}")
         cfg, mine = state["config"], self._config()
-        if cfg["num_samples"] != self.num_samples:
-            raise ValueError(f"load_state_dict: the state is for N={cfg['num_samples']} samples, this condenser "
+        if not isinstance(cfg, dict):
+            raise TypeError(f"{where}: `config` must be a dict, got {type(cfg).__name__}")
+        if cfg.get("num_samples") != self.num_samples:
+            raise ValueError(f"{where}: the state is for N={cfg.get('num_samples')} samples, this condenser "
                              f"has N={self.num_samples}")
         diff = [f"{k}: {cfg.get(k)!r} (state) vs {v!r} (here)" for k, v in mine.items() if cfg.get(k) != v]
         if diff:
-            raise ValueError("load_state_dict: the state was made with another configuration: " + "; ".join(diff))
-        dev = self.device
-        self.values.copy_(state["values"].to(dev))
-        self.counts.copy_(state["counts"].to(dev))
-        self.keep.copy_(state["keep"].to(dev))
-        self.partner.copy_(state["partner"].to(dev))
-        self.eps.copy_(state["eps"].to(dev))
-        self.pairs = tuple(t.to(dev) for t in state["pairs"])
+            raise ValueError(f"{where}: the state was made with another configuration: " + "; ".join(diff))
+        n = self.num_samples
+        values = _finite(where, "values", _host_tensor(where, "values", state["values"], torch.float32, n))
+        counts = _host_tensor(where, "counts", state["counts"], torch.int32, n)
+        if bool((counts < 0).any()):
+            raise ValueError(f"{where}: `counts` must be >= 0")
+        keep = _host_tensor(where, "keep", state["keep"], torch.bool, n)
+        pairs = state["pairs"]
+        if not isinstance(pairs, (tuple, list)) or len(pairs) != 3:
+            raise ValueError(f"{where}: `pairs` must be a (k1l, k0, eps) triple")
+        pairs = _check_pairs(where, n, keep, *pairs, names=("pairs[0]", "pairs[1]", "pairs[2]"))
+        partner = _host_tensor(where, "partner", state["partner"], torch.int32, n)
+        eps = _host_tensor(where, "eps", state["eps"], torch.float32, n)
+        want_partner, want_eps = _pair_arrays(n, *pairs)
+        if not torch.equal(partner, want_partner) or not torch.equal(eps, want_eps):
+            raise ValueError(f"{where}: `partner` and `eps` must match `pairs` (-1 and 0 outside K1L)")
+        last_values = None
         if self.last_values is not None:
-            self.last_values.copy_(state["last_values"].to(dev))
+            last_values = _finite(where, "last_values",
+                                  _host_tensor(where, "last_values", state["last_values"], torch.float32, n))
+        synced = state["synced"]
+        if synced is not None:
+            if not isinstance(synced, (tuple, list)) or len(synced) != 3:
+                raise ValueError(f"{where}: `synced` must be None or a (values, counts, last_values) triple")
+            sv = _finite(where, "synced[0]", _host_tensor(where, "synced[0]", synced[0], torch.float32, n))
+            sc = _host_tensor(where, "synced[1]", synced[1], torch.int32, n)
+            sl = None
+            if self.last_values is not None:
+                sl = _finite(where, "synced[2]", _host_tensor(where, "synced[2]", synced[2], torch.float32, n))
+            synced = (sv, sc, sl)
+        next_epoch = _state_int(where, "next_epoch", state["next_epoch"], 0, self.epochs)
+        stage = _state_int(where, "stage", state["stage"], -1, self.num_stages - 1)
+        frozen = state["frozen"]
+        if not isinstance(frozen, bool):
+            raise TypeError(f"{where}: `frozen` must be a bool, got {type(frozen).__name__}")
+        yielded = state["samples_yielded"]
+        if not isinstance(yielded, dict) or not all(
+                isinstance(e, Integral) and not isinstance(e, bool) and isinstance(c, Integral)
+                and not isinstance(c, bool) and e >= 0 and c >= 0 for e, c in yielded.items()):
+            raise ValueError(f"{where}: `samples_yielded` must be a dict of epoch -> count (ints >= 0)")
+        if not isinstance(state["history"], list):
+            raise TypeError(f"{where}: `history` must be a list, got {type(state['history']).__name__}")
+        if self.world_size > 1 and synced is None:
+            synced = (values, counts, last_values)  # a single-process state: nothing to merge yet
+        # Everything checked: build the device tensors, then commit.
+        dev = self.device
+        new = [t.to(dev, copy=True) for t in (values, counts, keep, partner, eps)]
+        new_pairs = tuple(t.to(dev, copy=True) for t in pairs)
+        new_last = None if last_values is None else last_values.to(dev, copy=True)
+        new_synced = None
         if self.world_size > 1:
-            synced = state["synced"] or (state["values"], state["counts"], state["last_values"])
-            self._synced = tuple(None if t is None else t.to(dev).clone() for t in synced)
-        self.next_epoch, self.stage, self.frozen = state["next_epoch"], state["stage"], state["frozen"]
-        self.samples_yielded = dict(state["samples_yielded"])
+            new_synced = tuple(None if t is None else t.to(dev, copy=True) for t in synced)
+        for mine_t, t in zip((self.values, self.counts, self.keep, self.partner, self.eps), new):
+            mine_t.copy_(t)
+        self.pairs = new_pairs
+        if self.last_values is not None:
+            self.last_values.copy_(new_last)
+        if self.world_size > 1:
+            self._synced = new_synced
+        self.next_epoch, self.stage, self.frozen = next_epoch, stage, frozen
+        self.samples_yielded = {int(e): int(c) for e, c in yielded.items()}
         self.history = list(state["history"])
-        self._kept_cpu = self.keep.nonzero().flatten().cpu()
-        self._partner_cpu.copy_(self.partner.cpu())
-        self._eps_cpu.copy_(self.eps.cpu())
+        self._kept_cpu = keep.nonzero().flatten()
+        self._partner_cpu.copy_(partner)
+        self._eps_cpu.copy_(eps)
 
     def save_condensed(self, path: str | os.PathLike) -> None:
         """Export the condensed knowledge K^ (the keep mask and the VAKS pairs) to reuse it (Fig. 4)."""
@@ -431,20 +534,91 @@ class KnowledgeCondenser:
         """Use condensed knowledge saved by :meth:`save_condensed` (e.g. to re-distil from scratch on K^).
 
         With ``freeze``, no further condensation happens: every epoch trains on the loaded set.
+        The file is checked in full (keys, dtypes, shapes, index ranges, the pairs of Eq. 14)
+        before anything changes.
         """
+        where = "load_condensed"
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("kind") != "kcd_fast.condensed":
-            raise ValueError(f"load_condensed: {path} is not a file written by save_condensed")
+            raise ValueError(f"{where}: {path} is not a file written by save_condensed")
+        missing = [k for k in ("version", "num_samples", "keep", "k1l", "k0", "eps") if k not in blob]
+        if missing:
+            raise ValueError(f"{where}: {path} has no {', '.join(f'`{k}`' for k in missing)}")
+        if blob["version"] != STATE_VERSION:
+            raise ValueError(f"{where}: {path} has version {blob['version']}, not this kcd_fast's {STATE_VERSION}")
         if blob["num_samples"] != self.num_samples:
-            raise ValueError(f"load_condensed: {path} holds N={blob['num_samples']} samples, this condenser has "
+            raise ValueError(f"{where}: {path} holds N={blob['num_samples']} samples, this condenser has "
                              f"N={self.num_samples}")
-        keep = blob["keep"].to(self.device)
+        keep = _host_tensor(where, "keep", blob["keep"], torch.bool, self.num_samples)
+        k1l, k0, eps = _check_pairs(where, self.num_samples, keep, blob["k1l"], blob["k0"], blob["eps"])
+        dev = self.device
+        keep = keep.to(dev)
         order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])
-        plan = ops.CondensePlan(keep, order, blob["k1l"].to(self.device), blob["k0"].to(self.device),
-                                blob["eps"].to(self.device), int(keep.sum()), int(blob["k0"].numel()))
+        plan = ops.CondensePlan(keep, order, k1l.to(dev), k0.to(dev), eps.to(dev), int(keep.sum()), int(k0.numel()))
         self._apply_plan(plan)
         self.frozen = bool(freeze)
         return plan
+
+
+def _host_tensor(where: str, key: str, x, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """A state entry that must be a tensor of ``dtype`` and shape [n], on the host."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: `{key}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{where}: `{key}` must have dtype {dtype}, got {x.dtype}")
+    if tuple(x.shape) != (n,):
+        raise ValueError(f"{where}: `{key}` must have shape ({n},), got {tuple(x.shape)}")
+    return x.detach().cpu()
+
+
+def _finite(where: str, key: str, x: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{where}: `{key}` must be finite")
+    return x
+
+
+def _state_int(where: str, key: str, x, lo: int, hi: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, Integral):
+        raise TypeError(f"{where}: `{key}` must be an int, got {type(x).__name__}")
+    if not lo <= x <= hi:
+        raise ValueError(f"{where}: `{key}` must lie in [{lo}, {hi}], got {x}")
+    return int(x)
+
+
+def _check_pairs(where, n, keep, k1l, k0, eps, names=("k1l", "k0", "eps")):
+    """The VAKS pairs of a plan (Sec. 3.4, Eq. 14): L distinct kept points of K1L, L distinct dropped
+    partners of K0, and L ratios eps in [0, 1]. ``keep`` (bool [n], host) must keep at least one point.
+    Returns the three tensors on the host."""
+    if not bool(keep.any()):
+        raise ValueError(f"{where}: `keep` must keep at least one point")
+    for key, x, dtype in zip(names, (k1l, k0, eps), (torch.int64, torch.int64, torch.float32)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: `{key}` must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != dtype:
+            raise TypeError(f"{where}: `{key}` must have dtype {dtype}, got {x.dtype}")
+        if x.dim() != 1 or x.shape != k1l.shape:
+            raise ValueError(f"{where}: `{names[0]}`, `{names[1]}` and `{names[2]}` must be 1-D of one length, "
+                             f"got `{key}` of shape {tuple(x.shape)}")
+    k1l, k0, eps = k1l.detach().cpu(), k0.detach().cpu(), eps.detach().cpu()
+    for key, idx, kept in ((names[0], k1l, True), (names[1], k0, False)):
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"{where}: `{key}` must lie in [0, {n})")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError(f"{where}: `{key}` must not repeat a point")
+        if not bool((keep[idx] == kept).all()):
+            raise ValueError(f"{where}: every point of `{key}` must be {'kept' if kept else 'dropped'} by `keep`")
+    if not bool(((eps >= 0) & (eps <= 1)).all()):
+        raise ValueError(f"{where}: `{names[2]}` must lie in [0, 1]")
+    return k1l, k0, eps
+
+
+def _pair_arrays(n, k1l, k0, eps):
+    """The per-point ``partner`` (-1 outside K1L) and ``eps`` (0 outside K1L) of a plan's pairs."""
+    partner = torch.full((n,), -1, dtype=torch.int32)
+    ratio = torch.zeros(n, dtype=torch.float32)
+    partner[k1l] = k0.int()
+    ratio[k1l] = eps
+    return partner, ratio
 
 
 def _quantiles(x: torch.Tensor, q=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)) -> list:

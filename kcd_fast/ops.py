@@ -314,7 +314,10 @@ def _num_kept(op: str, keep, n: int) -> int:
             raise ValueError(f"{op}: `keep` as a count must lie in [1, {n}], got {keep}")
         return int(keep)
     frac = _real(op, "keep", keep, lo=0.0, hi=1.0, lo_open=True)
-    count = int(math.floor(frac * n + 1e-9))
+    # floor(tau N), with a slack that scales with N for the float64 rounding of the product
+    # (0.29 * 10**8 = 28999999.999999996): the rounding of reference.kept_count.
+    x = frac * n
+    count = int(math.floor(x + max(1e-9, 1e-12 * x)))
     if count < 1:
         raise ValueError(f"{op}: `keep`={frac} keeps no point of {n}")
     return count

@@ -30,6 +30,7 @@ __all__ = [
     "rank_likelihood",
     "tau",
     "num_kept",
+    "kept_count",
     "relative_cost",
     "Partition",
     "partition",
@@ -123,26 +124,38 @@ def tau(stage: int, rho: float, num_stages: int, schedule: str = "exp") -> float
 
     ``"exp"``: tau^t = rho^((t+1)/S), S = I/T stages; tau^0 = 0.9423 and
     tau^{S-1} = rho for rho = 0.7, S = 6.
-    ``"linear"`` (the official code): tau^t = max(rho, 1 - (t+1)(1-rho)/S).
+    ``"linear"`` (the official code's linear decay): tau^t = 1 - (t+1)(1-rho)/S, and exactly
+    rho from the last stage t = S-1 on.
     """
     if schedule == "exp":
         return float(rho) ** ((stage + 1) / num_stages)
     if schedule == "linear":
-        return max(float(rho), 1.0 - (stage + 1) * (1.0 - float(rho)) / num_stages)
+        if stage + 1 >= num_stages:
+            return float(rho)
+        return 1.0 - (stage + 1) * (1.0 - float(rho)) / num_stages
     raise ValueError(f"schedule must be 'exp' or 'linear', got {schedule!r}")
 
 
 def num_kept(n: int, stage: int, rho: float, num_stages: int, schedule: str = "exp") -> int:
-    """|K1| at stage t: the number of points with y = 1 (Eq. 8 with tau^t).
+    """|K1| at stage t: the number of points with y = 1 (Eq. 8 with tau^t), floor(tau^t N).
 
-    ``"exp"``: floor(tau^t N). ``"linear"`` follows the official code's integer
-    steps: N - (t+1) floor((1-rho) N / S), but never below floor(rho N).
-    A small slack keeps floor() from losing a point to float rounding.
+    Both schedules reach floor(rho N) at the last stage. For ``"linear"`` this equals the
+    official code's integer steps N - (t+1) floor((1-rho) N / S) whenever (1-rho) N / S is
+    a whole number; otherwise it rounds the cumulative decay instead of each step, so a
+    small N still shrinks (and ends at floor(rho N)) instead of keeping every point.
     """
-    if schedule == "linear":
-        step = int(math.floor((1.0 - rho) * n / num_stages + 1e-9))
-        return max(int(math.floor(rho * n + 1e-9)), n - (stage + 1) * step)
-    return int(math.floor(tau(stage, rho, num_stages, schedule) * n + 1e-9))
+    return kept_count(tau(stage, rho, num_stages, schedule), n)
+
+
+def kept_count(fraction: float, n: int) -> int:
+    """floor(fraction * n), the points a kept fraction of n keeps (Eq. 8).
+
+    The product is computed in float64, so it can land just below a whole number
+    (0.29 * 10**8 = 28999999.999999996): a slack of 1e-9, relative above 1000
+    (1e-12 x), keeps floor() from losing that point at any N.
+    """
+    x = float(fraction) * n
+    return int(math.floor(x + max(1e-9, 1e-12 * x)))
 
 
 def relative_cost(taus: list[float], stage_epochs: int, epochs: int) -> float:

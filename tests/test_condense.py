@@ -91,3 +91,14 @@ def test_bad_input():
         with pytest.raises(exc, match=match):
             condense(v, f, **args)
     assert_unchanged(before, v, f)
+
+
+def test_fractional_keep_is_floor_at_any_n():
+    from kcd_fast.ops import _num_kept
+
+    # floor(keep N) of the exact decimal product; float64 gives 0.29 * 1e8 = 28999999.999999996.
+    for keep, n, expected in [(0.29, 10**8, 29_000_000), (0.57, 10**8, 57_000_000), (0.58, 10**8, 58_000_000),
+                              (0.7, 50000, 35000), (0.3, 10, 3), (0.5, 7, 3), (0.123456789, 10**8, 12_345_678),
+                              (0.9423, 1000, 942), (0.5, 2**31 - 1, 2**30 - 1)]:
+        assert _num_kept("condense", keep, n) == expected, (keep, n)
+        assert R.kept_count(keep, n) == expected, (keep, n)

@@ -407,3 +407,241 @@ def test_loader_workers_see_each_new_plan():
             cond.observe(index, synth(index, epoch))
         cond.end_epoch(epoch)
     assert cond.pairs[0].numel() > 0
+
+
+def _host_state(cond):
+    """Clones of every tensor of the condenser's state, to check that a call changed nothing."""
+    state = {k: getattr(cond, k).clone() for k in ("values", "counts", "keep", "partner", "eps")}
+    state.update(pairs=[t.clone() for t in cond.pairs], kept=cond.kept_indices().clone(),
+                 partner_cpu=cond._partner_cpu.clone(), eps_cpu=cond._eps_cpu.clone(),
+                 last_values=None if cond.last_values is None else cond.last_values.clone(),
+                 progress=(cond.next_epoch, cond.stage, cond.frozen, dict(cond.samples_yielded), len(cond.history)))
+    return state
+
+
+def _assert_same_state(a, b):
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, list):
+            assert all(torch.equal(p, q) for p, q in zip(x, y)), key
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), key
+        else:
+            assert x == y, key
+
+
+def test_state_dict_is_a_snapshot():
+    n = 80
+    synth = Synthetic(n, seed=8)
+    cond = KnowledgeCondenser(n, epochs=6, stage_epochs=2, rho=0.5, online_recording=False)
+    run_epochs(cond, synth, 3)
+    state = cond.state_dict()
+    frozen = {k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone())
+              for k, v in state.items() if isinstance(v, (torch.Tensor, tuple))}
+    run_epochs(cond, synth, 6, start=3)  # observes and condenses again: the live state changes
+    assert not torch.equal(cond.values, frozen["values"]) and not torch.equal(cond.keep, frozen["keep"])
+    for key, saved in frozen.items():
+        if isinstance(saved, tuple):
+            assert all(torch.equal(a, b) for a, b in zip(state[key], saved)), key
+        else:
+            assert torch.equal(state[key], saved), key
+    assert state["next_epoch"] == 3
+
+
+def test_too_few_kept_points_refused_at_construction():
+    for n, rho, epochs in ((1, 0.7, 6), (2, 0.3, 1), (9, 0.1, 4)):
+        with pytest.raises(ValueError, match=rf"num_samples`={n} with `rho`={rho}.*at least one"):
+            KnowledgeCondenser(n, epochs=epochs, stage_epochs=1, rho=rho)
+    cond = KnowledgeCondenser(2, epochs=2, stage_epochs=1, rho=0.5)  # the smallest that works
+    assert cond.end_epoch(0).num_kept == 1 and cond.end_epoch(1).num_kept == 1
+
+
+def test_failed_end_epoch_leaves_the_epoch_open(monkeypatch):
+    n = 50
+    cond = KnowledgeCondenser(n, epochs=4, stage_epochs=2, rho=0.5)
+    sampler = cond.sampler(batch_size=16)
+    sampler.set_epoch(0)
+    for b in sampler:
+        cond.observe(torch.tensor(b), Synthetic(n, seed=9)(torch.tensor(b), 0))
+    before = _host_state(cond)
+    for bad in (0.0, "0", True, None):
+        with pytest.raises(TypeError, match="end_epoch: `epoch` must be an int"):
+            cond.end_epoch(bad)
+    _assert_same_state(before, _host_state(cond))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(kcd_fast.ops, "condense", boom)  # the E-step itself fails
+    with pytest.raises(RuntimeError, match="injected"):
+        cond.end_epoch(0)
+    _assert_same_state(before, _host_state(cond))
+    monkeypatch.undo()
+    monkeypatch.setattr(cond, "_summary", boom)  # fails after the plan is computed
+    with pytest.raises(RuntimeError, match="injected"):
+        cond.end_epoch(0)
+    _assert_same_state(before, _host_state(cond))
+    monkeypatch.undo()
+    plan = cond.end_epoch(0)  # the epoch is still open: ending it again works
+    assert plan is not None and cond.next_epoch == 1 and cond.stage == 0 and len(cond.history) == 1
+    assert cond.end_epoch(1) is None and cond.next_epoch == 2
+
+
+def test_constructor_and_observe_argument_types():
+    ok = dict(epochs=2, stage_epochs=1)
+    for kwargs, exc, match in [
+        (dict(temperature=float("inf")), ValueError, "temperature.*finite"),
+        (dict(temperature=float("nan")), ValueError, "temperature.*finite"),
+        (dict(temperature=0.0), ValueError, "temperature.*> 0"),
+        (dict(temperature="1"), TypeError, "temperature.*number"),
+        (dict(alpha="x"), TypeError, "alpha.*number"),
+        (dict(alpha=float("nan")), ValueError, "alpha.*finite"),
+        (dict(alpha=-0.1), ValueError, "alpha.*>= 0"),
+        (dict(rho=float("nan")), ValueError, "rho.*finite"),
+        (dict(rho="0.7"), TypeError, "rho.*number"),
+        (dict(eps_max=float("inf")), ValueError, "eps_max.*finite"),
+        (dict(rank=0.5, world_size=1), TypeError, "rank.*int"),
+        (dict(rank=0, world_size=1.0), TypeError, "world_size.*int"),
+    ]:
+        with pytest.raises(exc, match=match):
+            KnowledgeCondenser(10, **ok, **kwargs)
+    cond = KnowledgeCondenser(10, **ok)
+    with pytest.raises(TypeError, match="observe: `indices` must be a torch.Tensor"):
+        cond.observe([0, 1], torch.randn(2, 3))
+    assert not cond.counts.any()
+
+
+def _condensed_source(n=10, **kwargs):
+    cond = KnowledgeCondenser(n, epochs=4, stage_epochs=2, rho=0.5, **kwargs)
+    run_epochs(cond, Synthetic(n, seed=10), 1)
+    assert cond.pairs[0].numel() > 0
+    return cond
+
+
+def test_load_state_dict_refuses_bad_states_without_changes():
+    n = 10
+    good = _condensed_source(n).state_dict()
+    k1l, k0, eps = good["pairs"]
+    cases = [
+        ("partner", torch.zeros(3, dtype=torch.int32), ValueError, r"`partner` must have shape \(10,\)"),
+        ("values", torch.tensor([5.0]), ValueError, r"`values` must have shape \(10,\)"),
+        ("values", torch.full((n,), float("nan")), ValueError, "`values` must be finite"),
+        ("values", torch.zeros(n, dtype=torch.float64), TypeError, "`values` must have dtype"),
+        ("counts", -good["counts"] - 1, ValueError, "`counts` must be >= 0"),
+        ("counts", [1] * n, TypeError, "`counts` must be a torch.Tensor"),
+        ("keep", torch.zeros(n, dtype=torch.bool), ValueError, "`keep` must keep at least one point"),
+        ("pairs", (k1l + 100, k0, eps), ValueError, r"`pairs\[0\]` must lie in \[0, 10\)"),
+        ("pairs", (k1l, k0, eps.double()), TypeError, r"`pairs\[2\]` must have dtype"),
+        ("pairs", (k1l, k1l, eps), ValueError, r"`pairs\[1\]` must be dropped"),
+        ("pairs", (k1l, k0), ValueError, "`pairs` must be a .k1l, k0, eps. triple"),
+        ("partner", torch.full((n,), -1, dtype=torch.int32), ValueError, "`partner` and `eps` must match"),
+        ("next_epoch", 99, ValueError, r"`next_epoch` must lie in \[0, 4\]"),
+        ("stage", "0", TypeError, "`stage` must be an int"),
+        ("frozen", 1, TypeError, "`frozen` must be a bool"),
+        ("samples_yielded", {0: -1}, ValueError, "`samples_yielded`"),
+        ("synced", (good["values"], good["counts"]), ValueError, "`synced`"),
+    ]
+    target = KnowledgeCondenser(n, epochs=4, stage_epochs=2, rho=0.5)
+    run_epochs(target, Synthetic(n, seed=11), 1)  # a state of its own, different from `good`
+    before = _host_state(target)
+    for key, bad, exc, match in cases:
+        state = dict(good)
+        state[key] = bad
+        with pytest.raises(exc, match=match):
+            target.load_state_dict(state)
+        _assert_same_state(before, _host_state(target))
+    missing = dict(good)
+    del missing["counts"]
+    with pytest.raises(ValueError, match="no `counts`"):
+        target.load_state_dict(missing)
+    _assert_same_state(before, _host_state(target))
+    target.load_state_dict(good)
+    assert torch.equal(target.values, good["values"]) and torch.equal(target.keep, good["keep"])
+    assert target.kept_indices().tolist() == good["keep"].nonzero().flatten().tolist()
+    # w/o OVR: last_values is checked too.
+    ovr = _condensed_source(n, online_recording=False).state_dict()
+    target = KnowledgeCondenser(n, epochs=4, stage_epochs=2, rho=0.5, online_recording=False)
+    before = _host_state(target)
+    with pytest.raises(ValueError, match="`last_values` must be finite"):
+        target.load_state_dict({**ovr, "last_values": torch.full((n,), float("inf"))})
+    _assert_same_state(before, _host_state(target))
+
+
+def test_load_condensed_refuses_bad_files_without_changes(tmp_path):
+    n = 10
+    path = tmp_path / "condensed.pt"
+    _condensed_source(n).save_condensed(path)
+    blob = torch.load(path, weights_only=True)
+    not_kept = int((~blob["keep"]).nonzero()[0])
+    cases = [
+        (dict(k1l=blob["k1l"] + 100), ValueError, r"`k1l` must lie in \[0, 10\)"),
+        (dict(keep=torch.tensor([False])), ValueError, r"`keep` must have shape \(10,\)"),
+        (dict(keep=torch.zeros(n, dtype=torch.bool)), ValueError, "`keep` must keep at least one point"),
+        (dict(eps=torch.full_like(blob["eps"], float("nan"))), ValueError, r"`eps` must lie in \[0, 1\]"),
+        (dict(k0=blob["k1l"]), ValueError, "`k0` must be dropped"),
+        (dict(k1l=torch.full_like(blob["k1l"], not_kept)), ValueError, "`k1l` must not repeat"),
+        (dict(k1l=blob["k1l"].int()), TypeError, "`k1l` must have dtype"),
+        (dict(k0=blob["k0"][:1]), ValueError, "1-D of one length"),
+        (dict(version=99), ValueError, "version 99"),
+    ]
+    target = KnowledgeCondenser(n, epochs=4, stage_epochs=2, rho=0.5)
+    before = _host_state(target)
+    for change, exc, match in cases:
+        torch.save({**blob, **change}, tmp_path / "bad.pt")
+        with pytest.raises(exc, match=match):
+            target.load_condensed(tmp_path / "bad.pt")
+        _assert_same_state(before, _host_state(target))
+    plan = target.load_condensed(path)
+    assert target.frozen and torch.equal(target.keep, blob["keep"]) and torch.equal(plan.k1l, blob["k1l"])
+
+
+def _ddp_resume_worker(rank, world_size, init_file, out_dir, n, epochs, stage, checkpoint_after, run_until):
+    """Three runs on one process group: uninterrupted; uninterrupted but checkpointing (the collective
+    state_dict) after epoch ``checkpoint_after``; killed there and resumed from rank 0's checkpoint."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    synth = Synthetic(n, seed=12)
+    out = {}
+    for mode in ("plain", "checkpointed", "resumed"):
+        cond = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage)
+        plans, _ = run_epochs(cond, synth, checkpoint_after + 1, batch=16)
+        if mode != "plain":
+            state = cond.state_dict()  # every rank: it merges the ranks' records
+            if rank == 0:
+                torch.save(state, f"{out_dir}/ckpt.pt")
+            dist.barrier()
+        if mode == "resumed":
+            cond = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage)
+            cond.load_state_dict(torch.load(f"{out_dir}/ckpt.pt", weights_only=False))
+            dist.barrier()
+        later, _ = run_epochs(cond, synth, run_until, batch=16, start=checkpoint_after + 1)
+        plans.update(later)
+        out[mode] = {"values": cond.values, "counts": cond.counts, "keep": cond.keep, "partner": cond.partner,
+                     "plans": {e: (p.keep, p.k1l, p.k0) for e, p in plans.items()},
+                     "kept": [h["kept"] for h in cond.history]}
+    torch.save(out, f"{out_dir}/resume{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_resume_from_a_mid_stage_checkpoint_is_exact(tmp_path):
+    # Boundaries at the ends of epochs 0 and 3; the checkpoint after epoch 1 holds unmerged deltas.
+    n, epochs, stage, checkpoint_after, run_until = 301, 6, 3, 1, 5
+    torch.multiprocessing.spawn(_ddp_resume_worker, nprocs=2, join=True,
+                                args=(2, str(tmp_path / "init"), str(tmp_path), n, epochs, stage,
+                                      checkpoint_after, run_until))
+    for rank in range(2):
+        runs = torch.load(tmp_path / f"resume{rank}.pt", weights_only=False)
+        plain, saved, resumed = runs["plain"], runs["checkpointed"], runs["resumed"]
+        # As the trainer runs (state_dict on every rank every epoch), resuming changes nothing.
+        for key in ("values", "counts", "keep", "partner"):
+            assert torch.equal(resumed[key], saved[key]), (rank, key)
+        # The early merge only moves the sync point: the same records as one merge at the stage end
+        # (the float32 running means may round differently).
+        for key in ("counts", "keep", "partner"):
+            assert torch.equal(resumed[key], plain[key]), (rank, key)
+        torch.testing.assert_close(resumed["values"], plain["values"], atol=1e-6, rtol=1e-6)
+        assert resumed["plans"].keys() == plain["plans"].keys() == {0, 3}
+        for e in (0, 3):
+            assert all(torch.equal(a, b) for a, b in zip(resumed["plans"][e], plain["plans"][e])), (rank, e)
+        assert resumed["kept"] == plain["kept"]

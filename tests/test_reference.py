@@ -125,3 +125,30 @@ def test_vaks_mix_reference():
     img = torch.tensor([[10], [11], [200]], dtype=torch.uint8)
     mixed = R.vaks_mix(img, torch.tensor([0, 1]), torch.tensor([2, 2]), torch.tensor([0.5, 0.0]))
     assert mixed.dtype == torch.uint8 and mixed[:, 0].tolist() == [105, 11, 200]
+
+
+def test_linear_schedule_shrinks_small_sets_and_ends_at_rho():
+    from fractions import Fraction
+
+    # N (1 - rho) / S = 0.5 < 1: the per-stage integer step of the official code would be 0.
+    assert [R.num_kept(10, t, 0.7, 6, "linear") for t in range(6)] == [9, 9, 8, 8, 7, 7]
+    for schedule in ("exp", "linear"):
+        for rho in (0.7, 0.3, 0.55, 0.9, 0.07):
+            for n in (1, 7, 10, 101, 1001, 50000, 1281167):
+                for s in (1, 2, 3, 6, 7):
+                    kept = [R.num_kept(n, t, rho, s, schedule) for t in range(s)]
+                    # tau and num_kept agree: |K1| = floor(tau^t N) (Eq. 8).
+                    assert kept == [R.kept_count(R.tau(t, rho, s, schedule), n) for t in range(s)]
+                    assert all(a >= b for a, b in zip(kept, kept[1:]))
+                    assert kept[-1] == math.floor(Fraction(str(rho)) * n), (schedule, rho, n, s)
+                    assert R.tau(s - 1, rho, s, schedule) == pytest.approx(rho, abs=1e-15)
+
+
+def test_exp_schedule_counts_unchanged():
+    # The paper's schedule keeps floor(rho^((t+1)/S) N), as before kept_count (old slack 1e-9).
+    for rho in (0.7, 0.3, 0.55, 0.9):
+        for n in list(range(1, 300)) + [1000, 50000, 1281167]:
+            for s in (1, 3, 6):
+                for t in range(s):
+                    old = int(math.floor(R.tau(t, rho, s) * n + 1e-9))
+                    assert R.num_kept(n, t, rho, s) == old, (rho, n, s, t)
