@@ -205,7 +205,8 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
 
     Returns:
         float32 [B]: each row's entropy H(softmax(logits / temperature)).
-        A row with a non-finite logit gets NaN and is not recorded.
+        A row with a non-finite logit gets NaN and is not recorded; so does a row whose
+        logits / temperature overflow float32 (|x| / T > 3.4e38), as every kernel scales in fp32.
 
     On CUDA this is one fused Triton kernel with no host synchronisation, safe
     inside CUDA-graph capture, under autocast and no_grad; it never builds an
