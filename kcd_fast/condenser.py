@@ -338,15 +338,18 @@ class KnowledgeCondenser:
         return plan
 
     def _apply_plan(self, plan: ops.CondensePlan) -> None:
-        self.keep.copy_(plan.keep)
-        self.partner.fill_(-1)
-        self.eps.zero_()
-        self.partner[plan.k1l] = plan.k0.int()
-        self.eps[plan.k1l] = plan.eps
-        self.pairs = (plan.k1l, plan.k0, plan.eps)
-        self._kept_cpu = plan.keep.nonzero().flatten().cpu()
-        self._partner_cpu.copy_(self.partner.cpu())
-        self._eps_cpu.copy_(self.eps.cpu())
+        self._apply(plan.keep, plan.k1l, plan.k0, plan.eps)
+
+    def _apply(self, keep, k1l, k0, eps) -> None:
+        """Make (keep, K1L, K0, eps) the condensed set, with the per-point partner and eps they imply."""
+        partner, ratio = _pair_arrays(self.num_samples, k1l, k0, eps)
+        self.keep.copy_(keep)
+        self.partner.copy_(partner)
+        self.eps.copy_(ratio)
+        self.pairs = (k1l, k0, eps)
+        self._kept_cpu = keep.nonzero().flatten().cpu()
+        self._partner_cpu.copy_(partner.cpu())
+        self._eps_cpu.copy_(ratio.cpu())
 
     def _summary(self, plan, stage, epoch, values) -> dict:
         keep = plan.keep
@@ -502,25 +505,20 @@ class KnowledgeCondenser:
             synced = (values, counts, last_values)  # a single-process state: nothing to merge yet
         # Everything checked: build the device tensors, then commit.
         dev = self.device
-        new = [t.to(dev, copy=True) for t in (values, counts, keep, partner, eps)]
         new_pairs = tuple(t.to(dev, copy=True) for t in pairs)
-        new_last = None if last_values is None else last_values.to(dev, copy=True)
         new_synced = None
         if self.world_size > 1:
             new_synced = tuple(None if t is None else t.to(dev, copy=True) for t in synced)
-        for mine_t, t in zip((self.values, self.counts, self.keep, self.partner, self.eps), new):
-            mine_t.copy_(t)
-        self.pairs = new_pairs
+        self.values.copy_(values)
+        self.counts.copy_(counts)
+        self._apply(keep.to(dev), *new_pairs)  # partner and eps: checked above to be the ones pairs imply
         if self.last_values is not None:
-            self.last_values.copy_(new_last)
+            self.last_values.copy_(last_values)
         if self.world_size > 1:
             self._synced = new_synced
         self.next_epoch, self.stage, self.frozen = next_epoch, stage, frozen
         self.samples_yielded = {int(e): int(c) for e, c in yielded.items()}
         self.history = list(state["history"])
-        self._kept_cpu = keep.nonzero().flatten()
-        self._partner_cpu.copy_(partner)
-        self._eps_cpu.copy_(eps)
 
     def save_condensed(self, path: str | os.PathLike) -> None:
         """Export the condensed knowledge K^ (the keep mask and the VAKS pairs) to reuse it (Fig. 4)."""
@@ -613,9 +611,10 @@ def _check_pairs(where, n, keep, k1l, k0, eps, names=("k1l", "k0", "eps")):
 
 
 def _pair_arrays(n, k1l, k0, eps):
-    """The per-point ``partner`` (-1 outside K1L) and ``eps`` (0 outside K1L) of a plan's pairs."""
-    partner = torch.full((n,), -1, dtype=torch.int32)
-    ratio = torch.zeros(n, dtype=torch.float32)
+    """The per-point ``partner`` (-1 outside K1L) and ``eps`` (0 outside K1L) of a plan's pairs, on
+    the pairs' device."""
+    partner = torch.full((n,), -1, dtype=torch.int32, device=k1l.device)
+    ratio = torch.zeros(n, dtype=torch.float32, device=k1l.device)
     partner[k1l] = k0.int()
     ratio[k1l] = eps
     return partner, ratio
