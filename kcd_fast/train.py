@@ -338,12 +338,8 @@ def train_teacher(args, bundle, device) -> torch.nn.Module:
     key = (f"{args.dataset}-{data_dir}-{fake}-{args.teacher}-{bundle.num_classes}-{args.teacher_epochs}-{args.seed}-"
            f"{args.train_subset}-{args.lr}-{args.batch_size}-{args.amp}")
     path = Path(args.output_dir) / f"teacher-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pth"
-    if path.exists():
-        if is_main(args):
-            top1 = torch.load(path, map_location="cpu", weights_only=False).get("top1", float("nan"))
-            print(f"kcd_fast: reusing the teacher {path} (top-1 {top1:.2f}%), trained by an earlier run with the "
-                  f"same settings", flush=True)
-    else:
+    reused = path.exists()
+    if not reused:
         if is_main(args):
             print(f"kcd_fast: training the teacher {args.teacher} for {args.teacher_epochs} epochs "
                   f"(saved to {path}, reused by later runs)", flush=True)
@@ -372,6 +368,9 @@ def train_teacher(args, bundle, device) -> torch.nn.Module:
         if args.distributed:
             dist.barrier()
     blob = torch.load(path, map_location="cpu", weights_only=False)
+    if reused and is_main(args):
+        print(f"kcd_fast: reusing the teacher {path} (top-1 {blob.get('top1', float('nan')):.2f}%), trained by an "
+              f"earlier run with the same settings", flush=True)
     teacher.load_state_dict(blob["model"])
     return teacher
 
@@ -557,18 +556,16 @@ def main(args: argparse.Namespace) -> dict:
 
     cached = args.knowledge == "cached"
     knowledge, knowledge_loaded = None, False
-    if cached and args.knowledge_file and os.path.isfile(args.knowledge_file):
-        try:  # A teacher's knowledge, computed once: the teacher is not needed at all.
-            knowledge = KnowledgeBuffer.load(args.knowledge_file, device=device, num_samples=n,
-                                             num_classes=bundle.num_classes, temperature=args.kd_temperature,
-                                             storage=args.storage, k=args.topk if args.storage == "topk" else None,
-                                             dtype=getattr(torch, args.knowledge_dtype),
-                                             teacher_hash=_file_hash(args.teacher_weights))
-        except (KnowledgeFileError, MemoryError) as exc:
-            raise UserError(f"--knowledge-file: {exc}") from None
-        if not knowledge.fully_filled():
-            raise UserError(f"--knowledge-file {args.knowledge_file} holds only {int(knowledge.filled.sum())} of "
-                            f"{n} samples")
+    # Cached mode: the file holding the buffer as of the last checkpoint (filled, mixed as far as the run got).
+    knowledge_state = ckpt.get("knowledge_state") if ckpt is not None else None
+    if cached and knowledge_state:  # a resume reads it, not --knowledge-file: the teacher is not needed
+        knowledge = _load_knowledge(out / knowledge_state, f"--resume: the knowledge state {out / knowledge_state}",
+                                    args, device, n, bundle.num_classes)
+        knowledge_loaded = True
+    elif cached and args.knowledge_file and os.path.isfile(args.knowledge_file):
+        # A teacher's knowledge, computed once: the teacher is not needed at all.
+        knowledge = _load_knowledge(args.knowledge_file, f"--knowledge-file {args.knowledge_file}", args, device, n,
+                                    bundle.num_classes, teacher_hash=_file_hash(args.teacher_weights))
         knowledge_loaded = True
     if cached and knowledge is None and args.condensed and args.knowledge_fill == "lazy":
         raise UserError("--knowledge cached with --condensed trains on a subset from the first epoch, so the lazy "
@@ -625,7 +622,6 @@ def main(args: argparse.Namespace) -> dict:
                             persistent_workers=False, drop_last=False)
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "top5": -1.0, "epoch": -1}
-    knowledge_state = None  # the file holding the buffer as of the last checkpoint (cached mode)
     if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -635,15 +631,6 @@ def main(args: argparse.Namespace) -> dict:
         if condenser is not None:
             condenser.load_state_dict(ckpt["condenser"])
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
-        knowledge_state = ckpt.get("knowledge_state")
-        if cached and knowledge_state:
-            try:
-                knowledge = KnowledgeBuffer.load(out / knowledge_state, device=device, num_samples=n,
-                                                 num_classes=bundle.num_classes, temperature=args.kd_temperature,
-                                                 storage=args.storage, k=args.topk if args.storage == "topk" else None,
-                                                 dtype=getattr(torch, args.knowledge_dtype))
-            except (KnowledgeFileError, MemoryError, FileNotFoundError) as exc:
-                raise UserError(f"--resume: the knowledge state {out / knowledge_state}: {exc}") from None
         if is_main(args):
             print(f"kcd_fast: resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
 
@@ -797,6 +784,21 @@ class _Indexed(torch.utils.data.Dataset):
     def __getitem__(self, i):
         x, y = self.dataset[i]
         return x, y, i
+
+
+def _load_knowledge(path, what: str, args, device, n: int, num_classes: int, teacher_hash=None) -> KnowledgeBuffer:
+    """A filled knowledge file for this run (its N, C, temperature, storage, k and dtype; the teacher's
+    hash where given), or a one-line UserError saying why not."""
+    try:
+        knowledge = KnowledgeBuffer.load(path, device=device, num_samples=n, num_classes=num_classes,
+                                         temperature=args.kd_temperature, storage=args.storage,
+                                         k=args.topk if args.storage == "topk" else None,
+                                         dtype=getattr(torch, args.knowledge_dtype), teacher_hash=teacher_hash)
+    except (KnowledgeFileError, MemoryError, FileNotFoundError) as exc:
+        raise UserError(f"{what}: {exc}") from None
+    if not knowledge.fully_filled():
+        raise UserError(f"{what} holds only {int(knowledge.filled.sum())} of {n} samples")
+    return knowledge
 
 
 def _finish_fill(knowledge, args, n, owner) -> None:
