@@ -11,7 +11,13 @@
 # correctness phase is the last line of $OUT/tests.log; the timings of a failed run are not evidence.
 # The tests run under pytest-xdist where it is installed, so that a crashing test is reported as
 # such and the rest still run; a crash of the C++ error path is then traced with cuda-gdb.
+#
+#     bash benchmarks/gpu_check.sh p2      # about 2 min: build, update_values' tests, P2 and the sweep
+# is the short second call for target P2: after the full check's sweep names a faster launch
+# configuration and it becomes the default, it re-times only that (results in <date>-<gpu>-p2).
 set -uo pipefail
+MODE=${1:-all}
+case "$MODE" in all|p2) ;; *) echo "usage: bash benchmarks/gpu_check.sh [all|p2]" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 KCD_FAST_EXPECT_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 t0=$(date +%s)
@@ -20,7 +26,8 @@ stamp() { echo "[gpu_check] $(( $(date +%s) - t0 ))s: $*"; }
 left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
 cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(share, time left)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | tr ' ' '_')
-OUT=${OUT:-benchmarks/results/$(date +%Y-%m-%d)-${gpu}}
+suffix=""; [ "$MODE" = p2 ] && suffix="-p2"
+OUT=${OUT:-benchmarks/results/$(date +%Y-%m-%d)-${gpu}${suffix}}
 mkdir -p "$OUT"
 {
   echo "date: $(date -Iseconds)"
@@ -45,9 +52,11 @@ python3 -c "import kcd_fast._ext as e; assert e.has_cuda_kernels(), 'no CUDA ker
 
 stamp "correctness on the GPU (against the float64 reference, fresh random inputs)"
 xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
-timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" tests/test_cuda.py \
-  tests/test_update_values.py tests/test_rank.py tests/test_condense.py tests/test_vaks_mix.py tests/test_build.py \
-  tests/test_knowledge.py benchmarks/test_step.py::test_observe_has_no_host_sync > "$OUT/tests.log" 2>&1
+tests=(tests/test_cuda.py tests/test_update_values.py tests/test_rank.py tests/test_condense.py tests/test_vaks_mix.py
+       tests/test_build.py tests/test_knowledge.py benchmarks/test_step.py::test_observe_has_no_host_sync)
+[ "$MODE" = p2 ] && tests=(tests/test_update_values.py benchmarks/test_step.py::test_observe_has_no_host_sync)
+timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" "${tests[@]}" \
+  > "$OUT/tests.log" 2>&1
 status=$?
 if grep -q "test_cpp_guards_raise_python_errors_in_a_subprocess FAILED\|FAILED.*test_cpp_guards" "$OUT/tests.log" \
     && command -v cuda-gdb > /dev/null; then
@@ -65,12 +74,15 @@ else
 fi
 
 stamp "timing"
-timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-only \
+select=(benchmarks/); [ "$MODE" = p2 ] && select=(benchmarks/test_ops.py -k update_values)
+timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider "${select[@]}" --benchmark-only \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 70
 [ -s "$OUT/bench.json" ] && python3 benchmarks/report.py --strip-data "$OUT/bench.json" | tee "$OUT/report.md"
 
-stamp "whole runs: KD vs KCD vs cached KCD on device-resident data ($(left)s left)"
-timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 30
+if [ "$MODE" = all ]; then
+  stamp "whole runs: KD vs KCD vs cached KCD on device-resident data ($(left)s left)"
+  timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 30
+fi
 stamp "update_values launch configurations, device time (target P2: 10x eager)"
 timeout "$(cap 120)" python3 -m benchmarks.sweep_update_values --out "$OUT/sweep_update_values.json" 2>&1 | tail -n 45
 stamp "done: results in $OUT"
