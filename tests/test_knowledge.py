@@ -231,6 +231,18 @@ def _saved(tmp_path, storage="topk", n=25, c=12, k=4, dtype=torch.float16, name=
     return buf, path
 
 
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_save_in_small_pieces_writes_the_same_file(tmp_path, monkeypatch, storage):
+    """save() copies the arrays out in SAVE_CHUNK_BYTES pieces: pieces that split rows and elements
+    (7 bytes) give the very bytes of one piece per array."""
+    buf, whole = _saved(tmp_path, storage=storage, name="whole.kcdk", fill=torch.arange(0, 25, 3))
+    monkeypatch.setattr("kcd_fast.knowledge.SAVE_CHUNK_BYTES", 7)
+    buf.save(tmp_path / "pieces.kcdk", teacher_hash="abc")
+    assert (tmp_path / "pieces.kcdk").read_bytes() == whole.read_bytes()
+    back = KnowledgeBuffer.load(tmp_path / "pieces.kcdk")
+    assert all(torch.equal(a, b) for a, b in zip(back._arrays(), buf._arrays()))
+
+
 def test_load_refuses_storage_k_dtype_and_teacher_hash_mismatches(tmp_path):
     _, path = _saved(tmp_path, storage="topk", k=4)
     cases = [(dict(storage="dense"), "storage 'topk'.*but this run has 'dense'"),
