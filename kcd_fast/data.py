@@ -26,6 +26,7 @@ __all__ = [
     "DATASETS",
     "DEFAULT_DATA_DIRS",
     "DatasetNotFoundError",
+    "CorruptImageError",
     "DataBundle",
     "InMemoryImageDataset",
     "FakeImageDataset",
@@ -65,6 +66,13 @@ FASHION_MNIST_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+
+
+class CorruptImageError(OSError):
+    """An image file of a dataset that does not decode; the message names the file."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -498,6 +506,11 @@ def _build_cifar100(data_dir: Path, download: bool, train_transform: bool) -> Da
         "Pass --download to fetch it, or put the torchvision CIFAR-100 layout there "
         f"({data_dir / 'cifar-100-python'}/ holding train, test and meta)."
     )
+    if data_dir.name == "cifar-100-python" and all((data_dir / f).is_file() for f in ("train", "test", "meta")):
+        raise DatasetNotFoundError(
+            f"{data_dir} is the cifar-100-python/ folder itself; point --data-dir at the folder that holds it "
+            f"({data_dir.parent})", data_dir
+        )
     if not download and not (data_dir / "cifar-100-python").is_dir():
         raise DatasetNotFoundError(
             f"CIFAR-100 not found in {data_dir} (no cifar-100-python/ folder). {how}", data_dir
@@ -522,11 +535,15 @@ def _build_cifar100(data_dir: Path, download: bool, train_transform: bool) -> Da
 
 
 def _load_rgb_tensor(path: str) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor [3, H, W]."""
+    """Decode an image file to a uint8 RGB tensor [3, H, W]. A file that does not decode raises
+    :class:`CorruptImageError` naming it (one bad file among 1.28 million must be findable)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        arr = np.array(im.convert("RGB"))  # a writable copy
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert("RGB"))  # a writable copy
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated (OSError), unidentified, bad headers
+        raise CorruptImageError(f"cannot decode the image {path}: {exc} (replace or remove the file)") from None
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import kcd_fast
 from kcd_fast import distill
 from kcd_fast.condenser import KCDDataset, KnowledgeCondenser
-from kcd_fast.data import DATASETS, DatasetNotFoundError, build_datasets, eval_view
+from kcd_fast.data import DATASETS, CorruptImageError, DatasetNotFoundError, build_datasets, eval_view
 from kcd_fast.knowledge import KnowledgeBuffer, KnowledgeFileError
 from kcd_fast.models import available_models, build_model, default_models
 
@@ -214,6 +215,8 @@ def _check_numbers(args) -> None:
             value = getattr(args, flag.replace("-", "_"))
             need(value >= 1, flag, "an int >= 1", value)
         need(args.fake_num_classes >= 2, "fake-num-classes", "an int >= 2", args.fake_num_classes)
+    if args.fake_on_device and (args.dataset != "fake" or args.train_subset):
+        raise UserError("--fake-on-device applies to --dataset fake (without --train-subset)")
     if args.dataset in TRAINABLE_TEACHER and not args.teacher_weights and not _knowledge_file_given(args):
         need(args.teacher_epochs >= 1, "teacher-epochs", "an int >= 1 (the teacher is trained here)",
              args.teacher_epochs)
@@ -263,6 +266,11 @@ def _check_resume(args, ckpt_path: Path) -> dict:
     if diff:
         raise UserError(f"--resume: {ckpt_path} was made with other settings ({'; '.join(diff)}); resume with the "
                         f"same settings, or start a new --output-dir")
+    changed = [f"{getattr(args, k)} {what} instead of {before[k]}" for k, what in
+               (("world_size", "processes"), ("workers", "loader workers")) if k in before and before[k] != getattr(args, k)]
+    if changed and is_main(args):  # allowed (another machine), but the run is no longer the uninterrupted one
+        print(f"kcd_fast: note: resuming with {' and '.join(changed)}; the data order and augmentation from here "
+              f"on differ from those of an uninterrupted run", flush=True)
     return ckpt
 
 
@@ -348,7 +356,8 @@ def train_teacher(args, bundle, device) -> torch.nn.Module:
             opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.teacher_epochs, 1))
             g = torch.Generator().manual_seed(args.seed + 54321)
-            loader = DataLoader(bundle.train, batch_size=args.batch_size, shuffle=True, generator=g,
+            order = torch.utils.data.RandomSampler(bundle.train, generator=g)  # what shuffle=True would use
+            loader = DataLoader(bundle.train, batch_sampler=NoSingletonBatches(order, args.batch_size),
                                 num_workers=args.workers)
             for epoch in range(args.teacher_epochs):
                 model.train()
@@ -360,7 +369,7 @@ def train_teacher(args, bundle, device) -> torch.nn.Module:
                     loss.backward()
                     opt.step()
                 sched.step()
-            acc = evaluate(model, bundle.val, args, device)["top1"]
+            acc = evaluate(model, bundle.val, args, device, local=True)["top1"]  # the other ranks wait
             print(f"kcd_fast: teacher top-1 {acc:.2f}%", flush=True)
             tmp = path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "arch": args.teacher, "top1": acc, "key": key}, tmp)
@@ -384,7 +393,9 @@ def _autocast(args):
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def _progress(iterable, args, desc, total_images):
+def _progress(iterable, args, desc, total_images, ranks: int = 1):
+    """A progress bar on rank 0 over ``total_images``; each of its batches counts ``ranks`` times (under
+    DDP every rank passes a batch of the same size at each step)."""
     if not (args.progress and is_main(args)):
         return iterable
     from tqdm.auto import tqdm
@@ -397,7 +408,7 @@ def _progress(iterable, args, desc, total_images):
         try:
             for batch in iterable:
                 yield batch
-                bar.update(len(batch[1]))
+                bar.update(len(batch[1]) * ranks)
         finally:
             bar.close()
 
@@ -421,7 +432,7 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
     channels_last = str(device).startswith("cuda")
-    for x, y, index in _progress(loader, args, f"epoch {epoch + 1}/{args.epochs}", total_images):
+    for x, y, index in _progress(loader, args, f"epoch {epoch + 1}/{args.epochs}", total_images, args.world_size):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
@@ -456,15 +467,19 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args
 
 
 @torch.no_grad()
-def evaluate(model, dataset, args, device) -> dict:
-    """Top-1/top-5 accuracy and loss over ``dataset``, exact under DDP (disjoint shares, summed)."""
+def evaluate(model, dataset, args, device, *, local: bool = False) -> dict:
+    """Top-1/top-5 accuracy and loss over ``dataset``, exact under DDP (disjoint shares, summed).
+
+    ``local``: this process alone scores the whole of ``dataset``, with no collective (the teacher
+    that rank 0 trains while the other ranks wait)."""
     model.eval()
+    rank, world = (0, 1) if local else (args.rank, args.world_size)
     if isinstance(dataset, tuple):  # (x, y) resident on the device
         x_all, y_all = dataset
-        share = torch.arange(args.rank, len(y_all), args.world_size, device=y_all.device)
+        share = torch.arange(rank, len(y_all), world, device=y_all.device)
         loader = ((x_all[i], y_all[i]) for i in share.split(args.eval_batch_size))
     else:
-        indices = list(range(args.rank, len(dataset), args.world_size)) if args.distributed else None
+        indices = list(range(rank, len(dataset), world)) if world > 1 else None
         data = Subset(dataset, indices) if indices is not None else dataset
         loader = DataLoader(data, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
@@ -477,7 +492,8 @@ def evaluate(model, dataset, args, device) -> dict:
         hit = top == y[:, None]
         stats += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
                               hit.any(dim=1).sum().double(), torch.tensor(float(len(y)), device=device).double()])
-    stats = all_reduce_sum(stats, args)
+    if not local:
+        stats = all_reduce_sum(stats, args)
     n = max(float(stats[3]), 1.0)
     return {"loss": float(stats[0]) / n, "top1": 100.0 * float(stats[1]) / n, "top5": 100.0 * float(stats[2]) / n}
 
@@ -490,6 +506,14 @@ def _subset(dataset, size: int, seed: int):
         return dataset
     g = torch.Generator().manual_seed(seed + 999)
     return Subset(dataset, torch.randperm(len(dataset), generator=g)[:size].sort().values.tolist())
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, stream: str) -> int:
+    """The seed of one random stream ("torch": this process's augmentation and dropout, "loader": its
+    loader workers') for (seed, epoch, rank): distinct for every rank and epoch, and the same again
+    when a run is resumed."""
+    words = [seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, rank, {"torch": 0, "loader": 1}[stream]]  # any int seed
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -535,11 +559,12 @@ def main(args: argparse.Namespace) -> dict:
     bundle.train = train_set
     n = len(train_set)
     resident = None
-    if args.fake_on_device:
-        if args.dataset != "fake" or args.train_subset:
-            raise UserError("--fake-on-device applies to --dataset fake (without --train-subset)")
+    if args.fake_on_device:  # --dataset fake, checked by _check_numbers
         resident = train_set.materialize(device)
         bundle.val = bundle.val.materialize(device)
+        # The one-off fill must see the very images the student trains on (materialize's noise is
+        # not __getitem__'s); device tensors are read in this process, without loader workers.
+        train_eval = torch.utils.data.TensorDataset(*resident)
 
     condenser = None
     if args.kcd:  # before the teacher, so that bad settings cost no teacher training
@@ -617,9 +642,9 @@ def main(args: argparse.Namespace) -> dict:
     if resident is not None:
         loader = DeviceBatches(*resident, sampler, args.batch_size // args.world_size, condenser, mix=not cached)
     else:
-        loader = DataLoader(dataset, batch_size=args.batch_size // args.world_size, sampler=sampler,
+        loader = DataLoader(dataset, batch_sampler=NoSingletonBatches(sampler, args.batch_size // args.world_size),
                             num_workers=args.workers, pin_memory=device.type == "cuda", generator=loader_gen,
-                            persistent_workers=False, drop_last=False)
+                            persistent_workers=False)
 
     start_epoch, history, best = 0, [], {"top1": -1.0, "top5": -1.0, "epoch": -1}
     if ckpt is not None:
@@ -650,7 +675,7 @@ def main(args: argparse.Namespace) -> dict:
         # The one-off pass with the evaluation transform, shared across ranks, then completed.
         share = range(args.rank, n, args.world_size)
         fill_forwards = knowledge.fill(teacher, train_eval, batch_size=args.eval_batch_size, device=device,
-                                       num_workers=args.workers, indices=share,
+                                       num_workers=0 if resident is not None else args.workers, indices=share,
                                        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
                                        ) * args.world_size
         _finish_fill(knowledge, args, n, owner=torch.arange(n) % args.world_size)
@@ -658,8 +683,8 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         # Every source of randomness of an epoch derives from (seed, epoch): a resumed run repeats it.
-        torch.manual_seed(args.seed * 100_003 + epoch * 7 + args.rank)
-        loader_gen.manual_seed(args.seed * 100_003 + epoch)
+        torch.manual_seed(epoch_seed(args.seed, epoch, args.rank, "torch"))
+        loader_gen.manual_seed(epoch_seed(args.seed, epoch, args.rank, "loader"))  # the workers' seeds
         sampler.set_epoch(epoch)
         total_images = len(sampler) * args.world_size
         kept_fraction = condenser.kept_indices().numel() / n if condenser is not None else 1.0
@@ -731,6 +756,34 @@ def main(args: argparse.Namespace) -> dict:
         print(f"kcd_fast: done in {summary['wall_time_s']:.1f}s: best top-1 {best['top1']:.2f}%, "
               f"final top-1 {summary['final_top1']:.2f}%, C {summary['C']:.3f}; outputs in {out}", flush=True)
     return summary
+
+
+class NoSingletonBatches(torch.utils.data.Sampler):
+    """The sampler's order in batches of ``batch_size``, where a last batch of one sample joins the
+    batch before it: BatchNorm cannot train on one sample (a condensed set's size is anything), and
+    every kept point is still seen, and recorded, once an epoch."""
+
+    def __init__(self, sampler, batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __len__(self):
+        n, bs = len(self.sampler), self.batch_size
+        return -(-n // bs) - (n > bs and n % bs == 1)
+
+    def __iter__(self):
+        held, batch = None, []  # the last full batch is held back until it is known whether one sample follows
+        for i in self.sampler:
+            batch.append(int(i))
+            if len(batch) == self.batch_size:
+                if held is not None:
+                    yield held
+                held, batch = batch, []
+        if held is not None and len(batch) == 1:
+            held, batch = held + batch, []
+        if held is not None:
+            yield held
+        if batch:
+            yield batch
 
 
 class DeviceBatches:
@@ -891,6 +944,10 @@ def cli(argv=None) -> int:
         main(args)
     except UserError as exc:
         print(f"kcd_fast.train: error: {exc}", file=sys.stderr)
+        return 2
+    except CorruptImageError as exc:  # mid-epoch; from a loader worker, the message ends with the original one
+        reason = str(exc).strip().splitlines()[-1].split("CorruptImageError: ", 1)[-1]
+        print(f"kcd_fast.train: error: {reason}; then continue with --resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kcd_fast.train: interrupted; continue with --resume", file=sys.stderr)

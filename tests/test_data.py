@@ -184,6 +184,16 @@ def test_cifar100_missing_without_download(tmp_path, monkeypatch):
         build_datasets("cifar100", tmp_path)
 
 
+def test_cifar100_data_dir_pointing_at_the_inner_folder_says_use_its_parent(tmp_path):
+    inner = tmp_path / "cifar-100-python"
+    inner.mkdir()
+    for name in ("train", "test", "meta"):
+        (inner / name).write_bytes(b"")
+    with pytest.raises(DatasetNotFoundError, match="point --data-dir at the folder that holds it") as ei:
+        build_datasets("cifar100", inner)
+    assert f"({tmp_path})" in str(ei.value)
+
+
 def test_cifar100_from_torchvision_layout(tmp_path, monkeypatch):
     """A tiny file set in the torchvision layout (checksums patched out) loads as uint8 HWC."""
     import pickle
@@ -365,3 +375,22 @@ def test_eval_view_sees_in_place_changes():
     after = ev[0][0]
     assert not torch.equal(before, after)
     assert torch.allclose(after, after.flatten()[0].expand_as(after))
+
+
+def test_an_image_that_does_not_decode_is_named(tmp_path):
+    """A truncated or non-image file raises CorruptImageError naming the file (an OSError)."""
+    from PIL import Image
+
+    from kcd_fast.data import CorruptImageError, _load_rgb_tensor
+
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.full((16, 16, 3), 100, np.uint8)).save(good)
+    assert _load_rgb_tensor(str(good)).shape == (3, 16, 16)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[:200])
+    text = tmp_path / "notes.jpg"
+    text.write_bytes(b"not an image at all")
+    for bad in (cut, text):
+        with pytest.raises(CorruptImageError, match=f"cannot decode the image {bad}") as ei:
+            _load_rgb_tensor(str(bad))
+        assert isinstance(ei.value, OSError)

@@ -1,4 +1,5 @@
 """The trainer, python -m kcd_fast.train, driven through main(args) and cli(argv) on real data (digits)."""
+import argparse
 import json
 import os
 import subprocess
@@ -176,6 +177,94 @@ def test_torchrun_two_processes_on_gloo(tmp_path, digits_teacher):
     assert res.stdout.count("epoch 1/2:") == 1, "only rank 0 logs"
 
 
+def test_torchrun_trains_the_teacher_on_rank_0_while_the_other_waits(tmp_path):
+    """Rank 0 trains (and evaluates) the teacher alone; before, its evaluation's all_reduce met the other
+    rank's barrier, and the run hung."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           "-m", "kcd_fast.train", "--teacher-epochs", "1", "--train-subset", "400", "--output-dir", str(out),
+           "--epochs", "2", "--stage-epochs", "1", "--no-progress", "--no-plots", "--device", "cpu"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("teacher top-1") == 1 and len(list(out.glob("teacher-*.pth"))) == 1
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_every_rank_and_epoch_gets_its_own_random_streams():
+    """Augmentation (torch) and loader-worker seeds differ across ranks, epochs and streams; before, every
+    rank's workers shared one seed per epoch, so the k-th sample of each rank got the same crop."""
+    seeds = [T.epoch_seed(s, e, r, k) for s in (0, 1, -1) for e in range(40) for r in range(16)
+             for k in ("torch", "loader")]
+    assert len(set(seeds)) == len(seeds) and all(0 <= x < 2 ** 63 for x in seeds)
+    assert T.epoch_seed(3, 5, 2, "loader") == T.epoch_seed(3, 5, 2, "loader"), "a resumed run repeats them"
+
+
+@pytest.mark.parametrize("n", range(0, 15))
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 5])
+def test_no_singleton_batches_pass_every_sample_once(n, batch_size):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
+    batches = list(T.NoSingletonBatches(order, batch_size))
+    assert len(batches) == len(T.NoSingletonBatches(order, batch_size))
+    assert [i for b in batches for i in b] == order
+    if batch_size > 1 and n > 1:
+        assert all(len(b) > 1 for b in batches)
+    assert all(len(b) <= batch_size + 1 for b in batches)
+
+
+def test_a_last_batch_of_one_sample_does_not_crash_batchnorm(tmp_path, digits_teacher):
+    """cnn_large ends on 1x1 maps on digits, where BatchNorm cannot train on one sample: 65 = 64 + 1."""
+    summary = T.main(args_of("--student", "cnn_large", "--train-subset", "65", "--batch-size", "64",
+                             "--teacher-weights", str(digits_teacher), "--no-kcd", "--output-dir", str(tmp_path / "o"),
+                             *QUICK, "--epochs", "1", "--stage-epochs", "1"))
+    assert summary["epochs"] == 1
+
+
+def test_progress_bar_counts_every_rank(monkeypatch):
+    import tqdm.auto
+
+    seen = {}
+
+    class Bar:
+        def __init__(self, total, **kw):
+            seen["total"], seen["n"] = total, 0
+
+        def update(self, k):
+            seen["n"] += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    args = argparse.Namespace(progress=True, rank=0, world_size=2)
+    batches = [(None, torch.zeros(4)), (None, torch.zeros(4)), (None, torch.zeros(2))]  # rank 0's share of 20
+    assert len(list(T._progress(iter(batches), args, "epoch", 20, ranks=2))) == 3
+    assert seen == {"total": 20, "n": 20}
+
+
+def test_resume_with_other_workers_says_so(tmp_path, digits_teacher, capsys):
+    common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
+              "--epochs", "2", "--stage-epochs", "1"]
+    assert T.cli([*common, "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert T.cli([*common, "--workers", "1", "--resume"]) == 0
+    assert "resuming with 1 loader workers instead of 0" in capsys.readouterr().out
+
+
+def test_a_corrupt_image_mid_epoch_is_named_in_one_line(tmp_path, capsys):
+    _write_image_folder(tmp_path / "imnet")
+    bad = tmp_path / "imnet/train/class1/img2.png"
+    bad.write_bytes(bad.read_bytes()[:100])
+    torch.save({"model": build_model("cnn_small", 3, 3).state_dict()}, tmp_path / "t.pth")
+    code = T.cli(["--dataset", "imagenet", "--data-dir", str(tmp_path / "imnet"), "--teacher", "cnn_small",
+                  "--student", "cnn_small", "--teacher-weights", str(tmp_path / "t.pth"), "--batch-size", "4",
+                  "--eval-batch-size", "4", "--workers", "1", "--output-dir", str(tmp_path / "o"), *QUICK,
+                  "--epochs", "1", "--stage-epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot decode the image {bad}" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 # --------------------------------------------------------------------------- user errors: message, exit 2, no traceback
 
 
@@ -229,6 +318,7 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     (["--dataset", "imagenet", "--data-dir", "/nonexistent"], "--teacher-weights"),
     (["--distill", "my_kd"], "my_kd"),
     (["--loss-module", "no_such_module_here"], "no_such_module_here"),
+    (["--fake-on-device"], "--fake-on-device"),
 ])
 def test_bad_settings_exit_2_before_any_work(tmp_path, capsys, argv, named):
     """Checked before any data is read, any teacher trained or any file written: one line, exit 2."""
@@ -358,6 +448,26 @@ def test_resume_in_cached_mode(tmp_path, digits_teacher, monkeypatch, fill):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "killed").glob("knowledge-state-e*.kcdk"))) == 1
     assert resumed["teacher_passes"] == resumed["num_train"]
+
+
+def test_fake_on_device_one_off_pass_reads_the_images_the_student_trains_on(tmp_path):
+    from kcd_fast.data import build_datasets
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    kfile, out = tmp_path / "f.kcdk", tmp_path / "o"
+    T.main(args_of("--dataset", "fake", "--fake-on-device", "--fake-size", "96", "--fake-val-size", "32",
+                   "--fake-image-size", "8", "--teacher", "cnn_small", "--student", "cnn_small", "--teacher-epochs",
+                   "1", "--knowledge", "cached", "--knowledge-fill", "pass", "--knowledge-file", str(kfile),
+                   "--output-dir", str(out), *QUICK, "--epochs", "1", "--stage-epochs", "1"))
+    (tpath,) = out.glob("teacher-*.pth")
+    teacher = build_model("cnn_small", 10, 3)
+    T.load_teacher_weights(teacher, str(tpath), 10)
+    x, _ = build_datasets("fake", fake_size=96, fake_val_size=32, fake_image_size=8, fake_num_classes=10,
+                          seed=0).train.materialize("cpu")
+    expected = KnowledgeBuffer(96, 10, temperature=4.0)
+    expected.write(torch.arange(96), teacher.eval()(x))
+    torch.testing.assert_close(KnowledgeBuffer.load(kfile).probs.float(), expected.probs.float(), atol=1e-3,
+                               rtol=1e-3)
 
 
 def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
