@@ -146,6 +146,11 @@ def _error_flag(device: torch.device) -> torch.Tensor:
     device = _canonical_device(device)
     flag = _error_flags.get(device)
     if flag is None:
+        if torch.cuda.is_current_stream_capturing():
+            # Made inside a capture, the flag would live in the graph's pool and every replay would
+            # zero it again, losing earlier replays' errors (and Triton cannot compile there either).
+            raise RuntimeError("update_values: call it once outside CUDA-graph capture first (a warm-up step), "
+                               f"so that it compiles its kernel and allocates {device}'s error flag there")
         flag = _error_flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
     return flag
 
@@ -163,6 +168,18 @@ def check_errors(device: torch.device | str | None = None) -> None:
             flag.zero_()
             raise ValueError(f"update_values: `indices` held values outside [0, N) on {dev}; those visits "
                              f"were not recorded. Run with KCD_FAST_DEBUG=1 to fail at the offending call.")
+
+
+def _check_temperature(op: str, temperature) -> float:
+    """A finite T > 0 whose inverse is a finite float32 (T >= 2.9e-39): every kernel scales by 1/T in fp32."""
+    temperature = _real(op, "temperature", temperature, lo=0.0, lo_open=True)
+    if 1.0 / temperature > _FLOAT32_MAX:
+        raise ValueError(f"{op}: `temperature` must be at least {1.0 / _FLOAT32_MAX:.6g} (its inverse must be a "
+                         f"finite float32), got {temperature}")
+    return temperature
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _update_values_torch(values, counts, indices, logits, temperature):
@@ -196,21 +213,25 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
     """Record the student's prediction entropy of a batch (Eq. 7) into the running values (Eq. 12).
 
     Args:
-        values: float32 [N], V^F(x), the running mean entropy of every sample. Updated in place.
+        values: float32 [N], V^F(x), the running mean entropy of every sample. Updated in place
+            (its version counter too, as torch's in-place ops do); must not require grad.
         counts: int32 [N], F(x), how often each sample was recorded. Updated in place.
         indices: int32 or int64 [B], the dataset indices of the batch's samples.
             A duplicate index is a successive visit (exactly as k updates in batch order).
         logits: [B, C] float32, float16 or bfloat16, any strides: the student's logits.
-        temperature: softmax temperature of the entropy, > 0.
+        temperature: softmax temperature of the entropy, > 0, with 1/T a finite float32
+            (T >= 2.9e-39). May change between calls, under ``torch.compile`` too.
 
     Returns:
         float32 [B]: each row's entropy H(softmax(logits / temperature)).
-        A row with a non-finite logit gets NaN and is not recorded; so does a row whose
-        logits / temperature overflow float32 (|x| / T > 3.4e38), as every kernel scales in fp32.
+        A row with a non-finite logit gets NaN and is not recorded. Every kernel works in fp32,
+        so so does a row whose scaled logits overflow it: |x| / T > 3.4e38, or a spread
+        max - min of the scaled logits beyond 3.4e38.
 
     On CUDA this is one fused Triton kernel with no host synchronisation, safe
-    inside CUDA-graph capture, under autocast and no_grad; it never builds an
-    autograd graph. On the CPU it is a C++ kernel (rows in parallel, then the
+    inside CUDA-graph capture (after one call outside it, which compiles the kernel
+    and allocates the device's error flag), under autocast and no_grad; it never
+    builds an autograd graph. On the CPU it is a C++ kernel (rows in parallel, then the
     visits applied in batch order); :func:`_update_values_torch` is its
     vectorised-torch twin. Works under ``torch.compile`` as the operator
     ``torch.ops.kcd_fast.update_values``.
@@ -227,18 +248,25 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
         raise ValueError(f"{op}: `logits` must have at least one class, got shape {tuple(logits.shape)}")
     if not values.is_contiguous() or not counts.is_contiguous():
         raise ValueError(f"{op}: `values` and `counts` must be contiguous (they are updated in place)")
-    temperature = _real(op, "temperature", temperature, lo=0.0, lo_open=True)
+    if values.requires_grad or counts.requires_grad:
+        raise ValueError(f"{op}: `values` and `counts` must not require grad: they are state, updated in place")
     logits = logits.detach()
     if torch.compiler.is_compiling():
-        # Reading the indices would break the graph: the C++ guard checks them instead.
+        # Reading the indices would break the graph, and a temperature that changes between calls is
+        # traced as a symbol: the operator checks both when it runs (_check_temperature).
         _ext.require(op)
         return torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
+    temperature = _check_temperature(op, temperature)
     # Always on the CPU (before the C++ guard, so bad input gets this error); on CUDA in debug mode.
     _check_range(op, "indices", indices, values.numel())
     if logits.device.type == "cuda":
-        return _update_values_cuda(values, counts, indices, logits, temperature)
-    _ext.require(op)  # the CUDA kernel of this op is the Triton kernel, registered below
-    return torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
+        entropy = _update_values_cuda(values, counts, indices, logits, temperature)
+    else:
+        _ext.require(op)  # the CUDA kernel of this op is the Triton kernel, registered below
+        entropy = torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
+    # As torch's own in-place ops do, so that autograd refuses a graph that saved the old values.
+    torch.autograd.graph.increment_version((values, counts))
+    return entropy
 
 
 # --------------------------------------------------------------------------- rank (Eq. 13)
@@ -254,7 +282,8 @@ def rank(values: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tens
     Returns:
         int64 [N] ``order``: ``order[r]`` is the point at rank position r. The
         score is computed in float64 and ranked at float32 precision; equal
-        keys are ordered by the lower index; NaN ranks last.
+        keys are ordered by the lower index. ``values`` must be finite: checked on the
+        CPU, and on CUDA in debug mode (unchecked, a NaN score ranks last).
 
     CPU: a parallel LSD radix sort in C++. CUDA: a CUB radix sort of the keys
     carrying int32 payloads. No host synchronisation on CUDA.
@@ -487,7 +516,17 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
 if _ext.available():
     @torch.library.impl("kcd_fast::update_values", "CUDA")
     def _update_values_cuda_op(values, counts, indices, logits, temperature):
-        return _update_values_cuda(values, counts, indices, logits, temperature)
+        # Called through torch.ops.kcd_fast (torch.compile, or a user): the kernel's own assumptions,
+        # checked without reading any tensor's contents (an index out of range raises the error flag).
+        op = "kcd_fast::update_values"
+        _check_state(op, values, counts)
+        _tensor(op, "indices", indices, _INDEX_DTYPES, 1)
+        _tensor(op, "logits", logits, _LOGIT_DTYPES, 2)
+        _same_device(op, "values", values, indices=indices, logits=logits)
+        if logits.shape[0] != indices.shape[0] or not (values.is_contiguous() and counts.is_contiguous()):
+            raise ValueError(f"{op}: logits must be [B, C] with B = len(indices) ({indices.shape[0]}), got "
+                             f"{tuple(logits.shape)}, and values and counts contiguous")
+        return _update_values_cuda(values, counts, indices, logits, _check_temperature(op, temperature))
 
     @torch.library.register_fake("kcd_fast::update_values")
     def _update_values_fake(values, counts, indices, logits, temperature):

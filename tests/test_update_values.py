@@ -138,6 +138,80 @@ def test_torch_compile_custom_op():
     assert torch.equal(counts, ref_f)
 
 
+@pytest.mark.parametrize("c", [32_000, 128_256])
+def test_cpu_long_rows_match_reference(c):
+    """A language model's vocabulary: the C++ kernel's float64 sums keep it at fp32 accuracy (a sequential
+    fp32 sum was 5e-5 off at 32,000 classes and 2e-4 at 128,256)."""
+    logits = make_logits(2, c, seed=c) * 3
+    values, counts = make_state(4)
+    ent = update_values(values, counts, torch.tensor([1, 3]), logits)
+    torch.testing.assert_close(ent.double(), R.entropy(logits), atol=1e-6, rtol=0)
+
+
+def test_torch_compile_with_a_temperature_that_changes():
+    """A trainer that anneals the temperature: Dynamo traces a changing float as a symbol, which the
+    Python checks cannot read; the operator checks it instead (and a bad one still raises)."""
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(v, f, i, x, t):
+        return kcd_fast.ops.update_values(v, f, i, x, temperature=t)
+
+    idx, logits = torch.tensor([1, 2]), make_logits(2, 7, seed=3)
+    for t in (1.0, 2.0, 3.5):
+        values, counts = make_state(5)
+        ref_v, ref_f = values.clone(), counts.clone()
+        ref = update_values(ref_v, ref_f, idx, logits, temperature=t)
+        torch.testing.assert_close(step(values, counts, idx, logits, t), ref)
+        torch.testing.assert_close(values, ref_v)
+    values, counts = make_state(5)
+    before = snapshot(values, counts)
+    with pytest.raises(Exception, match="temperature"):
+        step(values, counts, idx, logits, -1.0)
+    assert_unchanged(before, values, counts)
+
+
+def test_values_are_in_place_state_for_autograd():
+    """update_values bumps the version counters as torch's in-place ops do, so a graph that saved the old
+    values refuses to backpropagate; values that require grad are refused, untouched."""
+    values, counts = make_state(10)
+    w = torch.randn(10, requires_grad=True)
+    y = (w * values).sum()
+    update_values(values, counts, torch.tensor([1]), torch.randn(1, 4))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    leaf = torch.zeros(10, requires_grad=True)
+    before = snapshot(leaf.detach(), counts)
+    with pytest.raises(ValueError, match="`values` and `counts` must not require grad"):
+        update_values(leaf, counts, torch.tensor([1]), torch.randn(1, 4))
+    assert_unchanged(before, leaf.detach(), counts)
+
+
+def test_the_operator_called_directly_guards_its_kernel():
+    """torch.ops.kcd_fast.update_values without the Python checks: no write outside counts, no float index."""
+    big = torch.zeros(10, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="values and counts must be 1-D of the same size"):
+        torch.ops.kcd_fast.update_values(torch.zeros(10), big[:5], torch.tensor([7]), torch.randn(1, 4), 1.0)
+    with pytest.raises(RuntimeError, match="indices must be int32 or int64"):
+        torch.ops.kcd_fast.update_values(torch.zeros(10), big, torch.tensor([2.9]), torch.randn(1, 4), 1.0)
+    for t in (0.0, -2.0, math.nan, 1e-39):
+        with pytest.raises(ValueError, match="temperature"):
+            torch.ops.kcd_fast.update_values(torch.zeros(10), big, torch.tensor([2]), torch.randn(1, 4), t)
+    assert big.sum() == 0
+
+
+def test_first_call_inside_a_graph_capture_is_refused(monkeypatch):
+    """The error flag is made outside any capture (inside, each replay would zero it again)."""
+    from kcd_fast import ops
+
+    monkeypatch.setattr(ops, "_error_flags", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="once outside CUDA-graph capture first"):
+        ops._error_flag(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    flag = ops._error_flag(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert ops._error_flag(torch.device("cpu")) is flag, "made once, then reused inside captures"
+
+
 # --------------------------------------------------------------------------- bad input: clear errors, state untouched
 
 def _bad_cases():
@@ -170,7 +244,7 @@ def test_bad_input_raises_and_leaves_state(name, kwargs, exc, match):
         assert_unchanged(before, kwargs["values"], kwargs["counts"])
 
 
-@pytest.mark.parametrize("t", [0.0, -1.0, math.inf, math.nan, "1"])
+@pytest.mark.parametrize("t", [0.0, -1.0, math.inf, math.nan, "1", 1e-39])
 def test_bad_temperature(t):
     v, f = make_state(4)
     before = snapshot(v, f)

@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -78,9 +80,11 @@ void radix_sort_pairs(std::vector<uint32_t>& keys, std::vector<int64_t>& idx) {
   }
 }
 
-// Eq. 7: entropy of softmax(row / T) in fp32, two passes over the row (max,
-// then the sums s = sum e^(z-m), t = sum e^(z-m)(z-m)); H = log s - t / s.
-// NaN if any logit is not finite.
+// Eq. 7: entropy of softmax(row / T), two passes over the row (max, then the
+// sums s = sum e^(z-m), t = sum e^(z-m)(z-m)); H = log s - t / s. Each term is
+// fp32, as on CUDA; the sums are float64, so that a long row (an LLM's 128k
+// classes) loses no more than the CUDA kernel's tree reduction (about 1e-7),
+// where a sequential fp32 sum lost 1e-4. NaN if any logit is not finite.
 template <typename scalar_t>
 float row_entropy(const scalar_t* row, int64_t stride, int64_t classes, float inv_temperature) {
   float m = -INFINITY;
@@ -89,14 +93,14 @@ float row_entropy(const scalar_t* row, int64_t stride, int64_t classes, float in
     if (!std::isfinite(x)) return NAN;
     m = std::max(m, x * inv_temperature);
   }
-  float s = 0.0f, t = 0.0f;
+  double s = 0.0, t = 0.0;
   for (int64_t c = 0; c < classes; ++c) {
     const float d = static_cast<float>(row[c * stride]) * inv_temperature - m;
     const float e = std::exp(d);
     s += e;
-    t += e * d;
+    t += static_cast<double>(e * d);
   }
-  return std::log(s) - t / s;
+  return static_cast<float>(std::log(s) - t / s);
 }
 
 at::Tensor update_values_cpu(at::Tensor& values, at::Tensor& counts, const at::Tensor& indices,
@@ -104,8 +108,16 @@ at::Tensor update_values_cpu(at::Tensor& values, at::Tensor& counts, const at::T
   TORCH_CHECK(values.scalar_type() == at::kFloat && counts.scalar_type() == at::kInt && values.is_contiguous() &&
                   counts.is_contiguous(),
               "kcd_fast::update_values: values must be contiguous float32 and counts contiguous int32");
+  TORCH_CHECK(values.dim() == 1 && counts.sizes() == values.sizes(),
+              "kcd_fast::update_values: values and counts must be 1-D of the same size");
   TORCH_CHECK(logits.dim() == 2 && indices.dim() == 1 && indices.size(0) == logits.size(0),
               "kcd_fast::update_values: logits must be [B, C] and indices [B]");
+  TORCH_CHECK(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+              "kcd_fast::update_values: indices must be int32 or int64");
+  // 1/T must be a finite float32 (T >= 1/FLT_MAX): every kernel scales the logits by it in fp32.
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0 &&
+                        1.0 / temperature <= static_cast<double>(std::numeric_limits<float>::max()),
+                    "update_values: `temperature` must be a finite number > 0 whose inverse is a finite float32");
   const int64_t batch = logits.size(0), classes = logits.size(1), n = values.numel();
   at::Tensor entropy = at::empty({batch}, values.options());
   if (batch == 0) return entropy;
