@@ -144,6 +144,7 @@ class KnowledgeCondenser:
         self.device = torch.device(device)
         rank = None if rank is None else _int("rank", rank, 0)
         world_size = None if world_size is None else _int("world_size", world_size, 1)
+        self._world_from_group = world_size is None  # taken from the process group (or 1 without one)
         self.rank, self.world_size = _dist_info(rank, world_size)
         if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise ValueError(f"KnowledgeCondenser: world_size={self.world_size} needs an initialised "
@@ -277,6 +278,7 @@ class KnowledgeCondenser:
                              f"in order (after a resume, load the checkpoint's state_dict first)")
         if epoch >= self.epochs:
             raise ValueError(f"end_epoch: epoch {epoch} is past the last epoch ({self.epochs - 1})")
+        self._check_world("end_epoch")
         plan = None
         if not self.frozen and self.is_boundary(epoch):
             if self.device.type == "cuda":
@@ -388,9 +390,21 @@ class KnowledgeCondenser:
 
     # ------------------------------------------------------------------ data
 
+    def _check_world(self, where: str) -> None:
+        """A condenser made before ``init_process_group`` took world_size 1 and would silently run one
+        process's KCD on every rank (each its own keep mask): refused once the group exists."""
+        if (self._world_from_group and self.world_size == 1 and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            raise ValueError(f"KnowledgeCondenser.{where}: this condenser was made before "
+                             f"torch.distributed.init_process_group, so it runs one process's KCD on each of the "
+                             f"{dist.get_world_size()} ranks; make it after init_process_group (or pass "
+                             f"world_size=1 to mean exactly that)")
+
     def sampler(self, batch_size: int | None = None, shuffle: bool = True, drop_last: bool = False,
                 rank: int | None = None, world_size: int | None = None) -> "KeptSampler":
         """A Sampler over the condensed set (see :class:`KeptSampler`)."""
+        if rank is None and world_size is None:
+            self._check_world("sampler")
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size
         s = KeptSampler(self, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, rank=rank,

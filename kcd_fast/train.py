@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import kcd_fast
 from kcd_fast import distill
 from kcd_fast.condenser import KCDDataset, KnowledgeCondenser
-from kcd_fast.data import DATASETS, CorruptImageError, DatasetNotFoundError, build_datasets, eval_view
+from kcd_fast.data import DATASETS, DEFAULT_DATA_DIRS, CorruptImageError, DatasetNotFoundError, build_datasets, eval_view
 from kcd_fast.knowledge import KnowledgeBuffer, KnowledgeFileError
 from kcd_fast.models import available_models, build_model, default_models
 
@@ -60,15 +60,45 @@ DATASET_DEFAULTS = {
 TRAINABLE_TEACHER = ("digits", "fashion-mnist", "fake")
 
 
+def _per_dataset(key: str) -> str:
+    """"digits 30, fashion-mnist 3, ...": an option's default for each dataset."""
+    def show(v):
+        return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    if key in ("teacher", "student"):
+        values = {name: default_models(name)[key == "student"] for name in DATASET_DEFAULTS}
+    elif key == "data_dir":
+        values = {name: DEFAULT_DATA_DIRS[name] for name in DATASET_DEFAULTS if name in DEFAULT_DATA_DIRS}
+    else:
+        values = {name: d[key] for name, d in DATASET_DEFAULTS.items()}
+    return ", ".join(f"{name} {show(v)}" for name, v in values.items())
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default; for an option whose default depends on --dataset, each dataset's, instead
+    of argparse's "(default: None)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None and action.dest in _PER_DATASET:
+            return f"{text} (default per dataset: {_per_dataset(action.dest)})".strip()
+        if action.default is None or action.default is False or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+_PER_DATASET = set(next(iter(DATASET_DEFAULTS.values()))) | {"teacher", "student", "data_dir"}
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Knowledge Condensation Distillation (KCD) trainer", add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="digits", choices=DATASETS, help="training data")
-    d.add_argument("--data-dir", default=None, help="dataset folder (default: per dataset, see README)")
+    d.add_argument("--data-dir", default=None, help="dataset folder")
     d.add_argument("--download", action="store_true", help="download CIFAR-100 if it is missing")
     d.add_argument("--train-subset", type=int, default=None,
-                   help="train on the first N samples of a fixed shuffle (0: all; default per dataset)")
+                   help="train on the first N samples of a fixed shuffle (0: all)")
     d.add_argument("--fake-size", type=int, default=2048, help="fake: training samples")
     d.add_argument("--fake-val-size", type=int, default=512, help="fake: validation samples")
     d.add_argument("--fake-image-size", type=int, default=32, help="fake: image side")
@@ -90,11 +120,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, default=None, help="global batch size (split across processes)")
     o.add_argument("--lr", type=float, default=None, help="initial learning rate")
     o.add_argument("--lr-milestones", type=int, nargs="*", default=None, help="epochs where lr is multiplied by gamma")
-    o.add_argument("--lr-gamma", type=float, default=0.1)
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=None)
+    o.add_argument("--lr-gamma", type=float, default=0.1, help="lr factor at each milestone")
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay")
     o.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast precision")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="seed of every random stream (data order, "
+                   "augmentation, initialisation): a run is repeatable, and resumable to the same result")
     o.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
     k = p.add_argument_group("distillation")
@@ -102,13 +133,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help=f"logit loss: {', '.join(sorted(distill.LOSSES))}, or one registered by --loss-module")
     k.add_argument("--loss-module", default=None,
                    help="a module to import first, which registers losses with kcd_fast.distill.register_loss")
-    k.add_argument("--kd-temperature", type=float, default=4.0)
+    k.add_argument("--kd-temperature", type=float, default=4.0, help="temperature of the distillation loss")
     k.add_argument("--ce-weight", type=float, default=0.1, help="kd: weight of the cross-entropy")
     k.add_argument("--kd-weight", type=float, default=0.9, help="kd: weight of the KL term")
     k.add_argument("--ce-weight-dkd", type=float, default=1.0, help="dkd: weight of the cross-entropy")
-    k.add_argument("--dkd-alpha", type=float, default=1.0)
-    k.add_argument("--dkd-beta", type=float, default=8.0)
-    k.add_argument("--dkd-warmup", type=int, default=20)
+    k.add_argument("--dkd-alpha", type=float, default=1.0, help="dkd: weight of the target-class term")
+    k.add_argument("--dkd-beta", type=float, default=8.0, help="dkd: weight of the non-target-class term")
+    k.add_argument("--dkd-warmup", type=int, default=20, help="dkd: epochs over which its weights ramp up")
 
     c = p.add_argument_group("knowledge condensation")
     c.add_argument("--kcd", action=argparse.BooleanOptionalAction, default=True,
@@ -117,8 +148,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     c.add_argument("--rho", type=float, default=0.7, help="final kept fraction")
     c.add_argument("--alpha", type=float, default=0.03, help="cost weight of Eq. 13 (0: w/o CAR)")
     c.add_argument("--eps-max", type=float, default=0.3, help="eps_m of Eq. 15")
-    c.add_argument("--schedule", default="exp", choices=["exp", "linear"])
-    c.add_argument("--k0", default="dropped", choices=["dropped", "all"])
+    c.add_argument("--schedule", default="exp", choices=["exp", "linear"],
+                   help="how the kept fraction tau^t falls to rho over the stages")
+    c.add_argument("--k0", default="dropped", choices=["dropped", "all"],
+                   help="VAKS partners: the points dropped at this stage (the official code) or every dropped "
+                        "point (the paper's text)")
     c.add_argument("--selection", default="kcd", choices=["kcd", "random"], help="random: OGVE w/ random")
     c.add_argument("--online-recording", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-online-recording: w/o OVR (value = last visit's entropy)")
@@ -135,7 +169,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "soft-label buffer in the first epoch and is not run again, VAKS mixes the soft labels")
     q.add_argument("--storage", default="dense", choices=["dense", "topk"], help="cached: soft-label storage")
     q.add_argument("--topk", type=int, default=10, help="cached, topk storage: classes kept per sample")
-    q.add_argument("--knowledge-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    q.add_argument("--knowledge-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="cached: dtype of the stored probabilities")
     q.add_argument("--knowledge-fill", default="lazy", choices=["lazy", "pass"],
                    help="cached: fill during the first epoch (its augmented view) or by a one-off pass with the "
                         "evaluation transform")
@@ -148,7 +183,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="PNG plots at the end")
-    r.add_argument("--eval-batch-size", type=int, default=256)
+    r.add_argument("--eval-batch-size", type=int, default=256, help="batch size of evaluation and of the one-off fill")
     return p
 
 

@@ -319,6 +319,23 @@ def test_world_size_needs_a_process_group():
         KnowledgeCondenser(10, epochs=2, stage_epochs=1, world_size=2, rank=0)
 
 
+def test_a_condenser_made_before_the_process_group_is_refused_once_it_exists(monkeypatch):
+    """Made before init_process_group, it took world_size 1: every rank would run its own KCD."""
+    import torch.distributed as dist
+
+    early = KnowledgeCondenser(10, epochs=2, stage_epochs=1)
+    explicit = KnowledgeCondenser(10, epochs=2, stage_epochs=1, world_size=1, rank=0)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    for call in (early.sampler, lambda: early.end_epoch(0)):
+        with pytest.raises(ValueError, match="made before torch.distributed.init_process_group.*4 ranks"):
+            call()
+    assert early.next_epoch == 0, "end_epoch refused before closing the epoch"
+    explicit.sampler()
+    assert explicit.end_epoch(0) is not None  # world_size=1 given: one process's KCD, as asked
+    assert early.sampler(rank=0, world_size=1) is not None  # another rank's sampler, named explicitly
+
+
 def test_bytes_per_sample_reported():
     cond = KnowledgeCondenser(10, epochs=1, stage_epochs=1)
     assert cond.bytes_per_sample() == {"device": 17, "host": 16}

@@ -268,6 +268,16 @@ def test_a_corrupt_image_mid_epoch_is_named_in_one_line(tmp_path, capsys):
 # --------------------------------------------------------------------------- user errors: message, exit 2, no traceback
 
 
+def test_help_describes_every_option_and_its_real_default():
+    parser = T.get_args_parser()
+    undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert undocumented == []
+    text = " ".join(parser.format_help().split())
+    assert "default: None" not in text
+    assert "--epochs EPOCHS I, training epochs (default per dataset: digits 30, fashion-mnist 3, cifar100 240," in text
+    assert "(default per dataset: digits cnn_large, fashion-mnist cnn_large, cifar100 resnet32x4" in text
+
+
 def test_unknown_dataset_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         T.cli(["--dataset", "mnist"])
