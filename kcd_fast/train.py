@@ -579,12 +579,20 @@ def main(args: argparse.Namespace) -> dict:
     ckpt = _check_resume(args, ckpt_path) if args.resume else None
     torch.manual_seed(args.seed)
 
+    # --download under torchrun: rank 0 downloads and unpacks while the others wait, then they read its files.
+    download_first = args.download and args.distributed
+    if download_first and not is_main(args):
+        dist.barrier()
     try:
-        bundle = build_datasets(args.dataset, args.data_dir, download=args.download, fake_size=args.fake_size,
-                                fake_val_size=args.fake_val_size, fake_image_size=args.fake_image_size,
-                                fake_num_classes=args.fake_num_classes, seed=args.seed)
+        bundle = build_datasets(args.dataset, args.data_dir, download=args.download and is_main(args),
+                                fake_size=args.fake_size, fake_val_size=args.fake_val_size,
+                                fake_image_size=args.fake_image_size, fake_num_classes=args.fake_num_classes,
+                                seed=args.seed)
     except (DatasetNotFoundError, ValueError, OSError, EOFError) as exc:  # missing, mismatched or corrupt data
         raise UserError(f"--dataset {args.dataset}: {exc}") from None
+    finally:
+        if download_first and is_main(args):
+            dist.barrier()
     if is_main(args):  # only once the run's input is known to be good
         out.mkdir(parents=True, exist_ok=True)
     if args.distributed:

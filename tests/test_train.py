@@ -191,6 +191,40 @@ def test_torchrun_trains_the_teacher_on_rank_0_while_the_other_waits(tmp_path):
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
 
 
+def _download_worker(rank, port, out_dir, teacher_path):
+    import time
+
+    from kcd_fast.data import DatasetNotFoundError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+
+    def fake_build(name, data_dir=None, *, download=False, **kw):
+        start = time.time()
+        if download:
+            time.sleep(1.0)  # rank 0 unpacks an archive
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"start": start, "end": time.time(),
+                                                                 "download": download}))
+        raise DatasetNotFoundError("stop here: only the order of the calls is tested")
+
+    T.build_datasets = fake_build
+    code = T.cli(["--dataset", "cifar100", "--download", "--device", "cpu", "--teacher-weights", teacher_path,
+                  "--output-dir", str(Path(out_dir) / "o")])
+    Path(out_dir, f"rank{rank}.code").write_text(str(code))
+
+
+def test_download_under_torchrun_is_done_by_rank_0_first(tmp_path):
+    """Every rank fetching and unpacking into one folder at once could corrupt it: rank 0 downloads,
+    the others wait for it and only read. A failure still ends every rank with exit code 2."""
+    (tmp_path / "t.pth").write_bytes(b"")
+    torch.multiprocessing.spawn(_download_worker, nprocs=2, join=True,
+                                args=(29531, str(tmp_path), str(tmp_path / "t.pth")))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["download"] and not r1["download"]
+    assert r1["start"] >= r0["end"], "rank 1 read the data before rank 0 had downloaded it"
+    assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["2", "2"]
+
+
 def test_every_rank_and_epoch_gets_its_own_random_streams():
     """Augmentation (torch) and loader-worker seeds differ across ranks, epochs and streams; before, every
     rank's workers shared one seed per epoch, so the k-th sample of each rank got the same crop."""
