@@ -107,7 +107,7 @@ def _check_state(op: str, values, counts) -> None:
 
 def _check_range(op: str, name: str, idx: torch.Tensor, n: int) -> None:
     if idx.numel() and _checks_contents(idx.device):
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = (int(v) for v in idx.aminmax())
         if lo < 0 or hi >= n:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{op}: `{name}` must lie in [0, {n}), found {bad}")
@@ -257,11 +257,12 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
         _ext.require(op)
         return torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
     temperature = _check_temperature(op, temperature)
-    # Always on the CPU (before the C++ guard, so bad input gets this error); on CUDA in debug mode.
-    _check_range(op, "indices", indices, values.numel())
     if logits.device.type == "cuda":
+        _check_range(op, "indices", indices, values.numel())  # in debug mode (it synchronises)
         entropy = _update_values_cuda(values, counts, indices, logits, temperature)
     else:
+        # The C++ kernel checks every index before it changes anything, raising the same ValueError
+        # as _check_range (one pass fewer over the indices than checking here too).
         _ext.require(op)  # the CUDA kernel of this op is the Triton kernel, registered below
         entropy = torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
     # As torch's own in-place ops do, so that autograd refuses a graph that saved the old values.
