@@ -159,6 +159,7 @@ class KnowledgeCondenser:
 
         n, dev = self.num_samples, self.device
         self.values = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.device = dev = self.values.device  # "cuda" -> "cuda:<current>", fixed from here on
         self.counts = torch.zeros(n, dtype=torch.int32, device=dev)
         self.keep = torch.ones(n, dtype=torch.bool, device=dev)
         self.partner = torch.full((n,), -1, dtype=torch.int32, device=dev)
@@ -281,24 +282,30 @@ class KnowledgeCondenser:
         self._check_world("end_epoch")
         plan = None
         if not self.frozen and self.is_boundary(epoch):
-            if self.device.type == "cuda":
-                ops.check_errors(self.device)  # out-of-range indices skipped by the kernel this stage
-            self._merge_ranks()
+            flagged = self._merge_ranks()  # under DDP, with every rank's error flag
+            # Out-of-range indices the CUDA kernel skipped this stage, on this rank or another: every
+            # rank raises together (a rank raising alone would leave the others in a collective).
+            ops.check_errors(self.device)
+            if flagged:
+                raise ValueError(f"update_values: `indices` held values outside [0, N) on another rank; those "
+                                 f"visits were not recorded. Run with KCD_FAST_DEBUG=1 to fail at the offending call.")
             plan = self._condense(epoch // self.stage_epochs, epoch)
         # Only now that the stage end succeeded does the epoch close.
         self.samples_yielded.setdefault(epoch, 0)
         self.next_epoch = epoch + 1
         return plan
 
-    def _merge_ranks(self) -> None:
+    def _merge_ranks(self) -> int:
         """One all_reduce of the deltas since the last merge: every rank then holds the single-process state.
 
         For each point, rank r contributes dF_r = F_r - F0 and dS_r = F_r V_r - F0 V0 (the sum of
         its new entropies); the merged state is F = F0 + sum dF_r, V = (F0 V0 + sum dS_r) / F (Eq. 12).
         It runs at each stage end and in :meth:`state_dict`; merging early only moves (F0, V0).
+        The same all_reduce carries each rank's out-of-range flag (:func:`ops.check_errors`):
+        returns how many OTHER ranks have theirs raised (0 in one process).
         """
         if self.world_size == 1:
-            return
+            return 0
         v0, f0, l0 = self._synced
         n = self.num_samples
         f0d, v0d = f0.double(), v0.double()
@@ -306,17 +313,21 @@ class KnowledgeCondenser:
         if self.last_values is not None:
             changed = (self.last_values != l0).double()
             parts += [changed, changed * self.last_values.double()]
-        packed = torch.cat(parts)
+        flag = ops._error_flags.get(ops._canonical_device(self.device))
+        mine = flag.double() if flag is not None else torch.zeros(1, dtype=torch.float64, device=self.device)
+        packed = torch.cat(parts + [mine])
         dist.all_reduce(packed)
+        others = packed[-1] - mine[0]
         d_count, d_sum = packed[:n], packed[n:2 * n]
         f = f0d + d_count
         self.values.copy_(torch.where(f > 0, (f0d * v0d + d_sum) / f.clamp_min(1.0), v0d).float())
         self.counts.copy_(f.round().int())
         if self.last_values is not None:
-            hits, total = packed[2 * n:3 * n], packed[3 * n:]
+            hits, total = packed[2 * n:3 * n], packed[3 * n:4 * n]
             self.last_values.copy_(torch.where(hits > 0, total / hits.clamp_min(1.0), l0.double()).float())
         self._synced = (self.values.clone(), self.counts.clone(),
                         None if self.last_values is None else self.last_values.clone())
+        return int(others.item())  # a stage end (or a checkpoint): a sync here is cheap
 
     def _ranking_values(self) -> torch.Tensor:
         return self.values if self.last_values is None else self.last_values

@@ -95,6 +95,9 @@ class KnowledgeBuffer:
             self.values = torch.zeros(n, self.k, dtype=dtype, device=self.device)
             self.classes = torch.zeros(n, self.k, dtype=torch.int32, device=self.device)
         self.filled = torch.zeros(n, dtype=torch.bool, device=self.device)
+        # "cuda" becomes the device the arrays are on ("cuda:<current>"), so that a later change of
+        # the current device launches nothing on the wrong one.
+        self.device = self.filled.device
 
     # ------------------------------------------------------------------ size
 
@@ -330,7 +333,7 @@ class KnowledgeBuffer:
             else:
                 getattr(buf, name).view(torch.uint8).view(-1).copy_(raw)
             offset += raw.numel()
-        buf.device = device
+        buf.device = buf.filled.device
         buf._check_contents(path, head["filled"])
         return buf
 

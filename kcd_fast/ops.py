@@ -9,7 +9,8 @@ op                     CPU                                         CUDA
 ``vaks_mix_``          C++ kernel                                  one fused CUDA kernel
 =====================  ==========================================  ===============================
 
-All ops give the same results on both devices and are specified by
+All ops give the same results on both devices (``update_values`` to about 1e-6; ``rank`` for
+counts below 512) and are specified by
 :mod:`kcd_fast.reference` (float64). Every op validates its arguments and
 raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape,
 device, range or value) naming the argument and what was expected, before it

@@ -78,7 +78,10 @@ def _merge_softmax_parts(m0, s0, t0, a0, b0, m1, s1, t1, a1, b1):
     d1 = tl.where(s1 != 0, m1 - m, 0.0)
     e0 = tl.exp(d0)
     e1 = tl.exp(d1)
-    return m, e0 * s0 + e1 * s1, e0 * (t0 + d0 * s0) + e1 * (t1 + d1 * s1), a0 + a1, b0 + b1
+    # A part rescaled to nothing (e = 0) adds nothing to t either, even where d s overflows to -inf
+    # (0 * -inf would be NaN); e == 0 only for a number s, so a NaN part still poisons the sums.
+    t = tl.where(e0 > 0, e0 * (t0 + d0 * s0), 0.0) + tl.where(e1 > 0, e1 * (t1 + d1 * s1), 0.0)
+    return m, e0 * s0 + e1 * s1, t, a0 + a1, b0 + b1
 
 
 @triton.jit
@@ -126,7 +129,8 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, P
         # so s > 0 is false, once a non-finite logit has been seen).
         shift = tl.where(s > 0, m - m_new, 0.0)
         scale = tl.exp(shift)
-        t = scale * (t + shift * s)
+        # Sums rescaled to nothing add nothing, even where shift * s overflows (0 * -inf is NaN).
+        t = tl.where(scale > 0, scale * (t + shift * s), 0.0)
         s = s * scale
         d = tl.where(valid, z - m_new, 0.0)
         p = _poisoned_probs(d, mask, valid)
@@ -287,10 +291,11 @@ def _update_values_kernel(
 
 
 def block_sizes(batch: int, num_classes: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_B, num_warps) for a [batch, num_classes] launch. BLOCK_B is at least 256, so
-    that a short last batch (a condensed epoch's) does not compile a kernel of its own mid-run."""
+    """(BLOCK_C, BLOCK_B, num_warps) for a [batch, num_classes] launch. BLOCK_B is 1024 for every
+    batch (chunks of 1024 beyond), so that a short last batch (an epoch's, e.g. 143 rows after
+    batches of 512) does not compile a kernel of its own mid-run, or inside a graph capture."""
     block_c = min(pow2_at_least(max(num_classes, 16)), 4096)
-    block_b = min(max(pow2_at_least(batch), 256), 1024)
+    block_b = 1024
     num_warps = 4 if block_c <= 1024 else 8
     return block_c, block_b, num_warps
 

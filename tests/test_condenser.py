@@ -1,5 +1,6 @@
 """KnowledgeCondenser: the stage loop against a transcription of Alg. 1, cost, resume, DDP, VAKS, ablations."""
 import io
+from pathlib import Path
 import math
 
 import pytest
@@ -236,6 +237,34 @@ def test_real_two_process_gloo_merge_equals_single_process(tmp_path):
         assert torch.equal(r["keep"], single.keep) and torch.equal(r["partner"], single.partner)
         assert r["C"] == pytest.approx(single.measured_cost()["C"], abs=2 / n)
     assert ranks[0]["sampled"] == ranks[1]["sampled"]
+
+
+def _flag_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    from kcd_fast import ops
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cond = KnowledgeCondenser(20, epochs=2, stage_epochs=1)
+    if rank == 1:  # as the CUDA kernel does when it skips an index outside [0, N)
+        ops._error_flags[torch.device("cpu")] = torch.ones(1, dtype=torch.int32)
+    try:
+        cond.end_epoch(0)
+        outcome = "no error"
+    except ValueError as exc:
+        outcome = str(exc)
+    Path(out_dir, f"rank{rank}.txt").write_text(f"{outcome}|{cond.next_epoch}")
+    dist.destroy_process_group()
+
+
+def test_an_out_of_range_index_on_one_rank_stops_every_rank(tmp_path):
+    """The CUDA kernel only flags a bad index; a rank raising alone at the stage end would leave the
+    others waiting in the merge's all_reduce until the timeout. The flag travels in that all_reduce."""
+    torch.multiprocessing.spawn(_flag_worker, nprocs=2, join=True, args=(str(tmp_path / "init"), str(tmp_path)))
+    r0, r1 = (Path(tmp_path, f"rank{r}.txt").read_text().split("|") for r in range(2))
+    assert "outside [0, N) on another rank" in r0[0]
+    assert "outside [0, N) on cpu" in r1[0]
+    assert r0[1] == r1[1] == "0", "the epoch stays open on every rank"
 
 
 def test_dataset_wrapper_mixes_like_vaks_mix():

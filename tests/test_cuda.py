@@ -215,3 +215,24 @@ def test_update_values_triton_launch_variants(reductions, num_warps, dtype, b, c
     assert torch.equal(f.cpu().long(), f_ref)
     torch.testing.assert_close(v.cpu().double(), v_ref, atol=2e-5, rtol=2e-5)
     assert int(flag.item()) == 0
+
+
+def test_direct_operator_calls_refuse_pairs_on_another_device():
+    """torch.ops.kcd_fast.* called directly with host indices for a device buffer: a clear error, not a
+    kernel dereferencing host pointers."""
+    buf = torch.rand(8, 5, device=DEV).half()
+    before = buf.clone()
+    d, s, e = torch.tensor([1]), torch.tensor([2]), torch.tensor([0.5])
+    with pytest.raises(RuntimeError, match="on the device of the rows they index"):
+        torch.ops.kcd_fast.vaks_mix_(buf, d, s, e)
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.kcd_fast.rank(torch.rand(8, device=DEV), torch.zeros(8, dtype=torch.int32), 0.03)
+    assert torch.equal(buf, before)
+
+
+def test_cuda_devices_are_pinned_to_an_index():
+    """"cuda" becomes cuda:<current> at construction: a later set_device cannot move the launches."""
+    from kcd_fast import KnowledgeBuffer, KnowledgeCondenser
+
+    assert KnowledgeBuffer(4, 3, device="cuda").device.index is not None
+    assert KnowledgeCondenser(4, epochs=1, stage_epochs=1, device="cuda").device.index is not None

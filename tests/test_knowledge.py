@@ -57,6 +57,33 @@ def test_topk_readback_triton_kernel_matches_torch_twin():
     dev = TRITON_DEVICE  # the GPU, or Triton's interpreter on the CPU
     got = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), c, buf.filled.to(dev)).cpu()
     torch.testing.assert_close(got, _topk_readback_torch(buf.values, buf.classes, q, c, buf.filled))
+    # The uniform share is an IEEE division on both sides: bit for bit, over many rows and divisors.
+    for c, k, seed in ((13, 3, 9), (1000, 10, 1), (37, 7, 3), (101, 64, 4)):
+        buf = KnowledgeBuffer(50, c, storage="topk", k=k, dtype=torch.float16)
+        buf.write(torch.arange(50), teacher_logits(50, c, seed=seed))
+        q = torch.arange(50)
+        got = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), c, buf.filled.to(dev)).cpu()
+        assert torch.equal(got, _topk_readback_torch(buf.values, buf.classes, q, c, buf.filled)), (c, k)
+
+
+def test_buffer_device_is_the_arrays_device(tmp_path):
+    buf = KnowledgeBuffer(4, 3)
+    assert buf.device == buf.filled.device == torch.device("cpu")
+    buf.write(torch.arange(4), teacher_logits(4, 3, seed=1))
+    buf.save(tmp_path / "b.kcdk")
+    assert KnowledgeBuffer.load(tmp_path / "b.kcdk").device == torch.device("cpu")
+
+
+def test_topk_readback_triton_kernel_reads_nothing_for_an_index_out_of_range():
+    from kcd_fast.kernels.topk_readback import topk_readback_triton
+
+    buf = KnowledgeBuffer(6, 9, storage="topk", k=3, dtype=torch.float16)
+    buf.write(torch.arange(6), teacher_logits(6, 9, seed=5))
+    dev = TRITON_DEVICE
+    q = torch.tensor([2, 6, -1, 5])
+    got = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), 9, buf.filled.to(dev)).cpu()
+    assert got[[1, 2]].isnan().all() and not got[[0, 3]].isnan().any()
+    assert torch.equal(got[[0, 3]], buf.read(torch.tensor([2, 5])))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -328,12 +328,26 @@ def test_triton_kernel_duplicates_strided_nonfinite_temperature(reductions):
     assert torch.isnan(ent[[2, 6, 7]]).all()
 
 
+@pytest.mark.parametrize("reductions,c", [("separate", 8192), ("paired", 8192), ("online", 100), ("fused", 100)])
+def test_triton_kernel_one_huge_logit_is_a_one_hot_row_not_nan(reductions, c):
+    """A finite logit far above the rest: rescaling the running sums by e^(m - m') = 0 used to give
+    0 * -inf = NaN (4096-wide chunks past the first; the online merge), where the reference and the
+    CPU kernel give the entropy 0 and record the visit."""
+    x = torch.zeros(2, c)
+    x[0, c * 5 // 8] = 1e35 if c > 4096 else 1e37
+    x[1, 3] = 50.0
+    values, counts = make_state(4, seed=2)
+    ent = check(values, counts, torch.tensor([1, 2]), x, 1.0, lambda *a: triton_fn(*a, reductions=reductions))
+    assert ent[0] == 0.0
+
+
 def test_triton_kernel_reduction_variant_arguments():
     """An unknown variant, or a one-tile variant on a shape without one tile: a clear error, no launch."""
     from kcd_fast.kernels.update_values import default_reductions, one_tile, update_values_triton
 
-    assert one_tile(256, 1000) == 1024 and one_tile(256, 100) == 256 and one_tile(3, 3) == 256
-    assert one_tile(512, 100) == 512 and one_tile(256, 4096) == 4096
+    # The tile holds the row and up to 1024 indices, whatever the batch (no recompile for a short one).
+    assert one_tile(256, 1000) == 1024 and one_tile(256, 100) == 1024 and one_tile(3, 3) == 1024
+    assert one_tile(512, 100) == 1024 and one_tile(256, 4096) == 4096
     assert one_tile(256, 4097) == 0 and one_tile(1025, 10) == 0
     assert default_reductions(256, 1000) == "fused" and default_reductions(256, 32000) == "separate"
     values, counts = make_state(6, device=TRITON_DEVICE)
@@ -361,14 +375,18 @@ def test_launch_config_follows_shape_strides_and_dtype_and_is_not_shared():
     for n in [*range(0, 1100), 4095, 4096, 4097, 2**20 + 3]:
         assert pow2_at_least(n) == (1 if n <= 1 else triton.next_power_of_2(n)), n
     x = torch.empty(256, 1000, device="meta")
-    assert launch_config(x) == dict(BLOCK_C=1024, BLOCK_B=256, TILE=1024, REDUCE="fused", VEC=4, num_warps=4)
+    assert launch_config(x) == dict(BLOCK_C=1024, BLOCK_B=1024, TILE=1024, REDUCE="fused", VEC=4, num_warps=4)
+    # An epoch's short last batch compiles nothing new: 1,281,167 = 2502 x 512 + 143.
+    for c in (100, 1000):
+        full, last = launch_config(torch.empty(512, c, device="meta")), launch_config(torch.empty(143, c, device="meta"))
+        assert full == last == launch_config(torch.empty(1, c, device="meta")), c
     assert launch_config(x.to(torch.bfloat16))["VEC"] == 8
     assert launch_config(torch.empty(256, 1001, device="meta")[:, :1000])["VEC"] == 1  # row stride 1001
     assert launch_config(torch.empty(1000, 256, device="meta").t())["VEC"] == 1  # class stride 256
     assert launch_config(torch.empty(256, 1002, device="meta"))["VEC"] == 2
     assert launch_config(x, vectorize=False)["VEC"] == 1
     assert launch_config(x, num_warps=2, reductions="separate") == dict(
-        BLOCK_C=1024, BLOCK_B=256, TILE=0, REDUCE="separate", VEC=4, num_warps=2)
+        BLOCK_C=1024, BLOCK_B=1024, TILE=0, REDUCE="separate", VEC=4, num_warps=2)
     launch_config(x).pop("num_warps")
     assert launch_config(x)["num_warps"] == 4
 
