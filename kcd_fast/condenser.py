@@ -287,8 +287,7 @@ class KnowledgeCondenser:
             # rank raises together (a rank raising alone would leave the others in a collective).
             ops.check_errors(self.device)
             if flagged:
-                raise ValueError(f"update_values: `indices` held values outside [0, N) on another rank; those "
-                                 f"visits were not recorded. Run with KCD_FAST_DEBUG=1 to fail at the offending call.")
+                raise ops._out_of_range_error("another rank")
             plan = self._condense(epoch // self.stage_epochs, epoch)
         # Only now that the stage end succeeded does the epoch close.
         self.samples_yielded.setdefault(epoch, 0)
@@ -313,7 +312,7 @@ class KnowledgeCondenser:
         if self.last_values is not None:
             changed = (self.last_values != l0).double()
             parts += [changed, changed * self.last_values.double()]
-        flag = ops._error_flags.get(ops._canonical_device(self.device))
+        flag = ops._raised_flag(self.device)
         mine = flag.double() if flag is not None else torch.zeros(1, dtype=torch.float64, device=self.device)
         packed = torch.cat(parts + [mine])
         dist.all_reduce(packed)

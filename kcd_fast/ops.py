@@ -162,13 +162,40 @@ def check_errors(device: torch.device | str | None = None) -> None:
     This synchronises with the GPU; call it where a sync is cheap (a stage
     end, an epoch end). The flag is cleared.
     """
-    devices = list(_error_flags) if device is None else [_canonical_device(torch.device(device))]
+    devices = list(_error_flags) if device is None else [torch.device(device)]
     for dev in devices:
-        flag = _error_flags.get(dev)
+        flag = _raised_flag(dev)
         if flag is not None and int(flag.item()) != 0:
             flag.zero_()
-            raise ValueError(f"update_values: `indices` held values outside [0, N) on {dev}; those visits "
-                             f"were not recorded. Run with KCD_FAST_DEBUG=1 to fail at the offending call.")
+            raise _out_of_range_error(str(_canonical_device(dev)))
+
+
+def _raised_flag(device: torch.device) -> torch.Tensor | None:
+    """The error flag of ``device`` if one was ever made (it never is on the CPU, which raises at once)."""
+    return _error_flags.get(_canonical_device(device))
+
+
+def _out_of_range_error(where: str) -> ValueError:
+    """What :func:`check_errors` raises for indices the CUDA kernel skipped on ``where``."""
+    return ValueError(f"update_values: `indices` held values outside [0, N) on {where}; those visits were not "
+                      f"recorded. Run with KCD_FAST_DEBUG=1 to fail at the offending call.")
+
+
+def _check_update_args(op: str, values, counts, indices, logits) -> None:
+    """Everything about update_values' tensors that needs no look at their contents (no sync)."""
+    _check_state(op, values, counts)
+    _tensor(op, "indices", indices, _INDEX_DTYPES, 1)
+    _tensor(op, "logits", logits, _LOGIT_DTYPES, 2)
+    _same_device(op, "values", values, indices=indices, logits=logits)
+    if logits.shape[0] != indices.shape[0]:
+        raise ValueError(f"{op}: `logits` must have one row per index ({indices.shape[0]}), "
+                         f"got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{op}: `logits` must have at least one class, got shape {tuple(logits.shape)}")
+    if not values.is_contiguous() or not counts.is_contiguous():
+        raise ValueError(f"{op}: `values` and `counts` must be contiguous (they are updated in place)")
+    if values.requires_grad or counts.requires_grad:
+        raise ValueError(f"{op}: `values` and `counts` must not require grad: they are state, updated in place")
 
 
 def _check_temperature(op: str, temperature) -> float:
@@ -238,19 +265,7 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
     ``torch.ops.kcd_fast.update_values``.
     """
     op = "update_values"
-    _check_state(op, values, counts)
-    _tensor(op, "indices", indices, _INDEX_DTYPES, 1)
-    _tensor(op, "logits", logits, _LOGIT_DTYPES, 2)
-    _same_device(op, "values", values, indices=indices, logits=logits)
-    if logits.shape[0] != indices.shape[0]:
-        raise ValueError(f"{op}: `logits` must have one row per index ({indices.shape[0]}), "
-                         f"got shape {tuple(logits.shape)}")
-    if logits.shape[1] < 1:
-        raise ValueError(f"{op}: `logits` must have at least one class, got shape {tuple(logits.shape)}")
-    if not values.is_contiguous() or not counts.is_contiguous():
-        raise ValueError(f"{op}: `values` and `counts` must be contiguous (they are updated in place)")
-    if values.requires_grad or counts.requires_grad:
-        raise ValueError(f"{op}: `values` and `counts` must not require grad: they are state, updated in place")
+    _check_update_args(op, values, counts, indices, logits)
     logits = logits.detach()
     if torch.compiler.is_compiling():
         # Reading the indices would break the graph, and a temperature that changes between calls is
@@ -521,13 +536,7 @@ if _ext.available():
         # Called through torch.ops.kcd_fast (torch.compile, or a user): the kernel's own assumptions,
         # checked without reading any tensor's contents (an index out of range raises the error flag).
         op = "kcd_fast::update_values"
-        _check_state(op, values, counts)
-        _tensor(op, "indices", indices, _INDEX_DTYPES, 1)
-        _tensor(op, "logits", logits, _LOGIT_DTYPES, 2)
-        _same_device(op, "values", values, indices=indices, logits=logits)
-        if logits.shape[0] != indices.shape[0] or not (values.is_contiguous() and counts.is_contiguous()):
-            raise ValueError(f"{op}: logits must be [B, C] with B = len(indices) ({indices.shape[0]}), got "
-                             f"{tuple(logits.shape)}, and values and counts contiguous")
+        _check_update_args(op, values, counts, indices, logits)
         return _update_values_cuda(values, counts, indices, logits, _check_temperature(op, temperature))
 
     @torch.library.register_fake("kcd_fast::update_values")

@@ -725,7 +725,7 @@ def main(args: argparse.Namespace) -> dict:
     forwards_total = fill_forwards + sum(h.get("teacher_forwards", 0) for h in history)
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        # Every source of randomness of an epoch derives from (seed, epoch): a resumed run repeats it.
+        # Every source of randomness of an epoch derives from (seed, epoch, rank): a resumed run repeats it.
         torch.manual_seed(epoch_seed(args.seed, epoch, args.rank, "torch"))
         loader_gen.manual_seed(epoch_seed(args.seed, epoch, args.rank, "loader"))  # the workers' seeds
         sampler.set_epoch(epoch)
