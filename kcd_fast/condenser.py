@@ -84,6 +84,32 @@ def _dist_info(rank, world_size):
     return int(rank), int(world_size)
 
 
+def _record_last_visit_(last_values: torch.Tensor, indices: torch.Tensor, entropy: torch.Tensor) -> None:
+    """The "w/o OVR" ablation's record: ``last_values[i]`` becomes the entropy of i's LAST finite visit.
+
+    Deterministic on every device, with no host sync: where an index occurs more than once in the
+    batch (a sampler with replacement), a plain ``index_put_`` has no defined winner on CUDA. Here
+    each batch position's key (index, finite, position) is sorted; the last key of an index's run
+    is its latest finite visit, or a non-finite one if it has none (then the old value stays). Every
+    position then writes the value of its run's last key, so duplicates write the same number.
+    An index outside [0, N) (flagged by :func:`ops.update_values`) records nothing.
+    """
+    n, b = last_values.numel(), indices.numel()
+    if b == 0:
+        return
+    idx = indices.to(last_values.device).long()
+    in_range = (idx >= 0) & (idx < n)
+    idx = torch.where(in_range, idx, 0)
+    fresh = torch.isfinite(entropy) & in_range
+    pos = torch.arange(b, device=idx.device)
+    keys, order = torch.sort(idx * (2 * b) + fresh.long() * b + pos)
+    run = keys // (2 * b)                                   # the sorted indices
+    last = torch.searchsorted(run, run, right=True) - 1     # each position's run end
+    winner = order[last]
+    value = torch.where(fresh[winner], entropy[winner].float(), last_values[run])
+    last_values.index_put_((run,), value)
+
+
 class KnowledgeCondenser:
     """The knowledge space of KCD and its EM stage loop (Alg. 1).
 
@@ -253,9 +279,7 @@ class KnowledgeCondenser:
             indices = indices.to(self.device, non_blocking=True)
         entropy = ops.update_values(self.values, self.counts, indices, logits, temperature=self.temperature)
         if self.last_values is not None:
-            idx = indices.long()
-            fresh = torch.isfinite(entropy)
-            self.last_values.index_put_((idx,), torch.where(fresh, entropy, self.last_values[idx]))
+            _record_last_visit_(self.last_values, indices, entropy)
         return entropy
 
     def _note_yield(self, epoch: int, count: int) -> None:

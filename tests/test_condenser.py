@@ -343,6 +343,48 @@ def test_ablations_change_only_what_they_should():
         assert _same(q[e], b[e], ("keep", "order", "k1l", "k0")) and torch.all(q[e].eps == torch.tensor(0.3))
 
 
+def _last_visit_loop(last, indices, entropy):
+    """The slow twin of the w/o OVR record: visit the batch in order; a finite visit in range overwrites."""
+    last = last.clone()
+    for i, e in zip(indices.tolist(), entropy.tolist()):
+        if 0 <= i < last.numel() and math.isfinite(e):
+            last[i] = e
+    return last
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("seed", range(4))
+def test_last_visit_record_is_the_last_finite_visit_with_duplicates(device, seed):
+    """w/o OVR with a sampler with replacement: duplicates in a batch. CUDA's index_put_ has no defined
+    winner among them; the record must be the last finite visit, the same on every device."""
+    from kcd_fast.condenser import _record_last_visit_
+    g = torch.Generator().manual_seed(seed)
+    n, b = 37, 301
+    last = torch.randn(n, generator=g)
+    indices = torch.randint(-3, n + 3, (b,), generator=g)  # duplicates, and a few out of range
+    indices[:40] = indices[0]  # one long run
+    entropy = torch.rand(b, generator=g)
+    entropy[torch.rand(b, generator=g) < 0.3] = float("nan")
+    entropy[5] = float("inf")
+    entropy[39] = float("nan")  # the long run's last visit is not finite: an earlier one counts
+    expected = _last_visit_loop(last, indices, entropy)
+    got = last.to(device)
+    _record_last_visit_(got, indices.to(device, torch.int32), entropy.to(device))
+    assert torch.equal(got.cpu(), expected)
+    _record_last_visit_(got, indices[:0].to(device), entropy[:0].to(device))  # an empty batch: no change
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_observe_without_ovr_records_the_last_visit_of_duplicates():
+    cond = KnowledgeCondenser(20, epochs=2, stage_epochs=1, online_recording=False)
+    idx = torch.tensor([3, 7, 3, 3, 9, 7])
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    logits[3] = float("nan")  # 3's last visit is not a number: its second one counts
+    entropy = cond.observe(idx, logits)
+    assert torch.equal(cond.last_values, _last_visit_loop(torch.zeros(20), idx, entropy))
+    assert cond.last_values[3] == entropy[2] and cond.last_values[7] == entropy[5]
+
+
 def test_world_size_needs_a_process_group():
     with pytest.raises(ValueError, match="world_size=2 needs an initialised torch.distributed"):
         KnowledgeCondenser(10, epochs=2, stage_epochs=1, world_size=2, rank=0)

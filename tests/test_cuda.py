@@ -168,13 +168,18 @@ def test_vaks_mix_topk_cuda_equals_cpu_and_dense_reference(dtype, c, k):
                                atol=tol, rtol=tol)
 
 
-def test_condenser_observe_no_sync_and_matches_cpu():
+@pytest.mark.parametrize("ovr", [True, False])
+def test_condenser_observe_no_sync_and_matches_cpu(ovr):
     from kcd_fast import KnowledgeCondenser
 
     n = 10_000
-    conds = [KnowledgeCondenser(n, epochs=4, stage_epochs=2, device=d) for d in ("cpu", DEV)]
+    conds = [KnowledgeCondenser(n, epochs=4, stage_epochs=2, device=d, online_recording=ovr) for d in ("cpu", DEV)]
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randperm(n, generator=g)[:256], torch.randn(256, 100, generator=g)) for _ in range(3)]
+    if not ovr:  # the w/o OVR ablation with a sampler with replacement: duplicates, some rows not a number
+        batches = [(torch.randint(0, n, (256,), generator=g), x) for _, x in batches]
+        for _, x in batches:
+            x[::7, 3] = float("nan")
     for idx, logits in batches:
         conds[0].observe(idx, logits)
     gpu_batches = [(i.to(DEV), x.to(DEV)) for i, x in batches]
@@ -188,6 +193,8 @@ def test_condenser_observe_no_sync_and_matches_cpu():
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(conds[1].counts.cpu(), conds[0].counts)
     torch.testing.assert_close(conds[1].values.cpu(), conds[0].values, atol=2e-5, rtol=2e-5)
+    if not ovr:
+        torch.testing.assert_close(conds[1].last_values.cpu(), conds[0].last_values, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("reductions", ["separate", "paired", "fused", "online"])
