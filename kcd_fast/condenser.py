@@ -763,7 +763,9 @@ class KCDDataset(Dataset):
     For a point of K1L with partner j and ratio ε (Eq. 14), it returns
     ``(1 - ε) x + ε x_j``, each transformed first, with the point's own label.
     It runs in the loader workers, so the GPU does no extra pass and the
-    teacher sees the same mixed input as the student. ``mix=False`` returns
+    teacher sees the same mixed input as the student. Each stage mixes the original inputs, so the
+    mixes do not compound (for the official code's persistent pixel mixing, see
+    :meth:`KnowledgeCondenser.mix_buffer_`). ``mix=False`` returns
     plain (x, y, index) (the VAKS then lives elsewhere, e.g. in a soft-label buffer).
     """
 
