@@ -143,3 +143,40 @@ def test_knowledge_buffer_vaks(benchmark, run, sizes, device, storage):
     eps = torch.rand(pairs, device=device) * 0.3
     run(buf.mix_, k1l, k0, eps, provider="kcd_fast", op="knowledge_mix", storage=storage, N=n, pairs=pairs,
         bytes=3 * pairs * row_bytes)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA-graph replay needs a GPU")
+@pytest.mark.parametrize("case", ["vaks_mix_", "KnowledgeBuffer.mix_"])
+def test_vaks_device_time(benchmark, sizes, device, case):
+    """Device time of the VAKS mix (target P4, and cached knowledge's in-buffer VAKS): ``calls`` calls
+    captured in one CUDA graph and replayed, so the host's argument checks and the launch are excluded.
+    The same shapes and effective bytes (two rows read, one written per pair) as the wall-time cases
+    above, which also pay the host side once per call. Replaying mixes the same pairs again: the
+    mix is convex, so the rows stay in range."""
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    pairs, row = sizes["PAIRS"], sizes["ROW"]
+    if case == "vaks_mix_":
+        n = 3 * pairs
+        rows = torch.rand(n, row, device=device).half()
+        fn = lambda: ops.vaks_mix_(rows, dst, src, eps)  # noqa: E731
+    else:
+        n = sizes["N"]
+        buf = KnowledgeBuffer(n, row, storage="dense", dtype=torch.float16, device=device)
+        buf.probs.fill_(1.0 / row)
+        fn = lambda: buf.mix_(dst, src, eps)  # noqa: E731
+    benchmark.group = f"{case} device time, {n}x{row} fp16, {pairs} pairs"
+    perm = torch.randperm(n, device=device)
+    dst, src = perm[:pairs], perm[pairs: 2 * pairs]
+    eps = torch.rand(pairs, device=device) * 0.3
+    calls = 20
+    graph = capture_graph(fn, calls)
+    benchmark.extra_info.update(provider="kcd_fast", op="vaks_mix_graph", case=case, calls_per_round=calls,
+                                device=torch.cuda.get_device_name(), N=n, pairs=pairs, row=row,
+                                bytes=3 * pairs * row * 2)
+
+    def replay():
+        graph.replay()
+        sync()
+
+    benchmark(replay)
