@@ -124,7 +124,10 @@ class KnowledgeCondenser:
         k0: ``"dropped"`` (official code) or ``"all"`` (paper text); see :func:`kcd_fast.ops.condense`.
         selection: ``"kcd"`` or ``"random"`` (the "OGVE w/ random" ablation: a random ranking).
         online_recording: False is the "w/o OVR" ablation: a point's value is the entropy of its
-            last visit instead of the running mean of Eq. 12.
+            last visit instead of the running mean of Eq. 12. Under DDP the ranks' records merge
+            at each stage end; a point that several ranks visited within one stage (with T > 1
+            epochs a stage, or the sampler's padding repeat) gets the mean of their last visits,
+            since the ranks do not share the order of their visits.
         vaks: False is the "direct selection" ablation: K^ = K1, no augmentation.
         adaptive_eps: False is the "KA (ε = ε_m)" ablation.
         temperature: softmax temperature of the recorded entropy.

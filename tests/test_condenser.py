@@ -203,26 +203,30 @@ def test_sampler_drop_last():
     assert len(d) == 3 and len(list(d)) == 3
 
 
-def _ddp_worker(rank, world_size, init_file, out_dir, n, epochs, stage, run_until):
+def _ddp_worker(rank, world_size, init_file, out_dir, n, epochs, stage, run_until, ovr=True):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    cond = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage)
+    cond = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage, online_recording=ovr)
     assert cond.world_size == world_size and cond.rank == rank
     plans, sampled = run_epochs(cond, Synthetic(n, seed=4), run_until, batch=16)
     torch.save({"values": cond.values, "counts": cond.counts, "keep": cond.keep, "partner": cond.partner,
-                "sampled": sampled, "C": cond.measured_cost()["C"]}, f"{out_dir}/rank{rank}.pt")
+                "last_values": cond.last_values, "sampled": sampled, "C": cond.measured_cost()["C"]},
+               f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_real_two_process_gloo_merge_equals_single_process(tmp_path):
-    n, epochs, stage, run_until = 301, 4, 2, 3  # boundaries at the ends of epochs 0 and 2
+@pytest.mark.parametrize("ovr", [True, False])
+def test_real_two_process_gloo_merge_equals_single_process(tmp_path, ovr):
+    # Boundaries at the ends of epochs 0 and 2. w/o OVR, one epoch a stage: the ranks' last visits of a
+    # stage are then of one epoch (the sampler's padding repeat, visited by both ranks, included).
+    n, epochs, stage, run_until = (301, 4, 2, 3) if ovr else (301, 3, 1, 3)
     torch.multiprocessing.spawn(_ddp_worker, nprocs=2, join=True,
-                                args=(2, str(tmp_path / "init"), str(tmp_path), n, epochs, stage, run_until))
+                                args=(2, str(tmp_path / "init"), str(tmp_path), n, epochs, stage, run_until, ovr))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # One process observing the union of both ranks' batches, epoch by epoch.
     synth = Synthetic(n, seed=4)
-    single = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage)
+    single = KnowledgeCondenser(n, epochs=epochs, stage_epochs=stage, online_recording=ovr)
     samplers = [single.sampler(batch_size=16, rank=r, world_size=2) for r in range(2)]
     for epoch in range(run_until):
         for s in samplers:
@@ -236,6 +240,8 @@ def test_real_two_process_gloo_merge_equals_single_process(tmp_path):
         torch.testing.assert_close(r["values"], single.values, atol=1e-6, rtol=1e-6)
         assert torch.equal(r["keep"], single.keep) and torch.equal(r["partner"], single.partner)
         assert r["C"] == pytest.approx(single.measured_cost()["C"], abs=2 / n)
+        if not ovr:
+            torch.testing.assert_close(r["last_values"], single.last_values, atol=1e-6, rtol=1e-6)
     assert ranks[0]["sampled"] == ranks[1]["sampled"]
 
 
@@ -341,6 +347,32 @@ def test_ablations_change_only_what_they_should():
     _, q = _plan_of(adaptive_eps=False)
     for e in (0, 2):
         assert _same(q[e], b[e], ("keep", "order", "k1l", "k0")) and torch.all(q[e].eps == torch.tensor(0.3))
+
+
+def test_random_selection_draws_a_new_ranking_each_stage():
+    """OGVE w/ random: each stage ranks by a fresh seeded permutation, not the first one again."""
+    _, q = _plan_of(selection="random")
+    assert not torch.equal(q[0].order, q[2].order)
+    for plan in (q[0], q[2]):  # a permutation of every point, not a ranking by value
+        assert torch.equal(plan.order.sort().values, torch.arange(500))
+
+
+def test_stage_history_holds_the_rank_likelihoods_of_the_tracked_points():
+    """Eq. 8's p_R(y; x) = 1 - R_V(x)/N of the tracked points, from the stage's own ranking (Fig. 3(b))."""
+    cond, plans = _plan_of()
+    for entry, epoch in zip(cond.history, sorted(plans)):
+        expected = R.rank_likelihood(plans[epoch].order)[cond.trajectory_points]
+        assert entry["rank_likelihood"] == expected.tolist()
+
+
+def test_end_epoch_past_the_last_epoch_is_refused_and_changes_nothing():
+    cond = KnowledgeCondenser(50, epochs=2, stage_epochs=1)
+    synth = Synthetic(50)
+    run_epochs(cond, synth, 2)
+    before = _host_state(cond)
+    with pytest.raises(ValueError, match="epoch 2 is past the last epoch \\(1\\)"):
+        cond.end_epoch(2)
+    _assert_same_state(before, _host_state(cond))
 
 
 def _last_visit_loop(last, indices, entropy):

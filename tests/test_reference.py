@@ -141,7 +141,7 @@ def test_linear_schedule_shrinks_small_sets_and_ends_at_rho():
                     assert kept == [R.kept_count(R.tau(t, rho, s, schedule), n) for t in range(s)]
                     assert all(a >= b for a, b in zip(kept, kept[1:]))
                     assert kept[-1] == math.floor(Fraction(str(rho)) * n), (schedule, rho, n, s)
-                    assert R.tau(s - 1, rho, s, schedule) == pytest.approx(rho, abs=1e-15)
+                    assert R.tau(s - 1, rho, s, schedule) == rho  # exactly: the docstring promises it
 
 
 def test_exp_schedule_counts_unchanged():

@@ -271,13 +271,25 @@ def test_bad_input_raises_and_leaves_state(name, kwargs, exc, match):
         assert_unchanged(before, kwargs["values"], kwargs["counts"])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("t", [0.0, -1.0, math.inf, math.nan, "1", 1e-39])
-def test_bad_temperature(t):
-    v, f = make_state(4)
+def test_bad_temperature(t, device):
+    v, f = make_state(4, device=device)
     before = snapshot(v, f)
     with pytest.raises((ValueError, TypeError), match="temperature"):
-        update_values(v, f, torch.tensor([0]), torch.randn(1, 3), temperature=t)
+        update_values(v, f, torch.tensor([0], device=device), torch.randn(1, 3, device=device), temperature=t)
     assert_unchanged(before, v, f)
+
+
+def test_the_python_temperature_check_guards_the_triton_path():
+    """On the CPU the C++ op refuses a temperature whose inverse overflows float32 too; on CUDA the Python
+    check is the only guard before the Triton kernel, so it is tested on its own."""
+    from kcd_fast import ops
+
+    assert ops._check_temperature("update_values", 2.95e-39) == 2.95e-39
+    for t in (1e-39, 2.9e-39):
+        with pytest.raises(ValueError, match="update_values: `temperature` must be at least 2.93874e-39"):
+            ops._check_temperature("update_values", t)
 
 
 def test_device_mismatch_message():
