@@ -231,7 +231,31 @@ def test_every_rank_and_epoch_gets_its_own_random_streams():
     seeds = [T.epoch_seed(s, e, r, k) for s in (0, 1, -1) for e in range(40) for r in range(16)
              for k in ("torch", "loader")]
     assert len(set(seeds)) == len(seeds) and all(0 <= x < 2 ** 63 for x in seeds)
-    assert T.epoch_seed(3, 5, 2, "loader") == T.epoch_seed(3, 5, 2, "loader"), "a resumed run repeats them"
+
+
+def test_each_epoch_reseeds_its_streams_and_reshuffles(tmp_path, digits_teacher, monkeypatch):
+    """What the trainer does with epoch_seed: every epoch seeds torch and the loader's generator (the
+    workers' seeds) from (seed, epoch, rank), and sets the sampler's epoch, so each epoch draws a new
+    order and new augmentations, and a resumed epoch draws the same ones again."""
+    seen = []
+    real = T.train_one_epoch
+
+    def spy(student, teacher, loader, *a, **k):
+        epoch = a[4]  # (optimizer, scaler, condenser, args, epoch, ...)
+        seen.append((epoch, torch.initial_seed(), loader.generator.initial_seed(),
+                     [i for batch in loader.batch_sampler for i in batch]))
+        return real(student, teacher, loader, *a, **k)
+
+    monkeypatch.setattr(T, "train_one_epoch", spy)
+    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "r"), "--seed", "7",
+                   *QUICK, "--epochs", "3", "--stage-epochs", "3"))  # epochs 1 and 2: one condensed set
+    assert [e for e, *_ in seen] == [0, 1, 2]
+    for epoch, torch_seed, loader_seed, _ in seen:
+        assert torch_seed == T.epoch_seed(7, epoch, 0, "torch")
+        assert loader_seed == T.epoch_seed(7, epoch, 0, "loader")
+    orders = [order for *_, order in seen]
+    assert sorted(orders[1]) == sorted(orders[2]) and len(orders[1]) < len(orders[0])
+    assert orders[1] != orders[2], "the sampler's epoch must change the shuffle"
 
 
 @pytest.mark.parametrize("n", range(0, 15))
@@ -492,6 +516,45 @@ def test_resume_in_cached_mode(tmp_path, digits_teacher, monkeypatch, fill):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list((tmp_path / "killed").glob("knowledge-state-e*.kcdk"))) == 1
     assert resumed["teacher_passes"] == resumed["num_train"]
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_cached_mode_mixes_the_buffer_with_each_plans_pairs(tmp_path, digits_teacher, monkeypatch, storage):
+    """At each stage end the buffer's soft labels are mixed with that plan's (K1L, K0, eps), Eq. 14,
+    against the float64 reference mix (dense) or the top-k reference mix."""
+    from kcd_fast import reference as R
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    plans, mixes = [], []
+    real_end, real_mix = T.KnowledgeCondenser.end_epoch, KnowledgeBuffer.mix_
+
+    def end_epoch(self, epoch):
+        plan = real_end(self, epoch)
+        if plan is not None:
+            plans.append(plan)
+        return plan
+
+    def mix_(self, k1l, k0, eps):
+        before = [t.clone() for t in ((self.probs,) if self.storage == "dense" else (self.values, self.classes))]
+        real_mix(self, k1l, k0, eps)
+        after = [t.clone() for t in ((self.probs,) if self.storage == "dense" else (self.values, self.classes))]
+        mixes.append((k1l.clone(), k0.clone(), eps.clone(), before, after, self.num_classes))
+
+    monkeypatch.setattr(T.KnowledgeCondenser, "end_epoch", end_epoch)
+    monkeypatch.setattr(KnowledgeBuffer, "mix_", mix_)
+    T.main(args_of("--knowledge", "cached", "--storage", storage, "--topk", "3", "--teacher-weights",
+                   str(digits_teacher), "--output-dir", str(tmp_path / "m"), *QUICK))
+    assert len(plans) == len(mixes) == 2
+    for plan, (k1l, k0, eps, before, after, c) in zip(plans, mixes):
+        assert k1l.numel() > 0
+        assert torch.equal(k1l, plan.k1l) and torch.equal(k0, plan.k0) and torch.equal(eps, plan.eps)
+        if storage == "dense":
+            expected = R.vaks_mix(before[0].double(), k1l, k0, eps.double())
+            torch.testing.assert_close(after[0].double(), expected, atol=1e-3, rtol=1e-3)
+        else:
+            ref_v, ref_c = R.vaks_mix_topk(before[0].double(), before[1], k1l, k0, eps.double(), c)
+            torch.testing.assert_close(R.topk_decode(after[0].double(), after[1], c), R.topk_decode(ref_v, ref_c, c),
+                                       atol=2e-3, rtol=2e-3)
 
 
 def test_fake_on_device_one_off_pass_reads_the_images_the_student_trains_on(tmp_path):
