@@ -113,3 +113,19 @@ def test_cpp_guards_raise_python_errors_in_a_subprocess():
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stdout, out.stderr[-3000:])
+
+
+def test_direct_topk_k_above_64_is_refused():
+    with pytest.raises(RuntimeError, match="k must lie"):
+        torch.ops.kcd_fast.vaks_mix_topk_(torch.rand(4, 65), torch.zeros(4, 65, dtype=torch.int32),
+                                          torch.tensor([0]), torch.tensor([1]), torch.tensor([0.5]), 100)
+
+
+def test_direct_op_calls_are_guarded():
+    with pytest.raises(RuntimeError, match="same size"):
+        torch.ops.kcd_fast.vaks_mix_(torch.rand(4, 3), torch.tensor([0]), torch.tensor([2]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(RuntimeError, match="same size"):
+        torch.ops.kcd_fast.rank(torch.rand(5), torch.zeros(10, dtype=torch.int32), 0.0)
+    with pytest.raises(RuntimeError, match=r"logits must be \[B, C\]"):
+        torch.ops.kcd_fast.update_values(torch.zeros(10), torch.zeros(10, dtype=torch.int32), torch.tensor([1, 2]),
+                                         torch.randn(1, 4), 1.0)

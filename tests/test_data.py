@@ -394,3 +394,36 @@ def test_an_image_that_does_not_decode_is_named(tmp_path):
         with pytest.raises(CorruptImageError, match=f"cannot decode the image {bad}") as ei:
             _load_rgb_tensor(str(bad))
         assert isinstance(ei.value, OSError)
+
+
+def test_random_crop_reaches_every_offset():
+    from kcd_fast.data import RandomCrop
+    torch.manual_seed(0)
+    x = torch.arange(1, 17, dtype=torch.uint8).view(1, 4, 4)
+    crop = RandomCrop(4, padding=1)
+    corners = {int(crop(x)[0, 0, 0]) for _ in range(400)}
+    assert corners == {0, 1, 2, 5, 6}  # padded zero, or the pixel at offsets (0..1, 0..1)
+    last_rows = {int(crop(x)[0, 3, 3]) for _ in range(400)}
+    assert 0 in last_rows and 16 in last_rows
+
+
+def test_horizontal_flip_flips_left_right():
+    from kcd_fast.data import RandomHorizontalFlip
+    x = torch.arange(6).view(1, 2, 3)
+    assert torch.equal(RandomHorizontalFlip(p=1.0)(x), x.flip(-1))
+
+
+def test_read_idx_refuses_trailing_bytes(tmp_path):
+    from kcd_fast.data import read_idx
+    p = tmp_path / "a-idx1-ubyte"
+    p.write_bytes(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([1, 2, 3]) + b"junk")
+    with pytest.raises(ValueError, match="holds"):
+        read_idx(p)
+
+
+def test_fake_negative_index():
+    from kcd_fast.data import FakeImageDataset
+    ds = FakeImageDataset(5, image_size=4)
+    assert torch.equal(ds[-1][0], ds[4][0]) and ds[-1][1] == ds[4][1]
+    with pytest.raises(IndexError):
+        ds[-6]

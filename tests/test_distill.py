@@ -1,6 +1,8 @@
 """The distillation losses against their definitions, and the one-function extension point."""
 import argparse
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +60,31 @@ def test_a_new_loss_is_one_function():
         assert args.distill == "test_only_ce"
     finally:
         del distill.LOSSES["test_only_ce"]
+
+
+def test_dkd_weights_and_zero_warmup():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    y = torch.randint(0, 4, (6,), generator=g)
+    base = distill.dkd_loss(s, t, y, cfg(dkd_alpha=0.0, dkd_beta=0.0, dkd_warmup=1), 0)
+    torch.testing.assert_close(base, F.cross_entropy(s, y))
+    c0 = distill.dkd_loss(s, t, y, cfg(ce_weight_dkd=0.0, dkd_alpha=1.0, dkd_beta=0.0, dkd_warmup=1), 3)
+    c2 = distill.dkd_loss(s, t, y, cfg(ce_weight_dkd=0.0, dkd_alpha=2.0, dkd_beta=0.0, dkd_warmup=1), 3)
+    torch.testing.assert_close(c2, 2 * c0)
+    half = distill.dkd_loss(s, t, y, cfg(ce_weight_dkd=0.5, dkd_alpha=0.0, dkd_beta=0.0), 0)
+    torch.testing.assert_close(half, 0.5 * F.cross_entropy(s, y))
+    # --dkd-warmup 0 is accepted by the CLI: no warm-up, the full weight at epoch 0
+    full = distill.dkd_loss(s, t, y, cfg(dkd_warmup=0), 0)
+    torch.testing.assert_close(full, distill.dkd_loss(s, t, y, cfg(dkd_warmup=1), 0))
+
+
+def test_dkd_is_finite_for_a_confident_wrong_student():
+    s = torch.tensor([[-200.0, 200.0, 0.0]])
+    t = torch.tensor([[5.0, 0.0, 1.0]])
+    y = torch.tensor([0])
+    loss = distill.dkd_loss(s, t, y, cfg(kd_temperature=1.0, dkd_warmup=1), 0)
+    assert torch.isfinite(loss)
+    # NCKD ignores the target logit, however large
+    s2, t2 = torch.tensor([[60.0, 1.0, 2.0]]), torch.tensor([[0.0, 1.0, 2.0]])
+    n1 = distill.dkd_loss(s2, t2, y, cfg(kd_temperature=1.0, ce_weight_dkd=0.0, dkd_alpha=0.0, dkd_warmup=1), 0)
+    assert n1.item() == pytest.approx(0.0, abs=1e-6)

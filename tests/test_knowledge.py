@@ -1,10 +1,13 @@
 """KnowledgeBuffer (cached soft labels) and vaks_mix_topk_, against the float64 reference."""
+import json
+import math
+
 import pytest
 import torch
 
 import kcd_fast
 from kcd_fast import reference as R
-from kcd_fast.knowledge import KnowledgeBuffer, KnowledgeFileError, _topk_readback_torch
+from kcd_fast.knowledge import HEADER_BYTES, MAGIC, KnowledgeBuffer, KnowledgeFileError, _topk_readback_torch
 from kcd_fast.ops import vaks_mix_topk_
 from helpers import TRITON_DEVICE
 
@@ -481,3 +484,79 @@ def test_host_memory_check_uses_mem_available(tmp_path, monkeypatch):
     meminfo.write_text("MemTotal: 1 kB\n")  # no MemAvailable (old kernels): sysconf
     with pytest.raises(MemoryError, match="needs"):
         KnowledgeBuffer(10_000, 500, storage="dense")
+
+
+def test_topk_mix_ties_go_to_the_lower_class_and_fillers():
+    c, k = 8, 3
+    values = torch.tensor([[0.1, 0.1, 0.1], [0.1, 0.1, 0.1]])
+    classes = torch.tensor([[5, 6, 7], [5, 6, 7]], dtype=torch.int32)
+    vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.5]), c)
+    # uniform mass (1 - 0.3) / 5 = 0.14 beats 0.1: the three lowest filler classes win
+    assert classes[0].tolist() == [0, 1, 2]
+    torch.testing.assert_close(values[0], torch.full((3,), 0.14))
+
+
+def test_topk_equal_masses_keep_the_lower_class():
+    values = torch.tensor([[0.3, 0.3], [0.3, 0.3]])
+    classes = torch.tensor([[4, 2], [2, 4]], dtype=torch.int32)
+    vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.25]), 10)
+    assert classes[0].tolist() == [2, 4]
+
+
+def test_topk_mix_clamps_a_negative_remainder():
+    values = torch.tensor([[0.7, 0.31], [0.5, 0.2]])  # row 0 sums over 1 (as fp16 rounding can make it)
+    classes = torch.tensor([[1, 3], [0, 2]], dtype=torch.int32)
+    vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.5]), 6)
+    # src's remainder 0.3 / 4 = 0.075; dst's remainder is clamped to 0
+    assert classes[0].tolist() == [1, 0]
+    torch.testing.assert_close(values[0], torch.tensor([0.5 * 0.7 + 0.5 * 0.075, 0.5 * 0.5]))
+
+
+def _save(tmp_path, **kw):
+    buf = KnowledgeBuffer(5, 4, storage="dense", dtype=torch.float32, temperature=3.0, **kw)
+    buf.write(torch.arange(5), torch.randn(5, 4))
+    path = tmp_path / "k.kcdk"
+    buf.save(path)
+    return buf, path
+
+
+def test_load_refuses_another_temperature(tmp_path):
+    _, path = _save(tmp_path)
+    with pytest.raises(KnowledgeFileError, match="3.0 temperature.*but this run has 4.0"):
+        KnowledgeBuffer.load(path, temperature=4.0)
+
+
+def test_header_temperature_must_be_finite(tmp_path):
+    _, path = _save(tmp_path)
+    raw = path.read_bytes()
+    head = KnowledgeBuffer.read_header(path)
+    for bad_t in (math.inf, math.nan):
+        head["temperature"] = bad_t
+        text = json.dumps(head).encode()
+        blob = MAGIC + len(text).to_bytes(8, "little") + text
+        (tmp_path / "b.kcdk").write_bytes(blob + b"\0" * (HEADER_BYTES - len(blob)) + raw[HEADER_BYTES:])
+        with pytest.raises(KnowledgeFileError, match="temperature"):
+            KnowledgeBuffer.load(tmp_path / "b.kcdk")
+
+
+def test_save_refuses_a_header_over_4k(tmp_path):
+    buf = KnowledgeBuffer(3, 4, storage="dense", teacher="x" * 5000)
+    with pytest.raises(ValueError, match="header too long"):
+        buf.save(tmp_path / "k.kcdk")
+    assert not (tmp_path / "k.kcdk").exists()
+
+
+def test_load_state_dict_refuses_another_buffer():
+    a = KnowledgeBuffer(4, 5, storage="dense", temperature=4.0)
+    b = KnowledgeBuffer(4, 5, storage="dense", temperature=2.0)
+    with pytest.raises(KnowledgeFileError, match="state is for"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_topk_readback_of_a_row_whose_values_sum_over_one():
+    buf = KnowledgeBuffer(2, 6, storage="topk", k=2, dtype=torch.float32)
+    buf.values[0] = torch.tensor([0.7, 0.31])  # fp16 rounding can push the sum over 1
+    buf.classes[0] = torch.tensor([1, 3], dtype=torch.int32)
+    buf.filled[0] = True
+    row = buf.read(torch.tensor([0]))[0]
+    assert (row >= 0).all() and row[[0, 2, 4, 5]].eq(0).all()

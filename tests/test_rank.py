@@ -85,3 +85,16 @@ def test_bad_input():
     with pytest.raises(ValueError, match="counts.*>= 0"):
         rank(v, neg, 0.03)
     assert_unchanged(before, v, f)
+
+
+def test_rank_counts_beyond_the_cost_table():
+    # F^alpha for F >= 512 is computed outside the table: 1.0 * 600^0.5 = 24.49 < 1.1 * 511^0.5 = 24.87
+    values = torch.tensor([1.0, 1.1])
+    counts = torch.tensor([600, 511], dtype=torch.int32)
+    assert rank(values, counts, 0.5).tolist() == [1, 0] == R.rank(values, counts, 0.5).tolist()
+
+
+def test_rank_nan_key_ranks_last():
+    values = torch.tensor([0.0, 0.5, 1.0])
+    counts = torch.tensor([2**31 - 1, 1, 1], dtype=torch.int32)
+    assert rank(values, counts, 1000.0).tolist() == [2, 1, 0] == R.rank(values, counts, 1000.0).tolist()

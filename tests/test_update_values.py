@@ -462,3 +462,27 @@ def test_kernel_compiles_for_hopper_with_16_byte_row_loads():
         assert vec["ptx_global_loads"] < scalar["ptx_global_loads"]
         # The sample's state (F, V) is read with the row, before the reductions, not after them.
         assert vec["ptx_b32_loads_before_first_barrier"] == 2
+
+
+def test_duplicates_apply_eq12_in_batch_order_bitwise():
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(4, generator=g) * 3
+    counts = torch.tensor([0, 2, 5, 1], dtype=torch.int32)
+    idx = torch.tensor([1, 1, 2, 1, 1, 2, 1, 0, 1, 1, 1, 1, 2, 1, 1, 1])
+    logits = torch.randn(len(idx), 37, generator=g) * 3
+    v, f = values.clone(), counts.clone()
+    ent = update_values(v, f, idx, logits)
+    ev, ef = values.clone(), counts.clone()
+    for b, i in enumerate(idx.tolist()):  # one fp32 visit at a time, in batch order
+        ef[i] += 1
+        ev[i] = ev[i] + (ent[b] - ev[i]) / ef[i].float()
+    assert torch.equal(f, ef) and torch.equal(v, ev)
+
+
+def test_large_logits_at_low_temperature_do_not_overflow():
+    x = torch.tensor([[100.0, 99.0, 0.0] + [0.0] * 6, [0.0] * 8 + [100.0]])  # 9 classes: tail of the AVX2 loop
+    for t in (0.5, 1.0):
+        ent = update_values(torch.zeros(2), torch.zeros(2, dtype=torch.int32), torch.tensor([0, 1]), x, temperature=t)
+        ref = kcd_fast.reference.entropy(x, t)
+        assert torch.isfinite(ent).all()
+        torch.testing.assert_close(ent.double(), ref, atol=1e-6, rtol=1e-6)

@@ -108,3 +108,10 @@ def test_fp16_fast_path_is_bitwise_the_scalar_twin(monkeypatch, row):
     scalar = vaks_mix_(buf.clone(), dst, src, eps)
     assert torch.equal(fast, scalar)
     assert torch.equal(fast.view(torch.int16), expected.view(torch.int16))
+
+
+def test_uint8_mix_rounds_ties_to_even():
+    buf = torch.tensor([[2, 3, 0, 255], [3, 2, 1, 254], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.uint8)
+    vaks_mix_(buf, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.5]))
+    # 2.5 -> 2, 2.5 -> 2, 0.5 -> 0, 254.5 -> 254 (ties to even)
+    assert buf[0].tolist() == [2, 2, 0, 254]
