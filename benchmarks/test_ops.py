@@ -20,6 +20,21 @@ def _state(n, device, seed=0):
     return values, counts
 
 
+def _vaks_pairs(n, pairs, device):
+    """VAKS pairs over n rows: distinct K1L rows, distinct K0 partners disjoint from them, eps in [0, 0.3)."""
+    perm = torch.randperm(n, device=device)
+    return perm[:pairs], perm[pairs: 2 * pairs], torch.rand(pairs, device=device) * 0.3
+
+
+def _time_replays(benchmark, graph):
+    """Time replays of a captured graph, waiting for the GPU inside each timed call."""
+    def replay():
+        graph.replay()
+        sync()
+
+    benchmark(replay)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("provider", PROVIDERS_UPDATE)
 def test_update_values(benchmark, run, sizes, device, provider, dtype):
@@ -58,12 +73,7 @@ def test_update_values_device_time(benchmark, sizes, device, provider, dtype):
         config = launch_config(logits)
         benchmark.extra_info.update(reductions=config["REDUCE"], num_warps=config["num_warps"],
                                     row_vector_width=config["VEC"])
-
-    def replay():
-        graph.replay()
-        sync()
-
-    benchmark(replay)
+    _time_replays(benchmark, graph)
 
 
 @pytest.mark.parametrize("provider", ["kcd_fast", "eager", "official"])
@@ -111,9 +121,7 @@ def test_vaks_mix(benchmark, run, sizes, device, provider):
     benchmark.group = f"vaks_mix_ {row}-wide fp16 rows"
     n = 3 * pairs
     buf = torch.rand(n, row, device=device).half()
-    perm = torch.randperm(n, device=device)
-    dst, src = perm[:pairs], perm[pairs: 2 * pairs]
-    eps = torch.rand(pairs, device=device) * 0.3
+    dst, src, eps = _vaks_pairs(n, pairs, device)
     fn = {"kcd_fast": ops.vaks_mix_, "eager": baselines.eager_vaks_mix_,
           "official": baselines.official_vaks_mix_}[provider]
     run(fn, buf, dst, src, eps, provider=provider, op="vaks_mix_", pairs=pairs, row=row,
@@ -138,9 +146,7 @@ def test_knowledge_buffer_vaks(benchmark, run, sizes, device, storage):
         buf.values.fill_(0.05)
         buf.classes.copy_(torch.arange(10, dtype=torch.int32, device=device).expand(n, 10))
         row_bytes = 10 * (2 + 4)
-    perm = torch.randperm(n, device=device)
-    k1l, k0 = perm[:pairs], perm[pairs: 2 * pairs]
-    eps = torch.rand(pairs, device=device) * 0.3
+    k1l, k0, eps = _vaks_pairs(n, pairs, device)
     run(buf.mix_, k1l, k0, eps, provider="kcd_fast", op="knowledge_mix", storage=storage, N=n, pairs=pairs,
         bytes=3 * pairs * row_bytes)
 
@@ -166,17 +172,10 @@ def test_vaks_device_time(benchmark, sizes, device, case):
         buf.probs.fill_(1.0 / row)
         fn = lambda: buf.mix_(dst, src, eps)  # noqa: E731
     benchmark.group = f"{case} device time, {n}x{row} fp16, {pairs} pairs"
-    perm = torch.randperm(n, device=device)
-    dst, src = perm[:pairs], perm[pairs: 2 * pairs]
-    eps = torch.rand(pairs, device=device) * 0.3
+    dst, src, eps = _vaks_pairs(n, pairs, device)
     calls = 20
     graph = capture_graph(fn, calls)
     benchmark.extra_info.update(provider="kcd_fast", op="vaks_mix_graph", case=case, calls_per_round=calls,
                                 device=torch.cuda.get_device_name(), N=n, pairs=pairs, row=row,
                                 bytes=3 * pairs * row * 2)
-
-    def replay():
-        graph.replay()
-        sync()
-
-    benchmark(replay)
+    _time_replays(benchmark, graph)

@@ -512,22 +512,14 @@ def test_topk_mix_clamps_a_negative_remainder():
     torch.testing.assert_close(values[0], torch.tensor([0.5 * 0.7 + 0.5 * 0.075, 0.5 * 0.5]))
 
 
-def _save(tmp_path, **kw):
-    buf = KnowledgeBuffer(5, 4, storage="dense", dtype=torch.float32, temperature=3.0, **kw)
-    buf.write(torch.arange(5), torch.randn(5, 4))
-    path = tmp_path / "k.kcdk"
-    buf.save(path)
-    return buf, path
-
-
 def test_load_refuses_another_temperature(tmp_path):
-    _, path = _save(tmp_path)
+    _, path = _saved(tmp_path, storage="dense")  # a T = 3 file
     with pytest.raises(KnowledgeFileError, match="3.0 temperature.*but this run has 4.0"):
         KnowledgeBuffer.load(path, temperature=4.0)
 
 
 def test_header_temperature_must_be_finite(tmp_path):
-    _, path = _save(tmp_path)
+    _, path = _saved(tmp_path, storage="dense")  # a T = 3 file
     raw = path.read_bytes()
     head = KnowledgeBuffer.read_header(path)
     for bad_t in (math.inf, math.nan):
