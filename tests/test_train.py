@@ -535,9 +535,9 @@ def test_cached_mode_mixes_the_buffer_with_each_plans_pairs(tmp_path, digits_tea
         return plan
 
     def mix_(self, k1l, k0, eps):
-        before = [t.clone() for t in ((self.probs,) if self.storage == "dense" else (self.values, self.classes))]
+        before = self.state_dict()["arrays"]  # copies: (probs,) or (values, classes), then filled
         real_mix(self, k1l, k0, eps)
-        after = [t.clone() for t in ((self.probs,) if self.storage == "dense" else (self.values, self.classes))]
+        after = self.state_dict()["arrays"]
         mixes.append((k1l.clone(), k0.clone(), eps.clone(), before, after, self.num_classes))
 
     monkeypatch.setattr(T.KnowledgeCondenser, "end_epoch", end_epoch)
