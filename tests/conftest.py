@@ -19,6 +19,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
 
 
+def pytest_sessionstart(session):
+    """Under the interpreter, stop at once with one clear message if it cannot run the kernels
+    (kcd_fast.kernels.check_interpreter), rather than fail every Triton test with a TypeError."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            import kcd_fast.kernels  # noqa: F401  (checks the interpreter when first imported)
+        except RuntimeError as e:
+            pytest.exit(str(e), returncode=1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -377,6 +377,40 @@ def test_triton_kernel_reduction_variant_arguments():
     assert_unchanged(before, values, counts)
 
 
+class _Probe:
+    """A stand-in for the interpreter probe kernel: ``probe[(1,)](out, n)`` raises ``error`` or writes ``count``."""
+
+    def __init__(self, error=None, count=3):
+        self.error, self.count = error, count
+
+    def __getitem__(self, grid):
+        def launch(out, n):
+            if self.error is not None:
+                raise self.error
+            out[0] = self.count
+        return launch
+
+
+def test_check_interpreter_names_the_numpy_that_triton_3_6_cannot_loop_with():
+    """Triton 3.6's interpreter with NumPy >= 2.4 fails every loop to a kernel argument with a bare
+    TypeError; importing the kernels under the interpreter says what to install instead. Other
+    errors pass through unchanged, and a wrong count is refused."""
+    from kcd_fast.kernels import check_interpreter
+
+    if TRITON_DEVICE == "cpu":
+        check_interpreter()  # the real probe, in the interpreter these tests run in
+    cause = RuntimeError("TypeError('only 0-dimensional arrays can be converted to Python scalars')")
+    with pytest.raises(RuntimeError, match=r"cannot loop to a kernel argument with NumPy .*Install 'numpy<2\.4'") as e:
+        check_interpreter(_Probe(cause))
+    assert e.value.__cause__ is cause
+    other = ValueError("something else")
+    with pytest.raises(ValueError) as e:
+        check_interpreter(_Probe(other))
+    assert e.value is other
+    with pytest.raises(RuntimeError, match="counted to 2 in a loop to 3"):
+        check_interpreter(_Probe(count=2))
+
+
 def test_launch_config_follows_shape_strides_and_dtype_and_is_not_shared():
     """launch_config is cached per (shape, strides, dtype, overrides): each distinct layout still gets
     its own vector width, and a caller that edits the returned dict (codegen pops num_warps) does not
