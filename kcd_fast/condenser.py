@@ -65,6 +65,13 @@ def _unit(name, x, lo_open=True):
     return x
 
 
+def _flag(name, x):
+    """A bool, not merely something truthy (``"no"`` would switch a feature on)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"KnowledgeCondenser: `{name}` must be True or False, got {x!r}")
+    return x
+
+
 def _choice(name, x, options):
     if x not in options:
         raise ValueError(f"KnowledgeCondenser: `{name}` must be one of {options}, got {x!r}")
@@ -80,7 +87,7 @@ def _dist_info(rank, world_size):
             rank = 0 if rank is None else rank
             world_size = 1 if world_size is None else world_size
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        raise ValueError(f"KnowledgeCondenser: `rank` must lie in [0, world_size={world_size}), got {rank}")
     return int(rank), int(world_size)
 
 
@@ -160,15 +167,14 @@ class KnowledgeCondenser:
         self.alpha = _real("alpha", alpha)
         if self.alpha < 0:
             raise ValueError(f"KnowledgeCondenser: `alpha` must be >= 0, got {alpha!r}")
-        self.temperature = _real("temperature", temperature)
-        if not self.temperature > 0:
-            raise ValueError(f"KnowledgeCondenser: `temperature` must be > 0, got {temperature!r}")
+        # As update_values checks it at every observe (1/T a finite float32), but once, here.
+        self.temperature = ops._check_temperature("KnowledgeCondenser", temperature)
         self.schedule = _choice("schedule", schedule, _SCHEDULES)
         self.k0 = _choice("k0", k0, _K0_POLICIES)
         self.selection = _choice("selection", selection, _SELECTIONS)
-        self.online_recording = bool(online_recording)
-        self.vaks = bool(vaks)
-        self.adaptive_eps = bool(adaptive_eps)
+        self.online_recording = _flag("online_recording", online_recording)
+        self.vaks = _flag("vaks", vaks)
+        self.adaptive_eps = _flag("adaptive_eps", adaptive_eps)
         self.seed = _int("seed", seed, 0)
         self.device = torch.device(device)
         rank = None if rank is None else _int("rank", rank, 0)
@@ -704,6 +710,11 @@ class KeptSampler(Sampler):
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, Integral)
                                        or batch_size < 1):
             raise ValueError(f"sampler: `batch_size` must be None or an int >= 1, got {batch_size!r}")
+        for name, x in (("rank", rank), ("world_size", world_size)):
+            if isinstance(x, bool) or not isinstance(x, Integral):
+                raise TypeError(f"sampler: `{name}` must be an int, got {x!r}")
+        if world_size < 1:
+            raise ValueError(f"sampler: `world_size` must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"sampler: `rank` must lie in [0, world_size={world_size}), got {rank}")
         self.condenser = condenser

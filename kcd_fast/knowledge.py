@@ -75,8 +75,10 @@ class KnowledgeBuffer:
             raise ValueError(f"KnowledgeBuffer: `k` must lie in [1, min(64, num_classes={num_classes})], got {k}")
         if dtype not in _DTYPES.values():
             raise TypeError(f"KnowledgeBuffer: `dtype` must be float16, bfloat16 or float32, got {dtype}")
-        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not temperature > 0:
-            raise ValueError(f"KnowledgeBuffer: `temperature` must be > 0, got {temperature!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < math.inf:
+            raise ValueError(f"KnowledgeBuffer: `temperature` must be a finite number > 0, got {temperature!r}")
+        if not isinstance(teacher, str):  # as a saved file's header holds it
+            raise TypeError(f"KnowledgeBuffer: `teacher` must be a string (a name), got {type(teacher).__name__}")
         self.num_samples, self.num_classes = int(num_samples), int(num_classes)
         self.storage, self.k = storage, int(k) if storage == "topk" else int(num_classes)
         self.dtype, self.temperature = dtype, float(temperature)
@@ -147,8 +149,9 @@ class KnowledgeBuffer:
         Dense: a row gather. Top-k on CUDA: one Triton kernel (kernels/topk_readback.py) that
         writes the stored classes and the uniform remainder; on the CPU its torch twin.
         A row not yet filled reads back as all zeros, with either storage (no host sync).
+        ``indices``: int32/int64 [B] in [0, N), range checked on the CPU and in debug mode on CUDA.
         """
-        idx = indices.to(self.device, non_blocking=True)
+        idx = self._indices("KnowledgeBuffer.read", indices)
         if self.storage == "dense":
             return self.probs.index_select(0, idx.long()).float()
         if self.device.type == "cuda":
@@ -157,6 +160,14 @@ class KnowledgeBuffer:
             with torch.cuda.device(self.device):
                 return topk_readback_triton(self.values, self.classes, idx, self.num_classes, self.filled)
         return _topk_readback_torch(self.values, self.classes, idx, self.num_classes, self.filled)
+
+    def _indices(self, op: str, indices) -> torch.Tensor:
+        """``indices`` on the buffer's device, checked as :meth:`write` checks them (range: on the CPU
+        and in debug mode only, where it needs no host sync)."""
+        ops._tensor(op, "indices", indices, ops._INDEX_DTYPES, 1)
+        idx = indices.to(self.device, non_blocking=True)
+        ops._check_range(op, "indices", idx, self.num_samples)
+        return idx
 
     def teacher_logits(self, indices: torch.Tensor) -> torch.Tensor:
         """Logits that reproduce the stored probabilities at the buffer's temperature.
@@ -194,10 +205,12 @@ class KnowledgeBuffer:
 
     # ------------------------------------------------------------------ VAKS on the soft labels
 
-    def mix_(self, k1l: torch.Tensor, k0: torch.Tensor, eps: torch.Tensor) -> None:
+    def mix_(self, k1l: torch.Tensor, k0: torch.Tensor, eps) -> None:
         """Apply VAKS pairs (Eq. 14) in place: dense through :func:`ops.vaks_mix_` (one fused kernel),
-        top-k through :func:`ops.vaks_mix_topk_` (the mix truncated back to k)."""
-        d, s, e = k1l.to(self.device), k0.to(self.device), eps.to(self.device)
+        top-k through :func:`ops.vaks_mix_topk_` (the mix truncated back to k). ``k1l``, ``k0`` and
+        ``eps`` as those ops take ``dst``, ``src`` and ``eps`` (a tensor, or a number for all pairs),
+        on any device: they are moved to the buffer's."""
+        d, s, e = (x.to(self.device) if isinstance(x, torch.Tensor) else x for x in (k1l, k0, eps))
         if self.storage == "dense":
             ops.vaks_mix_(self.probs, d, s, e)
         else:
@@ -356,10 +369,29 @@ class KnowledgeBuffer:
         return {"header": self.header(), "arrays": [t.to("cpu", copy=True) for t in self._arrays()]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`. Everything is checked before anything is written, so a refused
+        state leaves the buffer as it was: the header, one array per stored one, each of the stored
+        dtype and shape, and top-k class ids in [0, C)."""
+        op = "KnowledgeBuffer.load_state_dict"
+        if not isinstance(state, dict) or not {"header", "arrays"} <= state.keys():
+            raise KnowledgeFileError(f"{op}: `state` must be a dict with 'header' and 'arrays', as state_dict() "
+                                     f"returns, got {type(state).__name__}"
+                                     + (f" with keys {sorted(state)}" if isinstance(state, dict) else ""))
         if state["header"] != self.header():
-            raise KnowledgeFileError(f"KnowledgeBuffer.load_state_dict: the state is for {state['header']}, "
-                                     f"this buffer is {self.header()}")
-        for t, s in zip(self._arrays(), state["arrays"]):
+            raise KnowledgeFileError(f"{op}: the state is for {state['header']}, this buffer is {self.header()}")
+        arrays, names = state["arrays"], self._array_names()
+        if not isinstance(arrays, (list, tuple)) or len(arrays) != len(names):
+            raise KnowledgeFileError(f"{op}: the state must hold {len(names)} arrays ({', '.join(names)}), got "
+                                     + (f"{len(arrays)}" if isinstance(arrays, (list, tuple)) else type(arrays).__name__))
+        for name, mine, theirs in zip(names, self._arrays(), arrays):
+            if not (isinstance(theirs, torch.Tensor) and theirs.dtype == mine.dtype and theirs.shape == mine.shape):
+                got = (f"{_dtype_name(theirs.dtype)} {list(theirs.shape)}" if isinstance(theirs, torch.Tensor)
+                       else type(theirs).__name__)
+                raise KnowledgeFileError(f"{op}: `{name}` must be a {_dtype_name(mine.dtype)} tensor of shape "
+                                         f"{list(mine.shape)}, got {got}")
+        if self.storage == "topk":
+            ops._check_range(op, "classes", arrays[1].reshape(-1).cpu(), self.num_classes)
+        for t, s in zip(self._arrays(), arrays):
             t.copy_(s.to(self.device))
 
 

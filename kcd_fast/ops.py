@@ -124,8 +124,8 @@ def _real(op: str, name: str, x, lo=None, hi=None, lo_open=False, hi_open=False)
     if hi is not None:
         ok = ok and (x < hi if hi_open else x <= hi)
     if not ok:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
+        lb = "(" if lo_open or lo is None else "["  # an unbounded side is open: the number must be finite
+        rb = ")" if hi_open or hi is None else "]"
         rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
         raise ValueError(f"{op}: `{name}` must be a finite number in {rng}, got {x}")
     return x
@@ -406,6 +406,8 @@ def condense(values: torch.Tensor, counts: torch.Tensor, *, keep, alpha: float, 
     eps_max = _real(op, "eps_max", eps_max, lo=0.0, hi=1.0)
     if k0 not in _K0_POLICIES:
         raise ValueError(f"{op}: `k0` must be one of {_K0_POLICIES}, got {k0!r}")
+    if not isinstance(adaptive_eps, bool):  # not merely truthy: "no" would mean the ramp
+        raise TypeError(f"{op}: `adaptive_eps` must be True or False, got {adaptive_eps!r}")
     if previous_keep is not None:
         _matching(op, "previous_keep", previous_keep, (torch.bool,), "values", values)
     if order is None:
@@ -442,7 +444,8 @@ def vaks_mix_(buffer: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, eps) -
     Args:
         buffer: [N, ...] contiguous float32, float16, bfloat16 or uint8 (images
             or soft labels). The math is fp32; uint8 rounds to nearest (ties to
-            even). The mix is convex, so soft-label rows stay normalised.
+            even). The mix is convex, so soft-label rows stay normalised. Must not
+            require grad; its version counter is bumped, as torch's in-place ops do.
         dst: int32/int64 [P], the rows to augment (K1L). Must be distinct.
         src: int32/int64 [P], their partners (K0). Must not share an index with
             ``dst``: a row is never both read as a partner and written.
@@ -458,11 +461,20 @@ def vaks_mix_(buffer: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, eps) -
         raise ValueError(f"{op}: `buffer` must be [N, ...], got a 0-d tensor")
     if not buffer.is_contiguous():
         raise ValueError(f"{op}: `buffer` must be contiguous")
+    _not_requiring_grad(op, buffer=buffer)
     dst_l, src_l, eps_t = _check_pairs(op, "buffer", buffer, dst, src, eps)
     _ext.require(op, buffer.device)
     if dst_l.numel():
         torch.ops.kcd_fast.vaks_mix_(buffer, dst_l, src_l, eps_t)
+        torch.autograd.graph.increment_version(buffer)  # as in update_values
     return buffer
+
+
+def _not_requiring_grad(op: str, **tensors: torch.Tensor) -> None:
+    """Tensors an op writes in place must not require grad: the kernels write them outside autograd."""
+    for name, t in tensors.items():
+        if t.requires_grad:
+            raise ValueError(f"{op}: `{name}` must not require grad: it is written in place, outside autograd")
 
 
 def _check_pairs(op: str, rows_name: str, rows: torch.Tensor, dst, src, eps):
@@ -516,6 +528,7 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
     _matching(op, "classes", classes, (torch.int32,), "values", values)
     if not (values.is_contiguous() and classes.is_contiguous()):
         raise ValueError(f"{op}: `values` and `classes` must be contiguous")
+    _not_requiring_grad(op, values=values)
     k = values.shape[1]
     if not 1 <= k <= 64:
         raise ValueError(f"{op}: k (the width of `values`) must lie in [1, 64], got {k}")
@@ -527,6 +540,7 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
     _ext.require(op, values.device)
     if dst_l.numel():
         torch.ops.kcd_fast.vaks_mix_topk_(values, classes, dst_l, src_l, eps_t, int(num_classes))
+        torch.autograd.graph.increment_version((values, classes))
     return values, classes
 
 

@@ -81,6 +81,7 @@ def test_bad_input():
         (dict(keep=5, eps_max=1.5), ValueError, "eps_max"),
         (dict(keep=5, alpha=-1.0), ValueError, "alpha"),
         (dict(keep=5, k0="some"), ValueError, "k0.*dropped"),
+        (dict(keep=5, adaptive_eps="no"), TypeError, "adaptive_eps.*True or False"),  # truthy, but not a ramp
         (dict(keep=5, previous_keep=torch.ones(9, dtype=torch.bool)), ValueError, "previous_keep.*shape"),
         (dict(keep=5, previous_keep=torch.ones(10)), TypeError, "previous_keep.*bool"),
         (dict(keep=5, order=torch.zeros(10, dtype=torch.int64)), ValueError, "order.*permutation"),

@@ -612,7 +612,11 @@ def test_constructor_and_observe_argument_types():
     for kwargs, exc, match in [
         (dict(temperature=float("inf")), ValueError, "temperature.*finite"),
         (dict(temperature=float("nan")), ValueError, "temperature.*finite"),
-        (dict(temperature=0.0), ValueError, "temperature.*> 0"),
+        (dict(temperature=0.0), ValueError, r"temperature.*in \(0\.0, inf\)"),
+        (dict(temperature=1e-40), ValueError, "temperature.*at least .*finite float32"),  # every observe would fail
+        (dict(online_recording="no"), TypeError, "online_recording.*True or False"),
+        (dict(vaks=1), TypeError, "vaks.*True or False"),
+        (dict(adaptive_eps=None), TypeError, "adaptive_eps.*True or False"),
         (dict(temperature="1"), TypeError, "temperature.*number"),
         (dict(alpha="x"), TypeError, "alpha.*number"),
         (dict(alpha=float("nan")), ValueError, "alpha.*finite"),
@@ -622,10 +626,20 @@ def test_constructor_and_observe_argument_types():
         (dict(eps_max=float("inf")), ValueError, "eps_max.*finite"),
         (dict(rank=0.5, world_size=1), TypeError, "rank.*int"),
         (dict(rank=0, world_size=1.0), TypeError, "world_size.*int"),
+        (dict(rank=1, world_size=1), ValueError, r"^KnowledgeCondenser: `rank` must lie in \[0, world_size=1\)"),
     ]:
         with pytest.raises(exc, match=match):
             KnowledgeCondenser(10, **ok, **kwargs)
     cond = KnowledgeCondenser(10, **ok)
+    for kwargs, exc, match in [
+        (dict(rank=0.5, world_size=2), TypeError, "sampler: `rank` must be an int, got 0.5"),  # not truncated to 0
+        (dict(rank=0, world_size="2"), TypeError, "sampler: `world_size` must be an int"),
+        (dict(rank=0, world_size=0), ValueError, "sampler: `world_size` must be >= 1, got 0"),
+        (dict(rank=2, world_size=2), ValueError, r"sampler: `rank` must lie in \[0, world_size=2\)"),
+    ]:
+        with pytest.raises(exc, match=match):
+            cond.sampler(**kwargs)
+    assert not cond._samplers
     with pytest.raises(TypeError, match="observe: `indices` must be a torch.Tensor"):
         cond.observe([0, 1], torch.randn(2, 3))
     assert not cond.counts.any()

@@ -552,3 +552,98 @@ def test_topk_readback_of_a_row_whose_values_sum_over_one():
     buf.filled[0] = True
     row = buf.read(torch.tensor([0]))[0]
     assert (row >= 0).all() and row[[0, 2, 4, 5]].eq(0).all()
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_load_state_dict_checks_every_array_before_writing_any(storage):
+    """A refused state leaves the buffer as it was: the arrays are all checked (count, dtype, shape,
+    top-k class ids) before the first is copied, and nothing is broadcast or cast."""
+    src = KnowledgeBuffer(6, 5, storage=storage, k=3)
+    src.write(torch.arange(6), teacher_logits(6, 5))
+    good = src.state_dict()
+    arrays = good["arrays"]
+    last = len(arrays) - 1  # `filled`, after the knowledge arrays
+    bad_states = [
+        ({**good, "arrays": arrays[:-1]}, f"must hold {len(arrays)} arrays"),
+        ({**good, "arrays": {"probs": arrays[0]}}, f"must hold {len(arrays)} arrays"),
+        ({**good, "arrays": [*arrays[:last], arrays[last][:3]]}, r"`filled` must be a bool tensor of shape \[6\]"),
+        ({**good, "arrays": [arrays[0][:1], *arrays[1:]]}, r"must be a float16 tensor of shape \[6, "),  # broadcast
+        ({**good, "arrays": [arrays[0].float(), *arrays[1:]]}, "must be a float16 tensor"),  # cast
+        ({**good, "arrays": [*arrays[:last], arrays[last].int()]}, "`filled` must be a bool tensor"),
+        ({**good, "arrays": [arrays[0].tolist(), *arrays[1:]]}, "got list"),
+        ({"header": good["header"]}, "must be a dict with 'header' and 'arrays'"),
+        ([good], "must be a dict with 'header' and 'arrays'"),
+    ]
+    if storage == "topk":
+        classes = arrays[1].clone()
+        classes[4, 2] = 5
+        bad_states.append(({**good, "arrays": [arrays[0], classes, arrays[2]]}, r"classes.*\[0, 5\)"))
+    dst = KnowledgeBuffer(6, 5, storage=storage, k=3)
+    dst.write(torch.arange(6), teacher_logits(6, 5, seed=1))
+    before = [t.clone() for t in dst._arrays()]
+    for state, match in bad_states:
+        with pytest.raises(ValueError, match=match):
+            dst.load_state_dict(state)
+        for a, b in zip(dst._arrays(), before):
+            assert torch.equal(a, b), match
+    dst.load_state_dict(good)
+    for a, b in zip(dst._arrays(), arrays):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_read_checks_its_indices(storage):
+    """read and teacher_logits take the indices write takes: float or bool indices are refused, not
+    truncated or read as 0/1 rows; out of range is refused on the CPU, naming the argument."""
+    buf = KnowledgeBuffer(6, 5, storage=storage, k=3)
+    buf.write(torch.arange(6), teacher_logits(6, 5))
+    for read in (buf.read, buf.teacher_logits):
+        with pytest.raises(TypeError, match="KnowledgeBuffer.read: `indices` must have dtype int32 or int64"):
+            read(torch.tensor([1.7]))
+        with pytest.raises(TypeError, match="`indices` must have dtype int32 or int64, got bool"):
+            read(torch.tensor([True, False, True]))
+        with pytest.raises(TypeError, match="`indices` must be a torch.Tensor"):
+            read([1, 2])
+        with pytest.raises(ValueError, match=r"`indices` must be 1-D"):
+            read(torch.tensor([[1]]))
+        for bad in (6, -1):
+            with pytest.raises(ValueError, match=r"KnowledgeBuffer.read: `indices` must lie in \[0, 6\)"):
+                read(torch.tensor([0, bad]))
+    torch.testing.assert_close(buf.read(torch.tensor([4, 1], dtype=torch.int32)),
+                               buf.read(torch.tensor([4, 1])))
+
+
+def test_constructor_refuses_what_save_could_not_write_back():
+    """A buffer whose header its own load would refuse is refused when it is made."""
+    for kwargs, exc, match in [
+        (dict(temperature=float("inf")), ValueError, "`temperature` must be a finite number > 0"),
+        (dict(temperature=float("nan")), ValueError, "`temperature` must be a finite number > 0"),
+        (dict(temperature=0.0), ValueError, "`temperature` must be a finite number > 0"),
+        (dict(teacher=None), TypeError, "`teacher` must be a string"),
+        (dict(teacher=123), TypeError, "`teacher` must be a string"),
+    ]:
+        with pytest.raises(exc, match=match):
+            KnowledgeBuffer(4, 5, **kwargs)
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_mix_takes_a_number_for_eps_and_names_bad_pairs(storage):
+    """mix_ takes eps as the ops do (a tensor, or one number for all pairs); bad pairs get the ops'
+    errors, naming the argument, instead of an AttributeError."""
+    a = KnowledgeBuffer(6, 5, storage=storage, k=3, dtype=torch.float32)
+    a.write(torch.arange(6), teacher_logits(6, 5))
+    b = KnowledgeBuffer(6, 5, storage=storage, k=3, dtype=torch.float32)
+    b.load_state_dict(a.state_dict())
+    k1l, k0 = torch.tensor([0, 1]), torch.tensor([4, 5])
+    a.mix_(k1l, k0, 0.3)
+    b.mix_(k1l, k0, torch.full((2,), 0.3))
+    for x, y in zip(a._arrays(), b._arrays()):
+        assert torch.equal(x, y)
+    before = [t.clone() for t in a._arrays()]
+    op = "vaks_mix_" if storage == "dense" else "vaks_mix_topk_"
+    with pytest.raises(TypeError, match=f"{op}: `dst` must be a torch.Tensor, got list"):
+        a.mix_([0, 1], k0, 0.3)
+    with pytest.raises(ValueError, match=rf"{op}: `eps` must be a finite number in \[0.0, 1.0\], got 1.5"):
+        a.mix_(k1l, k0, 1.5)
+    for x, y in zip(a._arrays(), before):
+        assert torch.equal(x, y)

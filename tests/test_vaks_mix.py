@@ -86,6 +86,44 @@ def test_bad_input_leaves_buffer():
     assert_unchanged(before, buf)
 
 
+def test_written_buffers_must_not_require_grad_and_their_versions_move():
+    """Both VAKS ops write outside autograd: a buffer that requires grad is refused, unchanged (a leaf
+    would be mixed where torch's own in-place ops refuse it); the version counter moves, so a graph
+    that saved the buffer before the mix refuses to backpropagate instead of using the mixed rows."""
+    from kcd_fast.ops import vaks_mix_topk_
+
+    d, s, e = torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0.2, 0.5])
+    leaf = torch.rand(6, 4, requires_grad=True)
+    before = leaf.detach().clone()
+    with pytest.raises(ValueError, match="vaks_mix_: `buffer` must not require grad"):
+        vaks_mix_(leaf, d, s, e)
+    assert torch.equal(leaf.detach(), before)
+    values = torch.rand(6, 2, requires_grad=True)
+    classes = torch.tensor([[0, 1]] * 6, dtype=torch.int32)
+    with pytest.raises(ValueError, match="vaks_mix_topk_: `values` must not require grad"):
+        vaks_mix_topk_(values, classes, d, s, e, 5)
+
+    x = torch.rand(6, 4, requires_grad=True)
+    with torch.no_grad():
+        y = x * 1  # a buffer made without grad, then used in a graph that saves it
+    y.requires_grad_(False)
+    w = torch.rand(4, requires_grad=True)
+    loss = (y * w).sum()  # saves y for w's gradient
+    version = y._version
+    vaks_mix_(y, d, s, e)
+    assert y._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    values, classes = torch.full((6, 2), 0.3), torch.tensor([[0, 1]] * 6, dtype=torch.int32)
+    versions = values._version, classes._version
+    vaks_mix_topk_(values, classes, d, s, e, 5)
+    assert values._version > versions[0] and classes._version > versions[1]
+    # No pairs, no write: the version stays.
+    version = y._version
+    vaks_mix_(y, torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty(0))
+    assert y._version == version
+
+
 @pytest.mark.parametrize("row", [1, 7, 8, 9, 100, 1001])
 def test_fp16_fast_path_is_bitwise_the_scalar_twin(monkeypatch, row):
     """The F16C fp16 path (where the CPU has it) equals the scalar path and fp32 torch math, bit for bit.
