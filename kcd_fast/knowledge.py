@@ -40,7 +40,7 @@ SAVE_CHUNK_BYTES = 64 << 20  # save() copies a device buffer to the host this ma
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # The keys :meth:`KnowledgeBuffer.save` writes into the header, and their JSON types.
 _HEADER_TYPES = {"num_samples": int, "num_classes": int, "storage": str, "k": int, "dtype": str,
-                 "temperature": float, "teacher": str, "teacher_hash": str, "filled": int}
+                 "temperature": float, "teacher": str, "teacher_hash": str, "filled": int, "samples": str}
 _MEMINFO = "/proc/meminfo"
 
 
@@ -62,10 +62,13 @@ class KnowledgeBuffer:
         temperature: the KD temperature the probabilities are taken at (softmax(z / T)).
         device: where the buffer lives.
         teacher: a name for the teacher (recorded in saved files).
+        samples: which samples the rows are, e.g. the dataset and its subset (recorded in saved
+            files; :meth:`load` refuses a file made for other samples). The trainer fills it in.
     """
 
     def __init__(self, num_samples: int, num_classes: int, *, storage: str = "dense", k: int = 10,
-                 dtype: torch.dtype = torch.float16, temperature: float = 4.0, device="cpu", teacher: str = ""):
+                 dtype: torch.dtype = torch.float16, temperature: float = 4.0, device="cpu", teacher: str = "",
+                 samples: str = ""):
         for name, x, lo in (("num_samples", num_samples, 1), ("num_classes", num_classes, 1), ("k", k, 1)):
             if isinstance(x, bool) or not isinstance(x, Integral) or x < lo:
                 raise ValueError(f"KnowledgeBuffer: `{name}` must be an int >= {lo}, got {x!r}")
@@ -77,13 +80,14 @@ class KnowledgeBuffer:
             raise TypeError(f"KnowledgeBuffer: `dtype` must be float16, bfloat16 or float32, got {dtype}")
         if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < math.inf:
             raise ValueError(f"KnowledgeBuffer: `temperature` must be a finite number > 0, got {temperature!r}")
-        if not isinstance(teacher, str):  # as a saved file's header holds it
-            raise TypeError(f"KnowledgeBuffer: `teacher` must be a string (a name), got {type(teacher).__name__}")
+        for name, x in (("teacher", teacher), ("samples", samples)):  # as a saved file's header holds them
+            if not isinstance(x, str):
+                raise TypeError(f"KnowledgeBuffer: `{name}` must be a string, got {type(x).__name__}")
         self.num_samples, self.num_classes = int(num_samples), int(num_classes)
         self.storage, self.k = storage, int(k) if storage == "topk" else int(num_classes)
         self.dtype, self.temperature = dtype, float(temperature)
         self.device = torch.device(device)
-        self.teacher = teacher
+        self.teacher, self.samples = teacher, samples
         need = self.num_samples * self.bytes_per_sample()
         _check_fits(need, self.device, f"a {storage} buffer of {self.num_samples} x "
                     f"{self.k if storage == 'topk' else self.num_classes} {_dtype_name(dtype)}",
@@ -248,7 +252,7 @@ class KnowledgeBuffer:
     def header(self) -> dict:
         return {"num_samples": self.num_samples, "num_classes": self.num_classes, "storage": self.storage,
                 "k": self.k, "dtype": _dtype_name(self.dtype), "temperature": self.temperature,
-                "teacher": self.teacher}
+                "teacher": self.teacher, "samples": self.samples}
 
     def save(self, path, *, teacher_hash: str = "") -> None:
         """Write a memory-mappable file: a 4 KiB header (magic + JSON), then the raw arrays."""
@@ -290,13 +294,16 @@ class KnowledgeBuffer:
             head = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + size].decode())
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise KnowledgeFileError(f"{path} is corrupt: its header is not JSON ({exc})") from None
+        if isinstance(head, dict):
+            head.setdefault("samples", "")  # files written before it was recorded: not checked
         _check_header(path, head)
         return head
 
     @classmethod
     def load(cls, path, *, device="cpu", num_samples: int | None = None, num_classes: int | None = None,
              temperature: float | None = None, storage: str | None = None, k: int | None = None,
-             dtype: torch.dtype | None = None, teacher_hash: str | None = None) -> "KnowledgeBuffer":
+             dtype: torch.dtype | None = None, teacher_hash: str | None = None, teacher: str | None = None,
+             samples: str | None = None) -> "KnowledgeBuffer":
         """Open a file written by :meth:`save`.
 
         On the CPU the arrays ARE the file's mapping, copy-on-write: nothing is read or allocated
@@ -306,8 +313,8 @@ class KnowledgeBuffer:
         the mapping is copied into the device buffer.
 
         Refuses (:class:`KnowledgeFileError`) a corrupt file, and one whose N, C, temperature,
-        storage, k (top-k files only), dtype or teacher hash differ from those given (None: not
-        checked; an empty hash, in the file or given, is not checked), naming both.
+        storage, k (top-k files only), dtype, teacher name, teacher hash or samples differ from those
+        given (None: not checked; an empty string, in the file or given, is not checked), naming both.
         """
         head = cls.read_header(path)
         for name, want in (("num_samples", num_samples), ("num_classes", num_classes), ("temperature", temperature)):
@@ -318,11 +325,14 @@ class KnowledgeBuffer:
         checks = (("storage", head["storage"], storage),
                   ("k", head["k"], k if head["storage"] == "topk" else None),  # k means nothing for dense
                   ("dtype", head["dtype"], None if dtype is None else _dtype_name(dtype)),
-                  ("teacher hash", head["teacher_hash"], teacher_hash if head["teacher_hash"] else None))
+                  ("teacher", head["teacher"], teacher if head["teacher"] else None),
+                  ("teacher hash", head["teacher_hash"], teacher_hash if head["teacher_hash"] else None),
+                  ("samples", head["samples"], samples if head["samples"] else None))
         for what, have, want in checks:
             if want is not None and want != "" and have != want:
+                why = ("another dataset, subset or seed" if what == "samples" else "another teacher or setting")
                 raise KnowledgeFileError(f"{path} holds knowledge with {what} {have!r}, but this run has {want!r}; "
-                                         f"it was made for another teacher or setting")
+                                         f"it was made for {why}")
         layout = _layout(head)
         expected = HEADER_BYTES + sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
         size = os.path.getsize(path)
@@ -333,7 +343,8 @@ class KnowledgeBuffer:
         # On the CPU: a buffer without storage (meta), which then takes the mapped arrays; no memory check.
         buf = cls(head["num_samples"], head["num_classes"], storage=head["storage"], k=head["k"],
                   dtype=_DTYPES[head["dtype"]], temperature=head["temperature"],
-                  device="meta" if device.type == "cpu" else device, teacher=head["teacher"])
+                  device="meta" if device.type == "cpu" else device, teacher=head["teacher"],
+                  samples=head["samples"])
         mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=HEADER_BYTES,
                                             shape=(size - HEADER_BYTES,)))  # copy-on-write, page-aligned
         offset = 0

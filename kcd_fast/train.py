@@ -262,7 +262,9 @@ def _knowledge_file_given(args) -> bool:
 
 
 def _check_paths(args) -> None:
-    """Files the run reads, and the folder of the knowledge file it writes, before any work is done."""
+    """Files the run reads, and the folders it writes, before any work is done."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output-dir {args.output_dir} is a file, not a folder")
     if args.knowledge_file and args.knowledge != "cached":
         raise UserError("--knowledge-file applies to --knowledge cached (online knowledge runs the teacher every "
                         "step and stores nothing)")
@@ -293,7 +295,8 @@ RESUME_KEYS = (
 def _check_resume(args, ckpt_path: Path) -> dict:
     """Load the checkpoint of ``--resume`` and refuse it if it was made with other settings, naming each."""
     if not ckpt_path.is_file():
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}")
+        raise UserError(f"--resume: no checkpoint at {ckpt_path} (one is written at the end of each epoch; "
+                        f"a run stopped in its first epoch starts again without --resume)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     before = ckpt.get("args", {})
     diff = [f"--{k.replace('_', '-')} {before[k]!r} there, {getattr(args, k)!r} here"
@@ -320,9 +323,18 @@ def init_distributed(args) -> None:
     args.distributed = args.world_size > 1
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda":
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:<index>") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device!r}: the trainer runs on cpu or cuda")
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+            raise UserError(f"--device {args.device} was asked for, but no CUDA GPU is available")
+        if device.index is not None and not device.index < torch.cuda.device_count():
+            raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if args.device == "cuda":
         torch.cuda.set_device(args.local_rank)
         args.device = f"cuda:{args.local_rank}"
     if args.distributed and not dist.is_initialized():
@@ -356,7 +368,11 @@ def load_teacher_weights(model: torch.nn.Module, path: str, num_classes: int) ->
     """Load a teacher checkpoint; refuse one whose classifier has another class count."""
     if not os.path.isfile(path):
         raise UserError(f"--teacher-weights {path}: no such file")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # not a torch checkpoint: a pickle, zip or EOF error, whichever the bytes hit
+        raise UserError(f"--teacher-weights {path} is not a torch checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'})") from None
     state = _state_dict_of(blob)
     own = model.state_dict()
     last = [k for k, v in own.items() if k.endswith("weight") and v.dim() == 2][-1]
@@ -601,6 +617,7 @@ def main(args: argparse.Namespace) -> dict:
     train_eval = _subset(eval_view(bundle), args.train_subset, args.seed)  # same samples, evaluation transform
     bundle.train = train_set
     n = len(train_set)
+    samples = _samples_id(args, train_set)
     resident = None
     if args.fake_on_device:  # --dataset fake, checked by _check_numbers
         resident = train_set.materialize(device)
@@ -628,12 +645,12 @@ def main(args: argparse.Namespace) -> dict:
     knowledge_state = ckpt.get("knowledge_state") if ckpt is not None else None
     if cached and knowledge_state:  # a resume reads it, not --knowledge-file: the teacher is not needed
         knowledge = _load_knowledge(out / knowledge_state, f"--resume: the knowledge state {out / knowledge_state}",
-                                    args, device, n, bundle.num_classes)
+                                    args, device, n, bundle.num_classes, samples)
         knowledge_loaded = True
     elif cached and args.knowledge_file and os.path.isfile(args.knowledge_file):
         # A teacher's knowledge, computed once: the teacher is not needed at all.
         knowledge = _load_knowledge(args.knowledge_file, f"--knowledge-file {args.knowledge_file}", args, device, n,
-                                    bundle.num_classes, teacher_hash=_file_hash(args.teacher_weights))
+                                    bundle.num_classes, samples, teacher_hash=_file_hash(args.teacher_weights))
         knowledge_loaded = True
     if cached and knowledge is None and args.condensed and args.knowledge_fill == "lazy":
         raise UserError("--knowledge cached with --condensed trains on a subset from the first epoch, so the lazy "
@@ -642,7 +659,7 @@ def main(args: argparse.Namespace) -> dict:
         try:
             knowledge = KnowledgeBuffer(n, bundle.num_classes, storage=args.storage, k=args.topk,
                                         dtype=getattr(torch, args.knowledge_dtype), temperature=args.kd_temperature,
-                                        device=device, teacher=args.teacher)
+                                        device=device, teacher=args.teacher, samples=samples)
         except (ValueError, TypeError, MemoryError) as exc:
             raise UserError(f"--knowledge cached: {exc}") from None
 
@@ -733,6 +750,7 @@ def main(args: argparse.Namespace) -> dict:
         kept_fraction = condenser.kept_indices().numel() / n if condenser is not None else 1.0
         fill = cached and not knowledge.fully_filled()
         t_train = time.time()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains at (scheduler.step() moves it on)
         train_stats = train_one_epoch(model, teacher, loader, optimizer, scaler, condenser, args, epoch, device,
                                       total_images, knowledge=knowledge, fill=fill)
         forwards_total += train_stats["teacher_forwards"]
@@ -753,7 +771,7 @@ def main(args: argparse.Namespace) -> dict:
                 knowledge.save(out / knowledge_state)
         val = evaluate(student, bundle.val, args, device)
         samples_total += train_stats["samples"]
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_stats["loss"],
+        row = {"epoch": epoch, "lr": lr, "train_loss": train_stats["loss"],
                "val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"],
                "samples": train_stats["samples"],
                "kept_fraction": kept_fraction,
@@ -882,14 +900,20 @@ class _Indexed(torch.utils.data.Dataset):
         return x, y, i
 
 
-def _load_knowledge(path, what: str, args, device, n: int, num_classes: int, teacher_hash=None) -> KnowledgeBuffer:
-    """A filled knowledge file for this run (its N, C, temperature, storage, k and dtype; the teacher's
-    hash where given), or a one-line UserError saying why not."""
+def _load_knowledge(path, what: str, args, device, n: int, num_classes: int, samples: str,
+                    teacher_hash=None) -> KnowledgeBuffer:
+    """A filled knowledge file for this run (its N, C, temperature, storage, k, dtype, teacher name and
+    samples; the teacher's weights hash where given), or a one-line UserError saying why not."""
     try:
+        if teacher_hash and not KnowledgeBuffer.read_header(path)["teacher_hash"]:
+            raise KnowledgeFileError(f"{path} was made by a teacher trained here (it records no weights file), but "
+                                     f"this run names --teacher-weights {args.teacher_weights}; leave that out to "
+                                     f"use the file's knowledge, or fill a new file from those weights")
         knowledge = KnowledgeBuffer.load(path, device=device, num_samples=n, num_classes=num_classes,
                                          temperature=args.kd_temperature, storage=args.storage,
                                          k=args.topk if args.storage == "topk" else None,
-                                         dtype=getattr(torch, args.knowledge_dtype), teacher_hash=teacher_hash)
+                                         dtype=getattr(torch, args.knowledge_dtype), teacher_hash=teacher_hash,
+                                         teacher=args.teacher, samples=samples)
     except (KnowledgeFileError, MemoryError, FileNotFoundError) as exc:
         raise UserError(f"{what}: {exc}") from None
     if not knowledge.fully_filled():
@@ -922,6 +946,19 @@ def _epoch_owner(sampler, args, epoch, n) -> torch.Tensor:
             idx = other.indices()
         owner[idx] = r
     return owner
+
+
+def _samples_id(args, train_set) -> str:
+    """Which samples a knowledge file's rows are, in order: the dataset, N, what makes fake data (its
+    seed and sizes) and the --train-subset draw (its indices, which depend on --seed). Recorded in
+    the file and compared when it is reused, so a file made for other samples is refused."""
+    parts = [args.dataset, len(train_set)]
+    if args.dataset == "fake":
+        parts += [args.fake_size, args.fake_image_size, args.fake_num_classes, args.seed]
+    h = hashlib.sha256(repr(parts).encode())
+    if isinstance(train_set, Subset):
+        h.update(np.asarray(train_set.indices, dtype=np.int64).tobytes())
+    return f"{args.dataset}, {len(train_set)} samples, {h.hexdigest()[:16]}"
 
 
 def _file_hash(path) -> str:

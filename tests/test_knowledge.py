@@ -647,3 +647,21 @@ def test_mix_takes_a_number_for_eps_and_names_bad_pairs(storage):
         a.mix_(k1l, k0, 1.5)
     for x, y in zip(a._arrays(), before):
         assert torch.equal(x, y)
+
+
+def test_load_compares_teacher_name_and_samples_and_reads_files_from_before_samples(tmp_path):
+    buf = KnowledgeBuffer(6, 5, teacher="resnet32x4", samples="digits, 6 samples, abc")
+    buf.write(torch.arange(6), teacher_logits(6, 5))
+    path = tmp_path / "k.kcdk"
+    buf.save(path)
+    got = KnowledgeBuffer.load(path, teacher="resnet32x4", samples="digits, 6 samples, abc")
+    assert got.samples == "digits, 6 samples, abc" and got.header() == buf.header()
+    with pytest.raises(KnowledgeFileError, match="samples 'digits, 6 samples, abc', but this run has 'x'; it was "
+                                                 "made for another dataset, subset or seed"):
+        KnowledgeBuffer.load(path, samples="x")
+    with pytest.raises(KnowledgeFileError, match="teacher 'resnet32x4', but this run has 'resnet8x4'"):
+        KnowledgeBuffer.load(path, teacher="resnet8x4")
+    old = _rewrite_header(path, tmp_path / "old.kcdk", samples=_DROP)  # written before files recorded it
+    assert KnowledgeBuffer.load(old, samples="anything").samples == ""
+    with pytest.raises(KnowledgeFileError, match="`samples` = 3, expected a string"):
+        KnowledgeBuffer.load(_rewrite_header(path, tmp_path / "bad.kcdk", samples=3))

@@ -152,13 +152,18 @@ def test_imagenet_layout_from_a_tiny_fake_tree(tmp_path):
     _write_image_folder(tmp_path / "imnet")
     teacher = build_model("resnet18", 3)
     torch.save({"model": teacher.state_dict()}, tmp_path / "t.pth")
-    summary = T.main(args_of("--dataset", "imagenet", "--data-dir", str(tmp_path / "imnet"), "--teacher", "resnet18",
-                             "--student", "resnet18", "--teacher-weights", str(tmp_path / "t.pth"),
-                             "--epochs", "2", "--stage-epochs", "1", "--batch-size", "4", "--workers", "0",
-                             "--lr-milestones", "1", "--eval-batch-size", "4", "--no-progress", "--no-plots",
-                             "--output-dir", str(tmp_path / "out")))
+    argv = ["--dataset", "imagenet", "--data-dir", str(tmp_path / "imnet"), "--teacher", "resnet18",
+            "--student", "resnet18", "--teacher-weights", str(tmp_path / "t.pth"),
+            "--epochs", "2", "--stage-epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--lr-milestones", "1", "--eval-batch-size", "4", "--no-progress", "--no-plots",
+            "--output-dir", str(tmp_path / "out")]
+    summary = T.main(args_of(*argv))
     assert summary["num_train"] == 12 and summary["epochs"] == 2
     assert len(summary["stages"]) == 2
+    # Each epoch logs the rate it trained at: the milestone at 1 lowers epoch 1's, not epoch 0's.
+    args = T.fill_defaults(args_of(*argv))
+    rows = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([args.lr, args.lr * args.lr_gamma])
 
 
 def test_torchrun_two_processes_on_gloo(tmp_path, digits_teacher):
@@ -387,6 +392,9 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     (["--distill", "my_kd"], "my_kd"),
     (["--loss-module", "no_such_module_here"], "no_such_module_here"),
     (["--fake-on-device"], "--fake-on-device"),
+    (["--device", "tpu"], "--device 'tpu'"),
+    (["--device", "meta"], "--device 'meta': the trainer runs on cpu or cuda"),
+    (["--device", "cuda:99"], "--device cuda:99"),
 ])
 def test_bad_settings_exit_2_before_any_work(tmp_path, capsys, argv, named):
     """Checked before any data is read, any teacher trained or any file written: one line, exit 2."""
@@ -403,6 +411,27 @@ def test_resume_with_other_settings_is_refused(tmp_path, digits_teacher, capsys)
     assert T.cli([*common, "--resume", "--lr", "0.2", "--no-kcd"]) == 2
     err = capsys.readouterr().err
     assert "--lr 0.05 there, 0.2 here" in err and "--kcd True there, False here" in err
+
+
+def test_unreadable_inputs_and_an_output_file_exit_2_without_a_traceback(tmp_path, digits_teacher, capsys):
+    """A --teacher-weights or --condensed file that torch cannot load, and an --output-dir that is a
+    file, are one-line errors naming the flag (they were tracebacks)."""
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint" * 10)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, named in [
+        (["--teacher-weights", str(junk)], f"--teacher-weights {junk} is not a torch checkpoint"),
+        (["--teacher-weights", str(digits_teacher), "--condensed", str(junk)],
+         f"--condensed {junk}: load_condensed: {junk} is not a file written by save_condensed"),
+        (["--teacher-weights", str(digits_teacher), "--condensed", str(digits_teacher)],
+         "is not a file written by save_condensed"),
+        (["--teacher-weights", str(digits_teacher), "--output-dir", str(afile)],
+         f"--output-dir {afile} is a file, not a folder"),
+    ]:
+        code = T.cli([*QUICK, "--output-dir", str(tmp_path / "o"), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and named in err and "Traceback" not in err, err
 
 
 def test_resume_without_checkpoint_and_bad_stage(tmp_path, capsys):
@@ -477,6 +506,24 @@ def test_knowledge_file_of_another_dataset_is_refused(tmp_path, capsys):
                   "--output-dir", str(tmp_path / "o"), *QUICK])
     err = capsys.readouterr().err
     assert code == 2 and "100 samples" in err and "1437" in err and "Traceback" not in err
+
+
+def test_knowledge_file_of_another_teacher_is_refused(tmp_path, digits_teacher, capsys):
+    """A file records its teacher's name (and weights hash): another --teacher is refused, and so is a
+    --teacher-weights when the file was filled by a teacher trained here (it records no hash)."""
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    teacher = T.fill_defaults(args_of()).teacher
+    KnowledgeBuffer(1437, 10, temperature=4.0, teacher="resnet8x4").save(tmp_path / "other.kcdk")
+    code = T.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "other.kcdk"),
+                  "--output-dir", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and f"teacher 'resnet8x4', but this run has '{teacher}'" in err and "Traceback" not in err
+    KnowledgeBuffer(1437, 10, temperature=4.0, teacher=teacher).save(tmp_path / "here.kcdk")
+    code = T.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "here.kcdk"), "--teacher-weights",
+                  str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "made by a teacher trained here" in err and "Traceback" not in err
 
 
 def test_cached_mode_one_off_pass(tmp_path, digits_teacher, monkeypatch):
@@ -599,7 +646,7 @@ def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
         torch.testing.assert_close(xb, mixed[i])
 
 
-def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, digits_teacher):
+def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, digits_teacher, capsys):
     from kcd_fast.data import build_datasets, eval_view
     from kcd_fast.knowledge import KnowledgeBuffer
 
@@ -613,3 +660,11 @@ def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, 
     expected.fill(teacher.eval(), T._subset(eval_view(build_datasets("digits")), 300, 0), batch_size=64)
     got = KnowledgeBuffer.load(kfile)
     torch.testing.assert_close(got.probs.float(), expected.probs.float(), atol=1e-3, rtol=1e-3)
+    # The subset drawn with another --seed is other samples: the file is refused for it, not reused.
+    assert got.samples.startswith("digits, 300 samples, ")
+    reuse = ["--knowledge", "cached", "--knowledge-file", str(kfile), "--train-subset", "300",
+             "--output-dir", str(tmp_path / "r"), *QUICK]
+    assert T.cli([*reuse, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "another dataset, subset or seed" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "summary.json").exists()
