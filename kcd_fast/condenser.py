@@ -593,7 +593,11 @@ class KnowledgeCondenser:
         before anything changes.
         """
         where = "load_condensed"
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a torch file, or one holding more than tensors: not ours either way
+            raise ValueError(f"{where}: {path} is not a file written by save_condensed "
+                             f"(torch.load: {type(exc).__name__})") from None
         if not isinstance(blob, dict) or blob.get("kind") != "kcd_fast.condensed":
             raise ValueError(f"{where}: {path} is not a file written by save_condensed")
         missing = [k for k in ("version", "num_samples", "keep", "k1l", "k0", "eps") if k not in blob]
