@@ -212,7 +212,9 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
                         f"{', '.join(sorted(distill.LOSSES))} (or register it in a --loss-module)")
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.kcd and (args.stage_epochs < 1 or args.epochs % args.stage_epochs):
+    if args.kcd and args.stage_epochs < 1:
+        raise UserError(f"--stage-epochs must be >= 1, got {args.stage_epochs}")
+    if args.kcd and args.epochs % args.stage_epochs:
         raise UserError(f"--stage-epochs ({args.stage_epochs}) must divide --epochs ({args.epochs})")
     _check_numbers(args)
     _check_paths(args)
@@ -231,6 +233,7 @@ def _check_numbers(args) -> None:
         value = getattr(args, flag.replace("-", "_"))
         need(value >= 1, flag, "an int >= 1", value)
     need(args.workers >= 0, "workers", "an int >= 0", args.workers)
+    need(args.seed >= 0, "seed", "an int >= 0", args.seed)
     need(args.train_subset >= 0, "train-subset", ">= 0 (0: all samples)", args.train_subset)
     for flag in ("lr", "kd-temperature", "entropy-temperature", "lr-gamma"):
         value = getattr(args, flag.replace("-", "_"))
@@ -273,6 +276,9 @@ def _check_paths(args) -> None:
         if not os.path.isdir(folder):
             raise UserError(f"--knowledge-file {args.knowledge_file}: it does not exist yet and its folder {folder} "
                             f"does not exist, so it cannot be written either")
+    if args.condensed and not args.kcd:
+        raise UserError("--condensed trains on a condensed set, which --no-kcd would ignore (it trains on every "
+                        "sample): leave one of them out")
     if args.condensed and not os.path.isfile(args.condensed):
         raise UserError(f"--condensed {args.condensed}: no such file")
     if args.teacher_weights and not _knowledge_file_given(args) and not os.path.isfile(args.teacher_weights):
