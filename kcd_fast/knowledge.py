@@ -70,7 +70,9 @@ class KnowledgeBuffer:
                  dtype: torch.dtype = torch.float16, temperature: float = 4.0, device="cpu", teacher: str = "",
                  samples: str = ""):
         for name, x, lo in (("num_samples", num_samples, 1), ("num_classes", num_classes, 1), ("k", k, 1)):
-            if isinstance(x, bool) or not isinstance(x, Integral) or x < lo:
+            if isinstance(x, bool) or not isinstance(x, Integral):
+                raise TypeError(f"KnowledgeBuffer: `{name}` must be an int, got {x!r}")
+            if x < lo:
                 raise ValueError(f"KnowledgeBuffer: `{name}` must be an int >= {lo}, got {x!r}")
         if storage not in ("dense", "topk"):
             raise ValueError(f"KnowledgeBuffer: `storage` must be 'dense' or 'topk', got {storage!r}")
@@ -122,12 +124,13 @@ class KnowledgeBuffer:
     def write(self, indices: torch.Tensor, teacher_logits: torch.Tensor) -> None:
         """Store softmax(teacher_logits / T) for the samples ``indices`` (no host sync on CUDA).
 
-        The indices of one call must be distinct: refused on the CPU and in debug mode on CUDA
-        (:func:`kcd_fast.ops.set_debug`); unchecked on CUDA otherwise, where a repeat stores one of
-        its rows, unspecified which.
+        The indices of one call must be distinct, and the logits finite: refused on the CPU and in
+        debug mode on CUDA (:func:`kcd_fast.ops.set_debug`); unchecked on CUDA otherwise, where a
+        repeat stores one of its rows, unspecified which, and a non-finite row stores NaN.
         """
         op = "KnowledgeBuffer.write"
         ops._tensor(op, "indices", indices, ops._INDEX_DTYPES, 1)
+        ops._tensor(op, "teacher_logits", teacher_logits, (*ops._LOGIT_DTYPES, torch.float64))
         if teacher_logits.dim() != 2 or teacher_logits.shape != (indices.shape[0], self.num_classes):
             raise ValueError(f"{op}: `teacher_logits` must be [B, {self.num_classes}] with B = len(indices) "
                              f"({indices.shape[0]}), got {tuple(teacher_logits.shape)}")
@@ -136,6 +139,8 @@ class KnowledgeBuffer:
             ops._check_range(op, "indices", idx, self.num_samples)
             if torch.unique(idx).numel() != idx.numel():
                 raise ValueError(f"{op}: `indices` must be distinct within one call, got a repeated index")
+            if not bool(torch.isfinite(teacher_logits).all()):
+                raise ValueError(f"{op}: `teacher_logits` must be finite (a NaN or inf row has no soft label)")
         with torch.no_grad():
             p = torch.softmax(teacher_logits.detach().float() / self.temperature, dim=1).to(self.device)
             if self.storage == "dense":
@@ -215,6 +220,13 @@ class KnowledgeBuffer:
         ``eps`` as those ops take ``dst``, ``src`` and ``eps`` (a tensor, or a number for all pairs),
         on any device: they are moved to the buffer's."""
         d, s, e = (x.to(self.device) if isinstance(x, torch.Tensor) else x for x in (k1l, k0, eps))
+        if (isinstance(d, torch.Tensor) and isinstance(s, torch.Tensor) and d.dtype in ops._INDEX_DTYPES
+                and s.dtype in ops._INDEX_DTYPES and d.numel() and ops._checks_contents(self.device)):
+            # The ops check the ranges first; an unfilled row has no soft label to mix (it reads back as zeros).
+            ops._check_range("KnowledgeBuffer.mix_", "k1l", d, self.num_samples)
+            ops._check_range("KnowledgeBuffer.mix_", "k0", s, self.num_samples)
+            if not bool(self.filled.index_select(0, torch.cat([d, s]).long()).all()):
+                raise ValueError("KnowledgeBuffer.mix_: every row of `k1l` and `k0` must be filled (written) first")
         if self.storage == "dense":
             ops.vaks_mix_(self.probs, d, s, e)
         else:

@@ -225,9 +225,9 @@ def _complete_worker(rank, world, init_file, out_dir, storage, poison=False):
     mine = (torch.arange(n) % world == rank) | (torch.arange(n) == 5)
     idx = mine.nonzero().flatten()
     z_mine = z[idx] + (0.5 if rank == 0 else 0.0) * (idx == 5).float()[:, None]  # rank 0's copy differs
-    if poison and rank == 0:
-        z_mine[idx == 5, 0] = float("inf")  # rank 0's teacher overflowed: its copy of row 5 is NaN
     buf.write(idx, z_mine)
+    if poison and rank == 0:  # rank 0's teacher overflowed on CUDA (unchecked there): its copy of row 5 is NaN
+        (buf.probs if storage == "dense" else buf.values)[5] = float("nan")
     buf.complete_ranks(owner, rank)
     torch.save(buf.state_dict(), f"{out_dir}/buf{rank}.pt")
     dist.destroy_process_group()
@@ -665,3 +665,32 @@ def test_load_compares_teacher_name_and_samples_and_reads_files_from_before_samp
     assert KnowledgeBuffer.load(old, samples="anything").samples == ""
     with pytest.raises(KnowledgeFileError, match="`samples` = 3, expected a string"):
         KnowledgeBuffer.load(_rewrite_header(path, tmp_path / "bad.kcdk", samples=3))
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_write_refuses_non_float_or_non_finite_logits_and_mix_refuses_unfilled_rows(storage):
+    """A NaN or inf teacher row has no soft label, an integer one is not logits, and an unfilled row has
+    nothing to mix (it reads back as zeros): refused on the CPU, with the buffer unchanged."""
+    buf = KnowledgeBuffer(6, 5, storage=storage, k=3)
+    buf.write(torch.arange(4), teacher_logits(4, 5))
+    before = [t.clone() for t in buf._arrays()]
+    bad = teacher_logits(2, 5)
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="`teacher_logits` must be finite"):
+        buf.write(torch.tensor([4, 5]), bad)
+    with pytest.raises(TypeError, match="`teacher_logits` must have dtype float32 or float16 or bfloat16 or float64"):
+        buf.write(torch.tensor([4, 5]), torch.ones(2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"KnowledgeBuffer.mix_: every row of `k1l` and `k0` must be filled"):
+        buf.mix_(torch.tensor([0]), torch.tensor([5]), 0.3)  # row 5 was never written
+    with pytest.raises(ValueError, match=r"KnowledgeBuffer.mix_: `k0` must lie in \[0, 6\)"):
+        buf.mix_(torch.tensor([0]), torch.tensor([6]), 0.3)
+    for a, b in zip(buf._arrays(), before):
+        assert torch.equal(a, b)
+    buf.mix_(torch.tensor([0]), torch.tensor([3]), 0.3)  # both filled: mixed
+    assert not torch.equal(buf._arrays()[0][0], before[0][0])
+    with pytest.raises(TypeError, match="`num_samples` must be an int, got '3'"):
+        KnowledgeBuffer("3", 5)
+    with pytest.raises(TypeError, match="`k` must be an int, got 3.0"):
+        KnowledgeBuffer(3, 5, k=3.0)
+    with pytest.raises(ValueError, match="`num_classes` must be an int >= 1, got 0"):
+        KnowledgeBuffer(3, 0)
