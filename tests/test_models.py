@@ -70,6 +70,91 @@ def test_cifar_models(name):
     assert n_params(model) == pytest.approx(CIFAR_PARAMS[name], rel=0.15)
 
 
+# The CIFAR-100 model zoo that CRD (HobbitLong/RepDistiller), megvii-research/mdistiller and
+# the official KCD code (dzy3/KCD) share: parameter count, number of state_dict entries and
+# some of its keys with their shapes, for num_classes=100, as the zoo's own model classes
+# (models/{resnet,wrn,vgg}.py; vgg8/vgg13 are its vgg8_bn/vgg13_bn) give them. Checked against
+# those classes when written; pinned here so that the zoo's teacher checkpoints keep loading
+# with load_state_dict(strict=True).
+ZOO = {
+    "resnet20": (278_324, 128, {
+        "conv1.weight": (16, 3, 3, 3), "bn1.running_mean": (16,), "layer1.0.conv1.weight": (16, 16, 3, 3),
+        "layer2.0.downsample.0.weight": (32, 16, 1, 1), "layer2.0.downsample.1.running_var": (32,),
+        "layer3.2.bn2.running_var": (64,), "fc.weight": (100, 64), "fc.bias": (100,)}),
+    "resnet56": (861_620, 344, {
+        "conv1.weight": (16, 3, 3, 3), "layer1.8.conv2.weight": (16, 16, 3, 3),
+        "layer3.0.downsample.0.weight": (64, 32, 1, 1), "layer3.8.bn2.running_var": (64,),
+        "fc.weight": (100, 64)}),
+    "resnet110": (1_736_564, 668, {
+        "conv1.weight": (16, 3, 3, 3), "layer2.0.conv1.weight": (32, 16, 3, 3),
+        "layer2.0.downsample.0.weight": (32, 16, 1, 1), "layer3.17.bn2.running_var": (64,),
+        "fc.weight": (100, 64)}),
+    "resnet8x4": (1_233_540, 62, {
+        "conv1.weight": (32, 3, 3, 3), "bn1.weight": (32,), "layer1.0.conv1.weight": (64, 32, 3, 3),
+        "layer1.0.downsample.0.weight": (64, 32, 1, 1), "layer1.0.downsample.1.weight": (64,),
+        "layer3.0.bn2.running_var": (256,), "fc.weight": (100, 256)}),
+    "resnet32x4": (7_433_860, 206, {
+        "conv1.weight": (32, 3, 3, 3), "layer1.0.downsample.0.weight": (64, 32, 1, 1),
+        "layer2.0.downsample.1.bias": (128,), "layer3.4.conv2.weight": (256, 256, 3, 3),
+        "layer3.4.bn2.running_var": (256,), "fc.weight": (100, 256)}),
+    "wrn_16_2": (703_284, 83, {
+        "conv1.weight": (16, 3, 3, 3), "block1.layer.0.bn1.weight": (16,),
+        "block1.layer.0.conv1.weight": (32, 16, 3, 3), "block1.layer.0.convShortcut.weight": (32, 16, 1, 1),
+        "block2.layer.1.bn2.running_var": (64,), "block3.layer.1.conv2.weight": (128, 128, 3, 3),
+        "bn1.running_var": (128,), "fc.weight": (100, 128)}),
+    "wrn_40_2": (2_255_156, 227, {
+        "conv1.weight": (16, 3, 3, 3), "block1.layer.0.convShortcut.weight": (32, 16, 1, 1),
+        "block3.layer.0.convShortcut.weight": (128, 64, 1, 1), "block3.layer.5.conv2.weight": (128, 128, 3, 3),
+        "bn1.running_var": (128,), "fc.weight": (100, 128)}),
+    "vgg8": (3_965_028, 37, {
+        "block0.0.weight": (64, 3, 3, 3), "block0.0.bias": (64,), "block0.1.running_var": (64,),
+        "block2.0.weight": (256, 128, 3, 3), "block4.1.running_var": (512,), "classifier.weight": (100, 512)}),
+    "vgg13": (9_462_180, 72, {
+        "block0.0.weight": (64, 3, 3, 3), "block0.3.weight": (64, 64, 3, 3), "block0.4.weight": (64,),
+        "block2.3.weight": (256, 256, 3, 3), "block4.4.running_var": (512,), "classifier.weight": (100, 512)}),
+}
+# Keys the zoo does not have (a stage without a width change has no projection).
+NOT_ZOO = {"resnet20": ["layer1.0.downsample.0.weight"], "resnet8x4": ["layer1.1.conv1.weight"],
+           "wrn_16_2": ["block1.layer.1.convShortcut.weight"], "vgg8": ["block0.3.weight"]}
+
+
+@pytest.mark.parametrize("name", CIFAR)
+def test_cifar_zoo_names(name):
+    """Our CIFAR models have the zoo's state_dict keys and shapes, so the zoo's teachers load."""
+    params, entries, shapes = ZOO[name]
+    model = build_model(name, 100)
+    state = model.state_dict()
+    assert n_params(model) == params
+    assert len(state) == entries
+    for key, shape in shapes.items():
+        assert key in state, key
+        assert tuple(state[key].shape) == shape, key
+    for key in NOT_ZOO.get(name, []):
+        assert key not in state, key
+    # The trainer finds the classifier as the last 2-D weight.
+    last = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1]
+    assert last in ("fc.weight", "classifier.weight") and state[last].shape[0] == 100
+    # A zoo checkpoint is exactly such a state_dict: strict loading takes it.
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
+
+
+def test_zoo_checkpoint_loads_as_teacher(tmp_path):
+    """A checkpoint saved the zoo's way ({'model': state_dict, ...}, keys as in ZOO, from a
+    DataParallel model) loads through --teacher-weights and gives the same logits."""
+    from kcd_fast.train import load_teacher_weights
+
+    torch.manual_seed(0)
+    src = build_model("resnet8x4", 100).train()
+    with torch.no_grad():  # non-trivial BN running statistics
+        src(torch.randn(4, 3, 32, 32))
+    state = {"module." + k: v for k, v in src.state_dict().items()}
+    assert "module.layer1.0.downsample.0.weight" in state and "module.fc.weight" in state
+    torch.save({"model": state, "accuracy": 73.1, "epoch": 240}, tmp_path / "resnet8x4.pth")
+    dst = build_model("resnet8x4", 100)
+    load_teacher_weights(dst, str(tmp_path / "resnet8x4.pth"), 100)
+    torch.testing.assert_close(run(dst, (2, 3, 32, 32)), run(src, (2, 3, 32, 32)))
+
+
 def test_cifar_in_channels():
     check_logits(run(build_model("resnet8x4", 10, in_channels=1), (2, 1, 32, 32)), 10)
 

@@ -1,19 +1,29 @@
 """CIFAR-style networks (the CRD / KCD / mdistiller CIFAR-100 model zoo).
 
-Designed for 32x32 inputs; all use adaptive average pooling before the
-classifier, so any input of at least 8x8 works.
+Each network has the zoo's module names, so ``model.state_dict()`` has exactly the keys
+and shapes of the checkpoints that HobbitLong/RepDistiller (CRD), megvii-research/mdistiller
+and dzy3/KCD share (``conv1.weight``, ``layer1.0.bn2.running_var``,
+``block2.layer.0.convShortcut.weight``, ``block3.1.weight``, ``fc.weight`` /
+``classifier.weight``, ...), and their teachers load with ``load_state_dict(strict=True)``.
+The forward computes the zoo's logits (the zoo's models also return features; ours return
+logits only).
+
+Designed for 32x32 inputs; all use adaptive average pooling before the classifier (the
+zoo's ResNets and WRNs pool a fixed 8x8 window, the same thing on 32x32 inputs), so any
+input of at least 8x8 works.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FeatureClassifier", "CifarResNet", "WideResNet", "CifarVGG", "CIFAR_MODELS"]
 
 
 class FeatureClassifier(nn.Module):
-    """``features`` (the given layers), global average pooling, one linear layer: the head every
-    model of this zoo shares."""
+    """``features`` (the given layers), global average pooling, one linear layer (the head
+    of the small CNNs in :mod:`kcd_fast.models.small`)."""
 
     def __init__(self, layers, channels: int, num_classes: int):
         super().__init__()
@@ -33,6 +43,8 @@ def _init_weights(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -40,80 +52,122 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _global_pool(x: torch.Tensor) -> torch.Tensor:
+    """Average over the spatial dimensions: [B, C, H, W] -> [B, C]."""
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
 class BasicBlock(nn.Module):
-    """Post-activation residual block: conv-BN-ReLU-conv-BN (+ shortcut), ReLU."""
+    """Post-activation residual block: conv1-bn1-ReLU-conv2-bn2 (+ shortcut), ReLU.
+    The projection shortcut (1x1 conv, BN) is ``downsample``, as in the zoo."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
-        self.body = nn.Sequential(
-            _conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            _conv3x3(cout, cout), nn.BatchNorm2d(cout),
-        )
-        self.shortcut = nn.Identity()
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
+            self.downsample = nn.Sequential(
                 nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class CifarResNet(FeatureClassifier):
-    """CIFAR ResNet of depth 6n+2: a 3x3 stem of ``widths[0]`` channels, then three
-    stages of n BasicBlocks with ``widths[1:]`` channels (strides 1, 2, 2)."""
+class CifarResNet(nn.Module):
+    """CIFAR ResNet of depth 6n+2: a 3x3 stem (``conv1``, ``bn1``) of ``widths[0]``
+    channels, then three stages ``layer1..3`` of n BasicBlocks with ``widths[1:]``
+    channels (strides 1, 2, 2), global average pool, ``fc``."""
 
     def __init__(self, depth: int, widths, num_classes: int = 100, in_channels: int = 3):
+        super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        layers = [_conv3x3(in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+        self.conv1 = _conv3x3(in_channels, widths[0])
+        self.bn1 = nn.BatchNorm2d(widths[0])
         cin = widths[0]
         for i, cout in enumerate(widths[1:]):
+            blocks = []
             for j in range(n):
-                layers.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                blocks.append(BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
                 cin = cout
-        super().__init__(layers, cin, num_classes)
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(cin, num_classes)
         _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(_global_pool(x))
 
 
 class WideBlock(nn.Module):
-    """Pre-activation wide-ResNet block: BN-ReLU-conv-BN-ReLU-(dropout)-conv (+ shortcut)."""
+    """Pre-activation wide-ResNet block: bn1-ReLU-conv1-bn2-ReLU-(dropout)-conv2 (+ shortcut).
+    Where the width changes, the shortcut is a 1x1 conv (``convShortcut``, the zoo's name)
+    of the pre-activated input; otherwise it is the raw input."""
 
     def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0):
         super().__init__()
-        self.pre = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
-        self.body = nn.Sequential(
-            _conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Dropout(dropout) if dropout > 0 else nn.Identity(), _conv3x3(cout, cout),
-        )
-        self.shortcut = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+        if stride != 1 and cin == cout:
+            raise ValueError("a strided WideBlock must also change the width")
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.dropout = dropout
+        self.convShortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.pre(x)
-        # The projection shortcut reads the pre-activated input, the identity the raw one.
-        return self.body(a) + (x if self.shortcut is None else self.shortcut(a))
+        a = F.relu(self.bn1(x))
+        out = F.relu(self.bn2(self.conv1(a)))
+        if self.dropout > 0:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        out = self.conv2(out)
+        return out + (x if self.convShortcut is None else self.convShortcut(a))
 
 
-class WideResNet(FeatureClassifier):
-    """Wide ResNet WRN-depth-k (depth 6n+4): widths 16, 16k, 32k, 64k."""
+class WideStage(nn.Module):
+    """A stage of WideBlocks, held as ``layer`` (so its keys read ``block1.layer.0.conv1``)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.layer = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet WRN-depth-k (depth 6n+4): a 3x3 ``conv1`` of 16 channels, stages
+    ``block1..3`` of n WideBlocks with 16k, 32k, 64k channels (strides 1, 2, 2), a final
+    ``bn1``-ReLU, global average pool, ``fc``."""
 
     def __init__(self, depth: int, widen: int, num_classes: int = 100,
                  in_channels: int = 3, dropout: float = 0.0):
+        super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
-        layers = [_conv3x3(in_channels, 16)]
+        self.conv1 = _conv3x3(in_channels, 16)
         cin = 16
         for i, cout in enumerate((16 * widen, 32 * widen, 64 * widen)):
+            blocks = []
             for j in range(n):
-                layers.append(WideBlock(cin, cout, 2 if (i > 0 and j == 0) else 1, dropout))
+                blocks.append(WideBlock(cin, cout, 2 if (i > 0 and j == 0) else 1, dropout))
                 cin = cout
-        layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True)]
-        super().__init__(layers, cin, num_classes)
+            self.add_module(f"block{i + 1}", WideStage(blocks))
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
         _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(_global_pool(F.relu(self.bn1(x))))
 
 
 VGG_CFGS = {
@@ -122,20 +176,41 @@ VGG_CFGS = {
 }
 
 
-class CifarVGG(FeatureClassifier):
-    """CIFAR VGG with BatchNorm: five stages of 3x3 conv-BN-ReLU, 2x2 max-pool after the
-    first four (ceil mode, so 8x8 inputs survive), global average pool, one linear layer."""
+class CifarVGG(nn.Module):
+    """CIFAR VGG with BatchNorm (the zoo's ``vgg8_bn`` / ``vgg13_bn``): five stages
+    ``block0..4`` of 3x3 conv-BN-ReLU (the conv has a bias; each stage's last ReLU is
+    applied outside it), 2x2 max-pools ``pool0..2`` after the first three stages, global
+    average pool, ``classifier``.
+
+    As in the zoo, a fourth max-pool (``pool3``, after ``block3``) is applied only to
+    64-pixel-high inputs (Tiny-ImageNet), so 32x32 inputs reach ``block4`` at 4x4."""
 
     def __init__(self, cfg, num_classes: int = 100, in_channels: int = 3):
-        layers, cin = [], in_channels
+        super().__init__()
+        if len(cfg) != 5:
+            raise ValueError(f"a CIFAR VGG has 5 stages, got {len(cfg)}")
+        cin = in_channels
         for i, stage in enumerate(cfg):
+            layers = []
             for cout in stage:
                 layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
                 cin = cout
-            if i < len(cfg) - 1:
-                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
-        super().__init__(layers, cin, num_classes)
+            self.add_module(f"block{i}", nn.Sequential(*layers[:-1]))
+        for i in range(4):
+            self.add_module(f"pool{i}", nn.MaxPool2d(2, 2))
+        self.classifier = nn.Linear(cin, num_classes)
         _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tiny_imagenet = x.shape[2] == 64
+        x = self.pool0(F.relu(self.block0(x)))
+        x = self.pool1(F.relu(self.block1(x)))
+        x = self.pool2(F.relu(self.block2(x)))
+        x = F.relu(self.block3(x))
+        if tiny_imagenet:
+            x = self.pool3(x)
+        x = F.relu(self.block4(x))
+        return self.classifier(_global_pool(x))
 
 
 # name -> factory(num_classes, in_channels)
