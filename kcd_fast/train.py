@@ -784,7 +784,8 @@ def main(args: argparse.Namespace) -> dict:
                "C_so_far": samples_total / (n * (epoch + 1)), "epoch_time": time.time() - t0, "train_time": train_time,
                "condensed": plan is not None, "teacher_forwards": train_stats["teacher_forwards"]}
         history.append(row)
-        if val["top1"] > best["top1"]:
+        improved = val["top1"] > best["top1"]
+        if improved:
             best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch}
         # Under DDP, every rank takes part in the condenser's state (it merges the ranks' records first).
         condenser_state = condenser.state_dict() if condenser is not None else None
@@ -793,6 +794,8 @@ def main(args: argparse.Namespace) -> dict:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}, top-1 {val['top1']:.2f}%, "
                   f"top-5 {val['top5']:.2f}%, samples {row['samples']}, C so far {row['C_so_far']:.3f}, "
                   f"{row['epoch_time']:.1f}s{stage_note}", flush=True)
+            if improved:  # before the checkpoint that records this best: a resume never lacks its file
+                _save_atomic(student.state_dict(), out / "student_best.pth")
             _save_atomic({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                           "condenser": condenser_state,

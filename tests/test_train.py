@@ -52,6 +52,15 @@ def test_default_digits_run_learns_and_writes_its_outputs(tmp_path, digits_teach
     assert (out / "plots/accuracy_kept.png").read_bytes()[:4] == b"\x89PNG"
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
     assert ckpt["epoch"] == 5 and ckpt["args"]["dataset"] == "digits"
+    # student_best.pth is the best epoch's student: evaluated again, it scores summary's best top-1.
+    from kcd_fast.data import build_datasets
+
+    args = T.fill_defaults(args_of("--teacher-weights", str(digits_teacher)))
+    args.rank, args.world_size, args.distributed = 0, 1, False
+    model = build_model(args.student, 10, 1)
+    model.load_state_dict(torch.load(out / "student_best.pth", weights_only=True))
+    val = T.evaluate(model, build_datasets("digits").val, args, torch.device("cpu"))
+    assert val["top1"] == pytest.approx(on_disk["best_top1"]) and 0 <= on_disk["best_epoch"] < 6
 
 
 def test_trains_its_own_teacher_and_reuses_it(tmp_path, digits_teacher, capsys):
