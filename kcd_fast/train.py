@@ -623,7 +623,6 @@ def main(args: argparse.Namespace) -> dict:
     train_eval = _subset(eval_view(bundle), args.train_subset, args.seed)  # same samples, evaluation transform
     bundle.train = train_set
     n = len(train_set)
-    samples = _samples_id(args, train_set)
     resident = None
     if args.fake_on_device:  # --dataset fake, checked by _check_numbers
         resident = train_set.materialize(device)
@@ -646,6 +645,7 @@ def main(args: argparse.Namespace) -> dict:
             raise UserError(f"{'--condensed ' + args.condensed + ': ' if args.condensed else ''}{exc}") from None
 
     cached = args.knowledge == "cached"
+    samples = _samples_id(args, train_set) if cached else ""  # recorded in and checked against knowledge files
     knowledge, knowledge_loaded = None, False
     # Cached mode: the file holding the buffer as of the last checkpoint (filled, mixed as far as the run got).
     knowledge_state = ckpt.get("knowledge_state") if ckpt is not None else None

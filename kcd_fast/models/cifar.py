@@ -18,21 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeatureClassifier", "CifarResNet", "WideResNet", "CifarVGG", "CIFAR_MODELS"]
-
-
-class FeatureClassifier(nn.Module):
-    """``features`` (the given layers), global average pooling, one linear layer (the head
-    of the small CNNs in :mod:`kcd_fast.models.small`)."""
-
-    def __init__(self, layers, channels: int, num_classes: int):
-        super().__init__()
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+__all__ = ["CifarResNet", "WideResNet", "CifarVGG", "CIFAR_MODELS"]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

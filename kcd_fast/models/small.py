@@ -6,11 +6,23 @@ seconds on a couple of CPU cores.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .cifar import FeatureClassifier
-
 __all__ = ["SmallCNN", "SMALL_MODELS"]
+
+
+class FeatureClassifier(nn.Module):
+    """``features`` (the given layers), global average pooling, one linear layer."""
+
+    def __init__(self, layers, channels: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
 def _cbr(cin: int, cout: int) -> list[nn.Module]:
