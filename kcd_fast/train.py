@@ -112,6 +112,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     m.add_argument("--teacher", default=None, help=f"teacher architecture, one of {', '.join(available_models())}")
     m.add_argument("--student", default=None, help="student architecture")
     m.add_argument("--teacher-weights", default=None, help="teacher checkpoint (.pth)")
+    m.add_argument("--student-weights", default=None,
+                   help="--test-only: a student checkpoint to evaluate (student.pth, student_best.pth, checkpoint.pth "
+                        "or any .pth holding its state_dict)")
     m.add_argument("--teacher-epochs", type=int, default=None,
                    help="digits/fashion-mnist/fake without --teacher-weights: epochs to train the teacher first")
 
@@ -181,6 +184,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r = p.add_argument_group("running")
     r.add_argument("--output-dir", default="runs/kcd", help="where checkpoints, metrics and plots go")
     r.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    r.add_argument("--test-only", action="store_true",
+                   help="evaluate --student-weights and/or --teacher-weights on the validation set, print top-1 and "
+                        "top-5, and stop: nothing is trained or written")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="PNG plots at the end")
     r.add_argument("--eval-batch-size", type=int, default=256, help="batch size of evaluation and of the one-off fill")
@@ -191,6 +197,8 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Per-dataset defaults for options left unset (None)."""
     if args.dataset not in DATASET_DEFAULTS:
         raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not hasattr(args, "ignored_options"):  # before the per-dataset defaults: only what the user set counts
+        args.ignored_options = [] if getattr(args, "test_only", False) else _ignored_options(args)
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -219,6 +227,60 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     _check_numbers(args)
     _check_paths(args)
     return args
+
+
+def _ignored_options(args) -> list[str]:
+    """The options set to other than their default that this run does not use, each as
+    ``"--flag value: it applies to ..."``. The run goes on without them and says so (and
+    summary.json lists them): an option that does nothing must not pass unnoticed."""
+    parser = get_args_parser(add_help=False)
+    defaults = vars(parser.parse_args([]))
+    position = {a.dest: i for i, a in enumerate(parser._actions)}  # report in --help's order
+    rules = []  # (dest, where it applies)
+
+    def off(keys, where):
+        rules.extend((k, where) for k in keys)
+
+    if args.knowledge != "cached":
+        off(("storage", "knowledge_dtype", "knowledge_fill", "topk"), "--knowledge cached")
+    elif args.storage != "topk":
+        off(("topk",), "--storage topk")
+    kcd_keys = ("stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0", "selection", "online_recording", "vaks",
+                "adaptive_eps", "entropy_temperature")
+    if not args.kcd:
+        off(kcd_keys, "KCD, which --no-kcd turns off")
+    elif args.condensed:
+        off(kcd_keys, "condensing, which --condensed replaces by the file's fixed set and pairs")
+    else:
+        if not args.vaks:
+            off(("k0", "eps_max", "adaptive_eps"), "VAKS, which --no-vaks turns off")
+        if args.selection == "random":
+            off(("alpha", "online_recording", "entropy_temperature"), "--selection kcd (random ranks at random)")
+    if args.distill == "kd":
+        off(("ce_weight_dkd", "dkd_alpha", "dkd_beta", "dkd_warmup"), "--distill dkd")
+    elif args.distill == "dkd":
+        off(("ce_weight", "kd_weight"), "--distill kd")
+    if args.dataset != "fake":
+        off(("fake_size", "fake_val_size", "fake_image_size", "fake_num_classes"), "--dataset fake")
+    if args.dataset != "cifar100":
+        off(("download",), "--dataset cifar100")
+    if args.dataset in ("digits", "fake"):
+        off(("data_dir",), "the datasets read from a folder (fashion-mnist, cifar100, imagenet)")
+    if args.dataset not in TRAINABLE_TEACHER or args.teacher_weights or _knowledge_file_given(args):
+        off(("teacher_epochs",), f"a teacher trained here ({', '.join(TRAINABLE_TEACHER)} without --teacher-weights "
+                                 f"or a filled --knowledge-file)")
+    ignored = []
+    for key, where in sorted(rules, key=lambda rule: position[rule[0]]):
+        value = getattr(args, key, defaults[key])
+        if value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            shown = flag if value else "--no-" + flag[2:]
+        else:
+            shown = f"{flag} {value}"
+        ignored.append(f"{shown}: it applies to {where}")
+    return ignored
 
 
 def _check_numbers(args) -> None:
@@ -255,7 +317,8 @@ def _check_numbers(args) -> None:
         need(args.fake_num_classes >= 2, "fake-num-classes", "an int >= 2", args.fake_num_classes)
     if args.fake_on_device and (args.dataset != "fake" or args.train_subset):
         raise UserError("--fake-on-device applies to --dataset fake (without --train-subset)")
-    if args.dataset in TRAINABLE_TEACHER and not args.teacher_weights and not _knowledge_file_given(args):
+    if (args.dataset in TRAINABLE_TEACHER and not args.teacher_weights and not _knowledge_file_given(args)
+            and not args.test_only):
         need(args.teacher_epochs >= 1, "teacher-epochs", "an int >= 1 (the teacher is trained here)",
              args.teacher_epochs)
 
@@ -268,6 +331,13 @@ def _check_paths(args) -> None:
     """Files the run reads, and the folders it writes, before any work is done."""
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output-dir {args.output_dir} is a file, not a folder")
+    if args.test_only:
+        _check_test_only(args)
+        return
+    if args.student_weights:
+        raise UserError("--student-weights applies to --test-only (a run starts its student afresh; to continue one, "
+                        "use --resume)")
+    _check_fresh_output_dir(args)
     if args.knowledge_file and args.knowledge != "cached":
         raise UserError("--knowledge-file applies to --knowledge cached (online knowledge runs the teacher every "
                         "step and stores nothing)")
@@ -286,6 +356,18 @@ def _check_paths(args) -> None:
     if (args.dataset not in TRAINABLE_TEACHER and not args.teacher_weights and not _knowledge_file_given(args)):
         raise UserError(f"--dataset {args.dataset} needs --teacher-weights (a trained {args.teacher}); "
                         f"the trainer only trains teachers for {', '.join(TRAINABLE_TEACHER)}")
+
+
+def _check_test_only(args) -> None:
+    if args.resume:
+        raise UserError("--test-only evaluates --student-weights and --teacher-weights, not --resume: to evaluate a "
+                        "run's checkpoint, pass --student-weights OUTPUT_DIR/checkpoint.pth")
+    if not args.student_weights and not args.teacher_weights:
+        raise UserError("--test-only needs a model to evaluate: --student-weights PATH and/or --teacher-weights PATH")
+    for flag in ("student-weights", "teacher-weights"):
+        path = getattr(args, flag.replace("-", "_"))
+        if path and not os.path.isfile(path):
+            raise UserError(f"--{flag} {path}: no such file")
 
 
 # What a resumed run must share with the checkpoint's run, or it would not continue it.
@@ -360,37 +442,46 @@ def all_reduce_sum(t: torch.Tensor, args) -> torch.Tensor:
 # --------------------------------------------------------------------------- models
 
 
-def _state_dict_of(blob):
+def _state_dict_of(blob, flag: str = "--teacher-weights", path: str = ""):
     for key in ("model", "state_dict", "student"):
         if isinstance(blob, dict) and key in blob and isinstance(blob[key], dict):
             blob = blob[key]
             break
     if not isinstance(blob, dict):
-        raise UserError("the teacher checkpoint holds no state_dict")
+        raise UserError(f"{flag} {path}: the checkpoint holds no state_dict")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in blob.items()}
 
 
-def load_teacher_weights(model: torch.nn.Module, path: str, num_classes: int) -> None:
-    """Load a teacher checkpoint; refuse one whose classifier has another class count."""
+def load_weights(model: torch.nn.Module, path: str, num_classes: int, flag: str = "--teacher-weights",
+                 arch: str | None = None) -> None:
+    """Load a checkpoint into ``model`` (a bare state_dict, or one under "model", "state_dict" or
+    "student", with or without DDP's "module." prefix); refuse one whose classifier has another
+    class count, or that does not fit, naming ``flag``."""
     if not os.path.isfile(path):
-        raise UserError(f"--teacher-weights {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # not a torch checkpoint: a pickle, zip or EOF error, whichever the bytes hit
-        raise UserError(f"--teacher-weights {path} is not a torch checkpoint ({type(exc).__name__}: "
+        raise UserError(f"{flag} {path} is not a torch checkpoint ({type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'})") from None
-    state = _state_dict_of(blob)
+    state = _state_dict_of(blob, flag, path)
     own = model.state_dict()
     last = [k for k, v in own.items() if k.endswith("weight") and v.dim() == 2][-1]
+    role = flag[2:].split("-")[0]
     if last in state and state[last].shape[0] != own[last].shape[0]:
-        raise UserError(f"--teacher-weights {path}: the teacher has {state[last].shape[0]} classes, "
+        raise UserError(f"{flag} {path}: the {role} has {state[last].shape[0]} classes, "
                         f"the dataset has {num_classes}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise UserError(f"--teacher-weights {path} does not fit --teacher {type(model).__name__}: "
+        raise UserError(f"{flag} {path} does not fit --{role} {arch or type(model).__name__}: "
                         f"{' '.join(first[:3])}") from None
+
+
+def load_teacher_weights(model: torch.nn.Module, path: str, num_classes: int) -> None:
+    """Load a teacher checkpoint (``--teacher-weights``): :func:`load_weights`."""
+    load_weights(model, path, num_classes, "--teacher-weights")
 
 
 def train_teacher(args, bundle, device) -> torch.nn.Module:
@@ -599,6 +690,9 @@ def main(args: argparse.Namespace) -> dict:
                         f"({args.world_size})")
     ckpt_path = out / "checkpoint.pth"
     ckpt = _check_resume(args, ckpt_path) if args.resume else None
+    if is_main(args):
+        for line in args.ignored_options:
+            print(f"kcd_fast: note: ignoring {line}", flush=True)
     torch.manual_seed(args.seed)
 
     # --download under torchrun: rank 0 downloads and unpacks while the others wait, then they read its files.
@@ -615,8 +709,12 @@ def main(args: argparse.Namespace) -> dict:
     finally:
         if download_first and is_main(args):
             dist.barrier()
+    if args.test_only:
+        return test_only(args, bundle, device)
     if is_main(args):  # only once the run's input is known to be good
         out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            _clear_previous_run(out, args)
     if args.distributed:
         dist.barrier()
     train_set = _subset(bundle.train, args.train_subset, args.seed)
@@ -674,7 +772,7 @@ def main(args: argparse.Namespace) -> dict:
         teacher = None
     elif args.teacher_weights:
         teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels)
-        load_teacher_weights(teacher, args.teacher_weights, bundle.num_classes)
+        load_weights(teacher, args.teacher_weights, bundle.num_classes, "--teacher-weights", arch=args.teacher)
         teacher = teacher.to(device)
     else:  # _check_paths has refused the datasets without a trainable teacher
         teacher = train_teacher(args, bundle, device)
@@ -826,6 +924,71 @@ def main(args: argparse.Namespace) -> dict:
         print(f"kcd_fast: done in {summary['wall_time_s']:.1f}s: best top-1 {best['top1']:.2f}%, "
               f"final top-1 {summary['final_top1']:.2f}%, C {summary['C']:.3f}; outputs in {out}", flush=True)
     return summary
+
+
+def test_only(args, bundle, device) -> dict:
+    """``--test-only``: top-1, top-5 and loss of ``--teacher-weights`` (as ``--teacher``) and
+    ``--student-weights`` (as ``--student``) on the validation set, with the evaluation transform,
+    ``--amp`` and, under torchrun, every rank's share. Nothing is trained or written."""
+    val = bundle.val.materialize(device) if args.fake_on_device else bundle.val
+    num_val = len(val[1]) if isinstance(val, tuple) else len(val)
+    results = {"test_only": True, "dataset": args.dataset, "num_val": num_val}
+    for role in ("teacher", "student"):
+        path = getattr(args, f"{role}_weights")
+        if not path:
+            continue
+        arch = getattr(args, role)
+        model = build_model(arch, bundle.num_classes, bundle.in_channels)
+        load_weights(model, path, bundle.num_classes, f"--{role}-weights", arch=arch)
+        model = model.to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        val_stats = evaluate(model, val, args, device)
+        results[role] = dict(val_stats, model=arch, weights=path)
+        if is_main(args):
+            print(f"kcd_fast: {role} {arch} ({path}) on the {args.dataset} validation set ({num_val} samples): "
+                  f"top-1 {val_stats['top1']:.2f}%, top-5 {val_stats['top5']:.2f}%, loss {val_stats['loss']:.4f}",
+                  flush=True)
+    return results
+
+
+# A run's own outputs in --output-dir (a teacher trained here, teacher-*.pth, is a cache and stays).
+RUN_OUTPUTS = ("checkpoint.pth", "student.pth", "student_best.pth", "condensed.pt", "summary.json", "metrics.jsonl",
+               "knowledge-state-e*.kcdk", "plots/*.png", "tb/events.out.tfevents.*")
+
+
+def _check_fresh_output_dir(args) -> None:
+    """A new run (no --resume) in a folder that holds an unfinished run would overwrite its checkpoint
+    at the end of its first epoch: refuse, and say how to continue it instead."""
+    ckpt_path = Path(args.output_dir) / "checkpoint.pth"
+    if args.resume or not ckpt_path.is_file():
+        return
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        done, total = int(ckpt["epoch"]) + 1, int(ckpt["args"]["epochs"])
+    except Exception as exc:  # not ours, or not readable: either way not something to overwrite unasked
+        raise UserError(f"--output-dir {args.output_dir} holds a checkpoint.pth that cannot be read "
+                        f"({type(exc).__name__}); delete it, or pick another --output-dir") from None
+    if done < total:
+        raise UserError(f"--output-dir {args.output_dir} holds an unfinished run (checkpoint.pth after epoch {done} "
+                        f"of {total}): continue it with --resume, or start this run in another --output-dir (or "
+                        f"delete {ckpt_path})")
+
+
+def _clear_previous_run(out: Path, args) -> None:
+    """A new run in a folder that held a finished one: remove that run's outputs (RUN_OUTPUTS), so
+    that no plot, metric or TensorBoard event of the old run sits beside the new one's. Files this
+    run reads (--teacher-weights, --condensed, --knowledge-file) are kept wherever they are."""
+    inputs = [Path(x) for x in (args.teacher_weights, args.condensed, args.knowledge_file) if x and os.path.isfile(x)]
+    removed = 0
+    for pattern in RUN_OUTPUTS:
+        for f in out.glob(pattern):
+            if f.is_file() and not any(f.samefile(x) for x in inputs):
+                f.unlink()
+                removed += 1
+    if removed:
+        print(f"kcd_fast: note: {out} held a finished run; its {removed} output file(s) are replaced by this "
+              f"run's (a teacher trained there is kept)", flush=True)
 
 
 class NoSingletonBatches(torch.utils.data.Sampler):
@@ -999,7 +1162,7 @@ def _summary(args, history, best, condenser, n, wall, teacher_passes, knowledge=
         "wall_time_s": wall, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "kcd_fast": kcd_fast.__version__,
         "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
-        "world_size": args.world_size, "args": vars(args),
+        "world_size": args.world_size, "ignored_options": list(args.ignored_options), "args": vars(args),
     }
     if knowledge is not None:
         summary["knowledge_storage"] = dict(knowledge.header(), bytes_per_sample=knowledge.bytes_per_sample())

@@ -546,26 +546,32 @@ def test_cached_mode_one_off_pass(tmp_path, digits_teacher, monkeypatch):
     assert counter["samples"] == summary["num_train"] == summary["teacher_passes"]
 
 
+def _killed_at_evaluate(monkeypatch, call: int) -> type:
+    """Make the trainer's ``call``-th evaluation raise, as a kill would stop the run there (after that
+    epoch's training, before its checkpoint); returns the exception class. ``monkeypatch.undo()`` ends it."""
+
+    class Killed(Exception):
+        pass
+
+    real_evaluate, calls = T.evaluate, {"n": 0}
+
+    def evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Killed
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    return Killed
+
+
 @pytest.mark.parametrize("fill", ["lazy", "pass"])
 def test_resume_in_cached_mode(tmp_path, digits_teacher, monkeypatch, fill):
     common = ["--knowledge", "cached", "--storage", "topk", "--topk", "3", "--teacher-weights",
               str(digits_teacher), *QUICK, "--epochs", "6", "--stage-epochs", "2", "--knowledge-fill", fill]
     T.main(args_of("--output-dir", str(tmp_path / "full"), *common))
-
-    class Killed(Exception):
-        pass
-
-    real_evaluate = T.evaluate
-    calls = {"n": 0}
-
-    def evaluate(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # epoch 3 done; the buffer was mixed at the end of epoch 2
-            raise Killed
-        return real_evaluate(*a, **k)
-
-    monkeypatch.setattr(T, "evaluate", evaluate)
-    with pytest.raises(Killed):
+    killed = _killed_at_evaluate(monkeypatch, 4)  # epoch 3 done; the buffer was mixed at the end of epoch 2
+    with pytest.raises(killed):
         T.main(args_of("--output-dir", str(tmp_path / "killed"), *common))
     monkeypatch.undo()
     counter = _count_teacher(monkeypatch)
@@ -681,3 +687,139 @@ def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, 
     err = capsys.readouterr().err
     assert "another dataset, subset or seed" in err and "Traceback" not in err
     assert not (tmp_path / "r" / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------- options that do not apply
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], []),
+    (["--no-kcd", "--rho", "0.5", "--no-vaks", "--stage-epochs", "3"],
+     ["--stage-epochs 3: it applies to KCD, which --no-kcd turns off",
+      "--rho 0.5: it applies to KCD, which --no-kcd turns off",
+      "--no-vaks: it applies to KCD, which --no-kcd turns off"]),
+    (["--no-vaks", "--eps-max", "0.2", "--k0", "all", "--rho", "0.5"],
+     ["--eps-max 0.2: it applies to VAKS, which --no-vaks turns off",
+      "--k0 all: it applies to VAKS, which --no-vaks turns off"]),
+    (["--selection", "random", "--alpha", "0.1", "--no-online-recording", "--eps-max", "0.2"],
+     ["--alpha 0.1: it applies to --selection kcd (random ranks at random)",
+      "--no-online-recording: it applies to --selection kcd (random ranks at random)"]),
+    (["--condensed", "c.pt", "--rho", "0.5", "--no-vaks"],
+     ["--rho 0.5: it applies to condensing, which --condensed replaces by the file's fixed set and pairs",
+      "--no-vaks: it applies to condensing, which --condensed replaces by the file's fixed set and pairs"]),
+    (["--storage", "topk", "--knowledge-fill", "pass"],
+     ["--storage topk: it applies to --knowledge cached", "--knowledge-fill pass: it applies to --knowledge cached"]),
+    (["--knowledge", "cached", "--topk", "5"], ["--topk 5: it applies to --storage topk"]),
+    (["--knowledge", "cached", "--storage", "topk", "--topk", "5"], []),
+    (["--dkd-beta", "4", "--kd-weight", "0.5"], ["--dkd-beta 4.0: it applies to --distill dkd"]),
+    (["--distill", "dkd", "--dkd-beta", "4", "--kd-weight", "0.5"], ["--kd-weight 0.5: it applies to --distill kd"]),
+    (["--fake-size", "10", "--download", "--data-dir", "d"],
+     ["--data-dir d: it applies to the datasets read from a folder (fashion-mnist, cifar100, imagenet)",
+      "--download: it applies to --dataset cifar100", "--fake-size 10: it applies to --dataset fake"]),
+    (["--teacher-weights", "t.pth", "--teacher-epochs", "3"],
+     ["--teacher-epochs 3: it applies to a teacher trained here (digits, fashion-mnist, fake without "
+      "--teacher-weights or a filled --knowledge-file)"]),
+    (["--teacher-epochs", "3"], []),
+])
+def test_options_that_do_not_apply_are_named(argv, expected):
+    assert T._ignored_options(args_of(*argv)) == expected
+
+
+def test_a_run_says_which_options_it_ignores_and_lists_them(tmp_path, digits_teacher, capsys):
+    summary = T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
+                             "--no-kcd", "--rho", "0.5", "--storage", "topk"))
+    out = capsys.readouterr().out
+    assert "kcd_fast: note: ignoring --rho 0.5: it applies to KCD, which --no-kcd turns off" in out
+    assert "kcd_fast: note: ignoring --storage topk: it applies to --knowledge cached" in out
+    on_disk = json.loads((tmp_path / "o/summary.json").read_text())
+    assert on_disk["ignored_options"] == summary["ignored_options"] and len(summary["ignored_options"]) == 3
+    # What the defaults fill in (--stage-epochs here) is not the user's setting: nothing to say.
+    assert T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "p"),
+                          "--no-progress", "--no-plots", "--epochs", "1", "--no-kcd"))["ignored_options"] == []
+
+
+# --------------------------------------------------------------------------- --test-only
+
+
+def test_test_only_evaluates_the_given_models_and_writes_nothing(tmp_path, digits_teacher, capsys):
+    from kcd_fast.data import build_datasets
+
+    student = build_model("cnn_small", 10, 1)
+    # A checkpoint as DDP saves it (a "model" dict whose keys carry "module."), as checkpoint.pth holds it.
+    torch.save({"model": {f"module.{k}": v for k, v in student.state_dict().items()}, "epoch": 3},
+               tmp_path / "s.pth")
+    capsys.readouterr()
+    res = T.main(args_of("--test-only", "--student-weights", str(tmp_path / "s.pth"), "--teacher-weights",
+                         str(digits_teacher), "--output-dir", str(tmp_path / "o")))
+    out = capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+    val = build_datasets("digits").val
+    cfg = argparse.Namespace(eval_batch_size=100, workers=0, amp="off", device="cpu")  # another batching, same numbers
+    expected = T.evaluate(student, val, cfg, torch.device("cpu"), local=True)
+    assert res["student"]["top1"] == pytest.approx(expected["top1"])
+    assert res["student"]["loss"] == pytest.approx(expected["loss"])
+    # The teacher's top-1 is the one recorded when it was trained (same data, same transform).
+    assert res["teacher"]["top1"] == pytest.approx(torch.load(digits_teacher, weights_only=False)["top1"])
+    assert res["num_val"] == len(val) == 360
+    assert f"kcd_fast: teacher cnn_large ({digits_teacher}) on the digits validation set (360 samples): top-1 " in out
+    assert f"kcd_fast: student cnn_small ({tmp_path / 's.pth'}) on the digits validation set" in out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--test-only"], "--test-only needs a model to evaluate"),
+    (["--test-only", "--student-weights", "/nonexistent/s.pth"], "--student-weights /nonexistent/s.pth: no such file"),
+    (["--test-only", "--resume", "--student-weights", "s.pth"], "pass --student-weights OUTPUT_DIR/checkpoint.pth"),
+    (["--student-weights", "s.pth"], "--student-weights applies to --test-only"),
+])
+def test_test_only_bad_input_exits_2(tmp_path, capsys, argv, named):
+    code = T.cli([*argv, "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_test_only_refuses_weights_of_another_architecture(tmp_path, capsys):
+    torch.save(build_model("cnn_large", 10, 1).state_dict(), tmp_path / "big.pth")
+    code = T.cli(["--test-only", "--student-weights", str(tmp_path / "big.pth"), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--student-weights {tmp_path / 'big.pth'} does not fit --student cnn_small" in err
+
+
+# --------------------------------------------------------------------------- a new run in an old --output-dir
+
+
+def test_a_new_run_refuses_a_folder_holding_an_unfinished_run(tmp_path, digits_teacher, monkeypatch, capsys):
+    common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK]
+    killed = _killed_at_evaluate(monkeypatch, 3)  # epochs 1 and 2 checkpointed, epoch 3 trained and not
+    with pytest.raises(killed):
+        T.main(args_of(*common))
+    monkeypatch.undo()
+    ckpt = tmp_path / "o/checkpoint.pth"
+    before = ckpt.read_bytes()
+    capsys.readouterr()
+    assert T.cli(common) == 2  # forgot --resume: two epochs of work would be overwritten
+    err = capsys.readouterr().err
+    assert f"--output-dir {tmp_path / 'o'} holds an unfinished run (checkpoint.pth after epoch 2 of 4): continue it " \
+           f"with --resume" in err
+    assert ckpt.read_bytes() == before
+    assert T.cli([*common, "--resume"]) == 0
+
+
+def test_a_new_run_replaces_a_finished_runs_outputs_and_keeps_its_inputs(tmp_path, digits_teacher, capsys):
+    out = tmp_path / "o"
+    common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(out), "--no-progress", "--epochs", "4",
+              "--stage-epochs", "2"]
+    T.main(args_of(*common))
+    assert (out / "plots/accuracy_kept.png").is_file() and (out / "condensed.pt").is_file()
+    (out / "teacher-0123456789.pth").write_bytes(b"a cached teacher")
+    (out / "notes.txt").write_text("the user's own file")
+    capsys.readouterr()
+    # Fig. 4 in the same folder: train on the condensed set the first run left there, without plots.
+    T.main(args_of(*common, "--condensed", str(out / "condensed.pt"), "--no-plots"))
+    assert "held a finished run" in capsys.readouterr().out
+    assert not (out / "plots/accuracy_kept.png").exists(), "the old run's plot would sit beside the new run"
+    assert (out / "condensed.pt").is_file() and (out / "teacher-0123456789.pth").is_file()
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["args"]["condensed"] == str(out / "condensed.pt")
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
