@@ -124,6 +124,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, default=None, help="initial learning rate")
     o.add_argument("--lr-milestones", type=int, nargs="*", default=None, help="epochs where lr is multiplied by gamma")
     o.add_argument("--lr-gamma", type=float, default=0.1, help="lr factor at each milestone")
+    o.add_argument("--lr-scheduler", default="multistep", choices=["multistep", "cosine"],
+                   help="multistep: lr times --lr-gamma at each of --lr-milestones (the paper's); cosine: cosine "
+                        "decay to --lr-min by the last epoch")
+    o.add_argument("--lr-min", type=float, default=0.0, help="cosine: the learning rate it decays to")
+    o.add_argument("--lr-warmup-epochs", type=int, default=0,
+                   help="epochs of linear warm-up before the schedule, from lr times --lr-warmup-decay up to lr")
+    o.add_argument("--lr-warmup-decay", type=float, default=0.01, help="the warm-up's first lr, as a fraction of lr")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     o.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay")
     o.add_argument("--amp", default="off", choices=["bf16", "fp16", "off"], help="autocast precision")
@@ -256,6 +263,12 @@ def _ignored_options(args) -> list[str]:
             off(("k0", "eps_max", "adaptive_eps"), "VAKS, which --no-vaks turns off")
         if args.selection == "random":
             off(("alpha", "online_recording", "entropy_temperature"), "--selection kcd (random ranks at random)")
+    if args.lr_scheduler == "multistep":
+        off(("lr_min",), "--lr-scheduler cosine")
+    else:
+        off(("lr_milestones", "lr_gamma"), "--lr-scheduler multistep")
+    if not args.lr_warmup_epochs:
+        off(("lr_warmup_decay",), "--lr-warmup-epochs > 0")
     if args.distill == "kd":
         off(("ce_weight_dkd", "dkd_alpha", "dkd_beta", "dkd_warmup"), "--distill dkd")
     elif args.distill == "dkd":
@@ -304,6 +317,16 @@ def _check_numbers(args) -> None:
         value = getattr(args, flag.replace("-", "_"))
         need(math.isfinite(value) and value >= 0, flag, "a finite number >= 0", value)
     need(args.dkd_warmup >= 0, "dkd-warmup", "an int >= 0", args.dkd_warmup)
+    need(0 <= args.lr_warmup_epochs < args.epochs, "lr-warmup-epochs", f"an int in [0, --epochs) = [0, {args.epochs})",
+         args.lr_warmup_epochs)
+    need(math.isfinite(args.lr_warmup_decay) and 0 < args.lr_warmup_decay <= 1, "lr-warmup-decay", "in (0, 1]",
+         args.lr_warmup_decay)
+    need(math.isfinite(args.lr_min) and 0 <= args.lr_min <= args.lr, "lr-min", f"in [0, --lr] = [0, {args.lr}]",
+         args.lr_min)
+    if args.lr_scheduler == "multistep" and args.lr_warmup_epochs:
+        early = [m for m in args.lr_milestones if m <= args.lr_warmup_epochs]
+        need(not early, "lr-milestones", f"after the warm-up (epochs > --lr-warmup-epochs {args.lr_warmup_epochs})",
+             early)
     if args.kcd:
         need(0 < args.rho <= 1, "rho", "in (0, 1]", args.rho)
         need(math.isfinite(args.alpha) and args.alpha >= 0, "alpha", "a finite number >= 0", args.alpha)
@@ -373,7 +396,8 @@ def _check_test_only(args) -> None:
 # What a resumed run must share with the checkpoint's run, or it would not continue it.
 RESUME_KEYS = (
     "dataset", "train_subset", "fake_size", "fake_val_size", "fake_image_size", "fake_num_classes", "teacher",
-    "student", "teacher_epochs", "epochs", "batch_size", "lr", "lr_milestones", "lr_gamma", "momentum",
+    "student", "teacher_epochs", "epochs", "batch_size", "lr", "lr_milestones", "lr_gamma", "lr_scheduler", "lr_min",
+    "lr_warmup_epochs", "lr_warmup_decay", "momentum",
     "weight_decay", "amp", "seed", "distill", "kd_temperature", "ce_weight", "kd_weight", "ce_weight_dkd",
     "dkd_alpha", "dkd_beta", "dkd_warmup", "kcd", "stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0",
     "selection", "online_recording", "vaks", "adaptive_eps", "entropy_temperature", "condensed", "knowledge",
@@ -533,6 +557,23 @@ def train_teacher(args, bundle, device) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- the loops
+
+
+def build_scheduler(optimizer, args) -> torch.optim.lr_scheduler.LRScheduler:
+    """The student's learning rate per epoch (``scheduler.step()`` once an epoch, as the paper's
+    and torchvision's references do): ``--lr-warmup-epochs`` of linear warm-up, then MultiStepLR
+    at the absolute epochs ``--lr-milestones`` or a cosine decay to ``--lr-min`` by the last epoch."""
+    lr_sched = torch.optim.lr_scheduler
+    warm = args.lr_warmup_epochs
+    if args.lr_scheduler == "cosine":
+        main_sched = lr_sched.CosineAnnealingLR(optimizer, T_max=args.epochs - warm, eta_min=args.lr_min)
+    else:  # the milestones count from the first epoch, warm-up included
+        main_sched = lr_sched.MultiStepLR(optimizer, milestones=[m - warm for m in args.lr_milestones],
+                                          gamma=args.lr_gamma)
+    if not warm:
+        return main_sched
+    warmup = lr_sched.LinearLR(optimizer, start_factor=args.lr_warmup_decay, total_iters=warm)
+    return lr_sched.SequentialLR(optimizer, [warmup, main_sched], milestones=[warm])
 
 
 def _autocast(args):
@@ -791,7 +832,7 @@ def main(args: argparse.Namespace) -> dict:
                                                           else None)
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_gamma)
+    scheduler = build_scheduler(optimizer, args)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     if condenser is not None:

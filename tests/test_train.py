@@ -823,3 +823,71 @@ def test_a_new_run_replaces_a_finished_runs_outputs_and_keeps_its_inputs(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["args"]["condensed"] == str(out / "condensed.pt")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+# --------------------------------------------------------------------------- learning-rate schedules
+
+
+def _lrs(args, epochs, state=None, start=0):
+    """The learning rate each epoch trains at, from build_scheduler, optionally resumed at ``start``."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    sched = T.build_scheduler(opt, args)
+    if state is not None:
+        opt.load_state_dict(state[0])
+        sched.load_state_dict(state[1])
+    seen, saved = [], None
+    for epoch in range(start, epochs):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if epoch == 3:  # the checkpoint after epoch 3
+            saved = (opt.state_dict(), sched.state_dict())
+    return seen, saved
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--lr-warmup-epochs", "2"],
+    ["--lr-warmup-epochs", "3", "--lr-warmup-decay", "0.1", "--lr-milestones", "5", "8"],
+    ["--lr-scheduler", "cosine"],
+    ["--lr-scheduler", "cosine", "--lr-min", "0.001", "--lr-warmup-epochs", "2"],
+])
+def test_lr_schedules_follow_their_closed_form_and_resume(argv):
+    import math
+
+    args = T.fill_defaults(args_of("--epochs", "10", "--stage-epochs", "5", "--lr", "0.1", "--lr-milestones", "4", "7",
+                                   *argv))
+    warm, decay, lr = args.lr_warmup_epochs, args.lr_warmup_decay, args.lr
+
+    def expected(e):
+        if e < warm:  # linear from lr * decay, reaching lr at epoch `warm`
+            return lr * (decay + (1 - decay) * e / warm)
+        if args.lr_scheduler == "cosine":
+            return args.lr_min + (lr - args.lr_min) * (1 + math.cos(math.pi * (e - warm) / (10 - warm))) / 2
+        return lr * args.lr_gamma ** sum(e >= m for m in args.lr_milestones)
+
+    seen, state = _lrs(args, 10)
+    assert seen == pytest.approx([expected(e) for e in range(10)], rel=1e-9, abs=1e-12)
+    resumed, _ = _lrs(args, 10, state=state, start=4)  # a run resumed after epoch 3
+    assert resumed == pytest.approx(seen[4:], rel=1e-12)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--lr-warmup-epochs", "4"], "--lr-warmup-epochs must be an int in [0, --epochs) = [0, 4)"),
+    (["--lr-warmup-epochs", "-1"], "--lr-warmup-epochs must be"),
+    (["--lr-warmup-epochs", "1", "--lr-warmup-decay", "0"], "--lr-warmup-decay must be in (0, 1]"),
+    (["--lr-scheduler", "cosine", "--lr-min", "1"], "--lr-min must be in [0, --lr] = [0, 0.05]"),
+    (["--lr-warmup-epochs", "3", "--lr-milestones", "2", "3"], "--lr-milestones must be after the warm-up"),
+])
+def test_bad_lr_schedules_exit_2_before_any_work(tmp_path, capsys, argv, named):
+    code = T.cli([*QUICK, *argv, "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cosine_run_logs_the_rates_it_trained_at(tmp_path, digits_teacher):
+    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
+                   "--lr-scheduler", "cosine", "--lr-warmup-epochs", "1", "--lr", "0.1"))
+    rows = [json.loads(x) for x in (tmp_path / "o/metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.001, 0.1, 0.075, 0.025])
