@@ -111,7 +111,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     m = p.add_argument_group("models")
     m.add_argument("--teacher", default=None, help=f"teacher architecture, one of {', '.join(available_models())}")
     m.add_argument("--student", default=None, help="student architecture")
-    m.add_argument("--teacher-weights", default=None, help="teacher checkpoint (.pth)")
+    m.add_argument("--teacher-weights", default=None,
+                   help="teacher checkpoint (.pth), or 'torchvision': torchvision's ImageNet-1K weights of resnet18/34/50 "
+                        "(IMAGENET1K_V1, CRD's and the paper's ImageNet teachers), downloaded once into the torch hub "
+                        "cache; the default for --dataset imagenet with those teachers")
     m.add_argument("--student-weights", default=None,
                    help="--test-only: a student checkpoint to evaluate (student.pth, student_best.pth, checkpoint.pth "
                         "or any .pth holding its state_dict)")
@@ -215,6 +218,7 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for name in (args.teacher, args.student):
         if name not in available_models():
             raise UserError(f"unknown model {name!r}; choose one of {', '.join(available_models())}")
+    _torchvision_teacher(args)
     if args.loss_module:
         import importlib
 
@@ -234,6 +238,60 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     _check_numbers(args)
     _check_paths(args)
     return args
+
+
+TORCHVISION_TEACHERS = ("resnet18", "resnet34", "resnet50")
+
+
+def _torchvision_teacher(args) -> None:
+    """``--teacher-weights torchvision`` (the default for ImageNet with a torchvision ResNet teacher):
+    torchvision's IMAGENET1K_V1 weights, as the file the torch hub cache holds them in (downloaded by
+    :func:`fetch_torchvision_weights` if it is not there yet). ``args.teacher_weights`` becomes that
+    path, so the run loads, hashes and records a file as for any other teacher."""
+    if (args.teacher_weights is None and args.dataset == "imagenet" and args.teacher in TORCHVISION_TEACHERS
+            and not getattr(args, "test_only", False) and not _knowledge_file_given(args)):
+        args.teacher_weights = "torchvision"
+    if args.teacher_weights != "torchvision":
+        return
+    if args.teacher not in TORCHVISION_TEACHERS:
+        raise UserError(f"--teacher-weights torchvision: torchvision's ImageNet weights are those of "
+                        f"{', '.join(TORCHVISION_TEACHERS)}, not of --teacher {args.teacher}; pass a checkpoint file")
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(args.teacher).IMAGENET1K_V1
+    args.torchvision_weights = {"name": str(weights), "url": weights.url,
+                                "top1": weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]}
+    args.teacher_weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def fetch_torchvision_weights(args) -> None:
+    """Download torchvision's teacher weights into the torch hub cache if they are not there (rank 0
+    downloads, the others wait), checking the file's hash as torch.hub does; a failed download is a
+    UserError that says where to put the file by hand."""
+    info = getattr(args, "torchvision_weights", None)
+    if not info or os.path.isfile(args.teacher_weights):
+        return
+    import re
+
+    path = args.teacher_weights
+    try:
+        if is_main(args):
+            print(f"kcd_fast: downloading torchvision's {info['name']} ({info['top1']}% top-1) for --teacher "
+                  f"{args.teacher} to {path}", flush=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            digest = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))
+            try:
+                torch.hub.download_url_to_file(info["url"], path, hash_prefix=digest.group(1) if digest else None,
+                                               progress=args.progress)
+            except Exception as exc:  # offline, refused, or a file whose hash is not the one in its name
+                raise UserError(f"--teacher-weights torchvision: could not download {info['url']} "
+                                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else '-'})"
+                                f"; put that file at {path}, or pass --teacher-weights PATH") from None
+    finally:
+        if args.distributed:
+            dist.barrier()
+    if not os.path.isfile(path):  # the other ranks, when rank 0's download failed
+        raise UserError(f"--teacher-weights torchvision: {path} was not downloaded (see rank 0's message)")
 
 
 def _ignored_options(args) -> list[str]:
@@ -374,10 +432,13 @@ def _check_paths(args) -> None:
                         "sample): leave one of them out")
     if args.condensed and not os.path.isfile(args.condensed):
         raise UserError(f"--condensed {args.condensed}: no such file")
-    if args.teacher_weights and not _knowledge_file_given(args) and not os.path.isfile(args.teacher_weights):
+    if (args.teacher_weights and not _knowledge_file_given(args) and not os.path.isfile(args.teacher_weights)
+            and not getattr(args, "torchvision_weights", None)):
         raise UserError(f"--teacher-weights {args.teacher_weights}: no such file")
     if (args.dataset not in TRAINABLE_TEACHER and not args.teacher_weights and not _knowledge_file_given(args)):
-        raise UserError(f"--dataset {args.dataset} needs --teacher-weights (a trained {args.teacher}); "
+        tv = (f" (or a --teacher with torchvision's ImageNet weights: {', '.join(TORCHVISION_TEACHERS)})"
+              if args.dataset == "imagenet" else "")
+        raise UserError(f"--dataset {args.dataset} needs --teacher-weights (a trained {args.teacher}){tv}; "
                         f"the trainer only trains teachers for {', '.join(TRAINABLE_TEACHER)}")
 
 
@@ -389,7 +450,8 @@ def _check_test_only(args) -> None:
         raise UserError("--test-only needs a model to evaluate: --student-weights PATH and/or --teacher-weights PATH")
     for flag in ("student-weights", "teacher-weights"):
         path = getattr(args, flag.replace("-", "_"))
-        if path and not os.path.isfile(path):
+        if path and not os.path.isfile(path) and not (flag == "teacher-weights" and getattr(args, "torchvision_weights",
+                                                                                            None)):
             raise UserError(f"--{flag} {path}: no such file")
 
 
@@ -812,6 +874,7 @@ def main(args: argparse.Namespace) -> dict:
     if knowledge_loaded:
         teacher = None
     elif args.teacher_weights:
+        fetch_torchvision_weights(args)
         teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels)
         load_weights(teacher, args.teacher_weights, bundle.num_classes, "--teacher-weights", arch=args.teacher)
         teacher = teacher.to(device)
@@ -979,6 +1042,8 @@ def test_only(args, bundle, device) -> dict:
         if not path:
             continue
         arch = getattr(args, role)
+        if role == "teacher":
+            fetch_torchvision_weights(args)
         model = build_model(arch, bundle.num_classes, bundle.in_channels)
         load_weights(model, path, bundle.num_classes, f"--{role}-weights", arch=arch)
         model = model.to(device)

@@ -397,7 +397,9 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     (["--condensed", "/nonexistent/c.pt"], "--condensed"),
     (["--knowledge-file", "k.kcdk"], "--knowledge cached"),
     (["--knowledge", "cached", "--knowledge-file", "/nonexistent_dir/x.kcdk"], "/nonexistent_dir"),
-    (["--dataset", "imagenet", "--data-dir", "/nonexistent"], "--teacher-weights"),
+    (["--dataset", "cifar100", "--data-dir", "/nonexistent"], "--dataset cifar100 needs --teacher-weights"),
+    (["--dataset", "imagenet", "--teacher", "resnet32x4"], "--dataset imagenet needs --teacher-weights"),
+    (["--teacher", "resnet32x4", "--teacher-weights", "torchvision"], "not of --teacher resnet32x4"),
     (["--distill", "my_kd"], "my_kd"),
     (["--loss-module", "no_such_module_here"], "no_such_module_here"),
     (["--fake-on-device"], "--fake-on-device"),
@@ -891,3 +893,74 @@ def test_a_cosine_run_logs_the_rates_it_trained_at(tmp_path, digits_teacher):
                    "--lr-scheduler", "cosine", "--lr-warmup-epochs", "1", "--lr", "0.1"))
     rows = [json.loads(x) for x in (tmp_path / "o/metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([0.001, 0.1, 0.075, 0.025])
+
+
+# --------------------------------------------------------------------------- torchvision's teachers
+
+
+def _fake_hub(monkeypatch, tmp_path, fail=None):
+    """torch.hub with its cache in tmp_path and a download that writes a random torchvision resnet18
+    state_dict (or raises ``fail``): no network in tests. Returns the list of downloads asked for."""
+    import torchvision
+
+    calls = []
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, dst, hash_prefix))
+        if fail is not None:
+            raise fail
+        torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    return calls
+
+
+def test_imagenet_teachers_default_to_torchvisions_weights(tmp_path, monkeypatch):
+    _fake_hub(monkeypatch, tmp_path)
+    args = T.fill_defaults(args_of("--dataset", "imagenet"))
+    assert args.teacher == "resnet34" and args.teacher_weights == str(tmp_path / "hub/checkpoints/resnet34-b627a593.pth")
+    assert args.torchvision_weights == {"name": "ResNet34_Weights.IMAGENET1K_V1",
+                                        "url": "https://download.pytorch.org/models/resnet34-b627a593.pth",
+                                        "top1": 73.314}
+    assert T.fill_defaults(args_of("--dataset", "imagenet", "--teacher-weights", "torchvision", "--teacher",
+                                   "resnet50")).teacher_weights.endswith("resnet50-0676ba61.pth")
+    # Only ImageNet defaults to them, and a file given is used as it is.
+    assert T.fill_defaults(args_of("--dataset", "fake")).teacher_weights is None
+    t = tmp_path / "t.pth"
+    t.write_bytes(b"")
+    assert T.fill_defaults(args_of("--dataset", "imagenet", "--teacher-weights", str(t))).teacher_weights == str(t)
+
+
+def test_torchvision_weights_are_downloaded_once_and_scored(tmp_path, monkeypatch, capsys):
+    calls = _fake_hub(monkeypatch, tmp_path)
+    argv = ["--dataset", "fake", "--fake-num-classes", "1000", "--fake-size", "8", "--fake-val-size", "12",
+            "--fake-image-size", "32", "--teacher", "resnet18", "--teacher-weights", "torchvision", "--test-only",
+            "--no-progress", "--output-dir", str(tmp_path / "o")]
+    first = T.main(args_of(*argv))
+    path = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"
+    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", str(path), "f37072fd")]
+    assert "downloading torchvision's ResNet18_Weights.IMAGENET1K_V1 (69.758% top-1)" in capsys.readouterr().out
+    assert T.main(args_of(*argv)) == first and len(calls) == 1, "the cached file is used"
+    assert first["teacher"]["weights"] == str(path)
+    model = build_model("resnet18", 1000, 3)
+    model.load_state_dict(torch.load(path))
+    from kcd_fast.data import build_datasets
+
+    val = build_datasets("fake", fake_size=8, fake_val_size=12, fake_image_size=32, fake_num_classes=1000).val
+    cfg = argparse.Namespace(eval_batch_size=5, workers=0, amp="off", device="cpu")
+    assert first["teacher"]["loss"] == pytest.approx(T.evaluate(model, val, cfg, torch.device("cpu"),
+                                                                 local=True)["loss"])
+
+
+def test_a_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    _fake_hub(monkeypatch, tmp_path, fail=urllib.error.URLError("no network"))
+    code = T.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--teacher", "resnet18", "--teacher-weights",
+                  "torchvision", "--test-only", "--no-progress"])
+    err = capsys.readouterr().err
+    path = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"
+    assert code == 2 and "could not download https://download.pytorch.org/models/resnet18-f37072fd.pth" in err
+    assert f"put that file at {path}, or pass --teacher-weights PATH" in err and "Traceback" not in err
+    assert not path.exists()
