@@ -215,6 +215,7 @@ class KnowledgeCondenser:
         self.next_epoch = 0          # end_epoch() expects this epoch next
         self.stage = -1              # the last stage condensed (-1: none yet)
         self.frozen = False          # True after load_condensed(freeze=True): no more condensation
+        self._loaded_stage = None    # (stage, tau) of the file load_condensed read: what a frozen set is
         self.samples_yielded = {}    # epoch -> samples this rank's samplers yielded
         self.history = []            # one summary dict per condensation
         g = torch.Generator().manual_seed(self.seed)
@@ -580,8 +581,11 @@ class KnowledgeCondenser:
     def save_condensed(self, path: str | os.PathLike) -> None:
         """Export the condensed knowledge K^ (the keep mask and the VAKS pairs) to reuse it (Fig. 4)."""
         k1l, k0, eps = self.pairs
+        stage, tau = self.stage, self.tau(self.stage) if self.stage >= 0 else 1.0
+        if self.frozen and self._loaded_stage is not None:  # the loaded set, as its file described it
+            stage, tau = self._loaded_stage
         torch.save({"kind": "kcd_fast.condensed", "version": STATE_VERSION, "num_samples": self.num_samples,
-                    "stage": self.stage, "tau": self.tau(self.stage) if self.stage >= 0 else 1.0,
+                    "stage": stage, "tau": tau,
                     "keep": self.keep.cpu(), "k1l": k1l.cpu(), "k0": k0.cpu(), "eps": eps.cpu(),
                     "config": self._config()}, path)
 
@@ -616,6 +620,9 @@ class KnowledgeCondenser:
         plan = ops.CondensePlan(keep, order, k1l.to(dev), k0.to(dev), eps.to(dev), int(keep.sum()), int(k0.numel()))
         self._apply_plan(plan)
         self.frozen = bool(freeze)
+        stage, tau = blob.get("stage"), blob.get("tau")
+        ok = isinstance(stage, int) and not isinstance(stage, bool) and isinstance(tau, float)
+        self._loaded_stage = (stage, tau) if ok else None
         return plan
 
 

@@ -129,7 +129,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     o.add_argument("--lr-gamma", type=float, default=0.1, help="lr factor at each milestone")
     o.add_argument("--lr-scheduler", default="multistep", choices=["multistep", "cosine"],
                    help="multistep: lr times --lr-gamma at each of --lr-milestones (the paper's); cosine: cosine "
-                        "decay to --lr-min by the last epoch")
+                        "decay toward --lr-min, which it would reach one epoch after the last (as torchvision's "
+                        "reference)")
     o.add_argument("--lr-min", type=float, default=0.0, help="cosine: the learning rate it decays to")
     o.add_argument("--lr-warmup-epochs", type=int, default=0,
                    help="epochs of linear warm-up before the schedule, from lr times --lr-warmup-decay up to lr")
@@ -208,7 +209,7 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset not in DATASET_DEFAULTS:
         raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
     if not hasattr(args, "ignored_options"):  # before the per-dataset defaults: only what the user set counts
-        args.ignored_options = [] if getattr(args, "test_only", False) else _ignored_options(args)
+        args.ignored_options = _ignored_options(args)
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -229,11 +230,12 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.distill not in distill.LOSSES:
         raise UserError(f"--distill {args.distill!r} is not a registered loss; choose one of "
                         f"{', '.join(sorted(distill.LOSSES))} (or register it in a --loss-module)")
-    if args.epochs < 1:
+    staged = args.kcd and not args.condensed and not args.test_only  # --condensed trains on a fixed set: no stages
+    if args.epochs < 1 and not args.test_only:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.kcd and args.stage_epochs < 1:
+    if staged and args.stage_epochs < 1:
         raise UserError(f"--stage-epochs must be >= 1, got {args.stage_epochs}")
-    if args.kcd and args.epochs % args.stage_epochs:
+    if staged and args.epochs % args.stage_epochs:
         raise UserError(f"--stage-epochs ({args.stage_epochs}) must divide --epochs ({args.epochs})")
     _check_numbers(args)
     _check_paths(args)
@@ -306,10 +308,17 @@ def _ignored_options(args) -> list[str]:
     def off(keys, where):
         rules.extend((k, where) for k in keys)
 
+    if getattr(args, "test_only", False):
+        off([k for k in defaults if k not in TEST_ONLY_OPTIONS], "training, which --test-only skips")
+        return _named(args, rules, defaults, position)
     if args.knowledge != "cached":
         off(("storage", "knowledge_dtype", "knowledge_fill", "topk"), "--knowledge cached")
     elif args.storage != "topk":
         off(("topk",), "--storage topk")
+    if _knowledge_file_given(args):
+        off(("knowledge_fill",), "filling a buffer, which a filled --knowledge-file makes unnecessary")
+    if args.fake_on_device and (args.teacher_weights or _knowledge_file_given(args)):
+        off(("workers",), "data loaders, which --fake-on-device does without")
     kcd_keys = ("stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0", "selection", "online_recording", "vaks",
                 "adaptive_eps", "entropy_temperature")
     if not args.kcd:
@@ -323,6 +332,8 @@ def _ignored_options(args) -> list[str]:
             off(("alpha", "online_recording", "entropy_temperature"), "--selection kcd (random ranks at random)")
     if args.lr_scheduler == "multistep":
         off(("lr_min",), "--lr-scheduler cosine")
+        if args.lr_milestones == []:
+            off(("lr_gamma",), "--lr-milestones, of which none are given")
     else:
         off(("lr_milestones", "lr_gamma"), "--lr-scheduler multistep")
     if not args.lr_warmup_epochs:
@@ -340,6 +351,11 @@ def _ignored_options(args) -> list[str]:
     if args.dataset not in TRAINABLE_TEACHER or args.teacher_weights or _knowledge_file_given(args):
         off(("teacher_epochs",), f"a teacher trained here ({', '.join(TRAINABLE_TEACHER)} without --teacher-weights "
                                  f"or a filled --knowledge-file)")
+    return _named(args, rules, defaults, position)
+
+
+def _named(args, rules, defaults, position) -> list[str]:
+    """``"--flag value: it applies to WHERE"`` for each rule's option that is set to other than its default."""
     ignored = []
     for key, where in sorted(rules, key=lambda rule: position[rule[0]]):
         value = getattr(args, key, defaults[key])
@@ -348,10 +364,18 @@ def _ignored_options(args) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             shown = flag if value else "--no-" + flag[2:]
+        elif isinstance(value, list):
+            shown = " ".join([flag, *map(str, value)])
         else:
             shown = f"{flag} {value}"
         ignored.append(f"{shown}: it applies to {where}")
     return ignored
+
+
+# What --test-only uses: the validation data, the two models, and how to evaluate them.
+TEST_ONLY_OPTIONS = ("dataset", "data_dir", "download", "fake_size", "fake_val_size", "fake_image_size",
+                     "fake_num_classes", "fake_on_device", "workers", "teacher", "student", "teacher_weights",
+                     "student_weights", "amp", "seed", "device", "test_only", "progress", "eval_batch_size")
 
 
 def _check_numbers(args) -> None:
@@ -367,6 +391,15 @@ def _check_numbers(args) -> None:
         need(value >= 1, flag, "an int >= 1", value)
     need(args.workers >= 0, "workers", "an int >= 0", args.workers)
     need(args.seed >= 0, "seed", "an int >= 0", args.seed)
+    if args.dataset == "fake":
+        for flag in ("fake-size", "fake-val-size", "fake-image-size"):
+            value = getattr(args, flag.replace("-", "_"))
+            need(value >= 1, flag, "an int >= 1", value)
+        need(args.fake_num_classes >= 2, "fake-num-classes", "an int >= 2", args.fake_num_classes)
+    if args.fake_on_device and (args.dataset != "fake" or args.train_subset):
+        raise UserError("--fake-on-device applies to --dataset fake (without --train-subset)")
+    if args.test_only:  # what follows is for training, which --test-only skips (its options are named as ignored)
+        return
     need(args.train_subset >= 0, "train-subset", ">= 0 (0: all samples)", args.train_subset)
     for flag in ("lr", "kd-temperature", "entropy-temperature", "lr-gamma"):
         value = getattr(args, flag.replace("-", "_"))
@@ -391,13 +424,6 @@ def _check_numbers(args) -> None:
         need(0 <= args.eps_max <= 1, "eps-max", "in [0, 1]", args.eps_max)
     if args.knowledge == "cached" and args.storage == "topk":
         need(1 <= args.topk <= 64, "topk", "in [1, 64] (and at most the class count)", args.topk)
-    if args.dataset == "fake":
-        for flag in ("fake-size", "fake-val-size", "fake-image-size"):
-            value = getattr(args, flag.replace("-", "_"))
-            need(value >= 1, flag, "an int >= 1", value)
-        need(args.fake_num_classes >= 2, "fake-num-classes", "an int >= 2", args.fake_num_classes)
-    if args.fake_on_device and (args.dataset != "fake" or args.train_subset):
-        raise UserError("--fake-on-device applies to --dataset fake (without --train-subset)")
     if (args.dataset in TRAINABLE_TEACHER and not args.teacher_weights and not _knowledge_file_given(args)
             and not args.test_only):
         need(args.teacher_epochs >= 1, "teacher-epochs", "an int >= 1 (the teacher is trained here)",
@@ -466,13 +492,17 @@ RESUME_KEYS = (
     "storage", "topk", "knowledge_dtype", "knowledge_fill")
 
 
+# Options added since the first checkpoints, with the value those checkpoints' runs had.
+RESUME_KEYS_ADDED = {"lr_scheduler": "multistep", "lr_min": 0.0, "lr_warmup_epochs": 0, "lr_warmup_decay": 0.01}
+
+
 def _check_resume(args, ckpt_path: Path) -> dict:
     """Load the checkpoint of ``--resume`` and refuse it if it was made with other settings, naming each."""
     if not ckpt_path.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt_path} (one is written at the end of each epoch; "
                         f"a run stopped in its first epoch starts again without --resume)")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    before = ckpt.get("args", {})
+    before = {**RESUME_KEYS_ADDED, **ckpt.get("args", {})}
     diff = [f"--{k.replace('_', '-')} {before[k]!r} there, {getattr(args, k)!r} here"
             for k in RESUME_KEYS if k in before and before[k] != getattr(args, k)]
     if diff:
@@ -557,12 +587,20 @@ def load_weights(model: torch.nn.Module, path: str, num_classes: int, flag: str 
     if last in state and state[last].shape[0] != own[last].shape[0]:
         raise UserError(f"{flag} {path}: the {role} has {state[last].shape[0]} classes, "
                         f"the dataset has {num_classes}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise UserError(f"{flag} {path} does not fit --{role} {arch or type(model).__name__}: "
-                        f"{' '.join(first[:3])}") from None
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or resized:
+
+        def some(keys):
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+        what = "; ".join(f"{label} {some(keys)}" for label, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("other shapes for", resized)) if keys)
+        made = blob.get("arch") if isinstance(blob, dict) and isinstance(blob.get("arch"), str) else None
+        hint = f" (the file says it holds a {made}: pass --{role} {made})" if made and made != arch else ""
+        raise UserError(f"{flag} {path} does not fit --{role} {arch or type(model).__name__}{hint}: {what}")
+    model.load_state_dict(state)
 
 
 def load_teacher_weights(model: torch.nn.Module, path: str, num_classes: int) -> None:
@@ -574,7 +612,7 @@ def train_teacher(args, bundle, device) -> torch.nn.Module:
     """Train (or reuse) a teacher with cross-entropy, for the datasets that ship without one."""
     teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels).to(device)
     # Every setting the teacher's training depends on: another one trains (and caches) another teacher.
-    data_dir = os.path.abspath(args.data_dir) if args.data_dir else ""
+    data_dir = os.path.abspath(args.data_dir) if args.data_dir and args.dataset not in ("digits", "fake") else ""
     fake = (args.fake_size, args.fake_val_size, args.fake_image_size, args.fake_num_classes) \
         if args.dataset == "fake" else ()
     key = (f"{args.dataset}-{data_dir}-{fake}-{args.teacher}-{bundle.num_classes}-{args.teacher_epochs}-{args.seed}-"
@@ -816,8 +854,6 @@ def main(args: argparse.Namespace) -> dict:
         return test_only(args, bundle, device)
     if is_main(args):  # only once the run's input is known to be good
         out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            _clear_previous_run(out, args)
     if args.distributed:
         dist.barrier()
     train_set = _subset(bundle.train, args.train_subset, args.seed)
@@ -836,7 +872,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.kcd:  # before the teacher, so that bad settings cost no teacher training
         try:
             condenser = KnowledgeCondenser(
-                n, epochs=args.epochs, stage_epochs=args.stage_epochs, rho=args.rho, alpha=args.alpha,
+                n, epochs=args.epochs, stage_epochs=args.epochs if args.condensed else args.stage_epochs, rho=args.rho, alpha=args.alpha,
                 eps_max=args.eps_max, schedule=args.schedule, k0=args.k0, selection=args.selection,
                 online_recording=args.online_recording, vaks=args.vaks, adaptive_eps=args.adaptive_eps,
                 temperature=args.entropy_temperature, device=device, seed=args.seed)
@@ -918,7 +954,11 @@ def main(args: argparse.Namespace) -> dict:
     if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        try:
+            scheduler.load_state_dict(ckpt["lr_scheduler"])
+        except (KeyError, TypeError, ValueError) as exc:  # a schedule of another kind: _check_resume names the options
+            raise UserError(f"--resume: {ckpt_path} holds another learning-rate schedule ({type(exc).__name__}: "
+                            f"{exc}); resume with the settings it was made with") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if condenser is not None:
@@ -927,6 +967,10 @@ def main(args: argparse.Namespace) -> dict:
         if is_main(args):
             print(f"kcd_fast: resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
 
+    if is_main(args) and not args.resume and ckpt_path.is_file():
+        # A finished run's (an unfinished one was refused at the start): every input of this run is
+        # loaded, and under DDP every rank has passed that check (the student's wrap synchronised them).
+        _clear_previous_run(out, args)
     writer = _tensorboard(out, args)
     if is_main(args):
         _write_metrics(out, history)
@@ -1004,7 +1048,7 @@ def main(args: argparse.Namespace) -> dict:
                           "epoch": epoch, "history": history, "best": best, "args": vars(args),
                           "knowledge_state": knowledge_state, "fill_forwards": fill_forwards,
                           "wall_time_s": wall_before + time.time() - t_start}, ckpt_path)
-            _drop_stale_states(out, keep=knowledge_state)
+            _drop_stale_states(out, keep=knowledge_state, inputs=args.knowledge_file)
             _write_metrics(out, history)
             if writer is not None:
                 for key in ("train_loss", "val_loss", "top1", "top5", "kept_fraction", "C_so_far", "lr"):
@@ -1060,7 +1104,8 @@ def test_only(args, bundle, device) -> dict:
 
 # A run's own outputs in --output-dir (a teacher trained here, teacher-*.pth, is a cache and stays).
 RUN_OUTPUTS = ("checkpoint.pth", "student.pth", "student_best.pth", "condensed.pt", "summary.json", "metrics.jsonl",
-               "knowledge-state-e*.kcdk", "plots/*.png", "tb/events.out.tfevents.*")
+               "knowledge-state-e*.kcdk", "plots/accuracy_kept.png", "plots/value_distribution.png",
+               "plots/rank_likelihood.png", "tb/events.out.tfevents.*")
 
 
 def _check_fresh_output_dir(args) -> None:
@@ -1088,8 +1133,10 @@ def _clear_previous_run(out: Path, args) -> None:
     inputs = [Path(x) for x in (args.teacher_weights, args.condensed, args.knowledge_file) if x and os.path.isfile(x)]
     removed = 0
     for pattern in RUN_OUTPUTS:
+        if "/" in pattern and (out / pattern.split("/")[0]).is_symlink():
+            continue  # a plots/ or tb/ linked elsewhere (a shared TensorBoard folder) holds others' files
         for f in out.glob(pattern):
-            if f.is_file() and not any(f.samefile(x) for x in inputs):
+            if f.is_file() and not f.is_symlink() and not any(f.samefile(x) for x in inputs):
                 f.unlink()
                 removed += 1
     if removed:
@@ -1249,9 +1296,10 @@ def _file_hash(path) -> str:
     return h.hexdigest()[:16]
 
 
-def _drop_stale_states(out: Path, keep) -> None:
+def _drop_stale_states(out: Path, keep, inputs=None) -> None:
+    given = Path(inputs) if inputs and os.path.isfile(inputs) else None
     for f in out.glob("knowledge-state-e*.kcdk"):
-        if f.name != keep:
+        if f.name != keep and not (given is not None and f.samefile(given)):
             f.unlink(missing_ok=True)
 
 

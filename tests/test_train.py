@@ -722,6 +722,15 @@ def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, 
      ["--teacher-epochs 3: it applies to a teacher trained here (digits, fashion-mnist, fake without "
       "--teacher-weights or a filled --knowledge-file)"]),
     (["--teacher-epochs", "3"], []),
+    (["--lr-scheduler", "cosine", "--lr-milestones", "10", "20"],
+     ["--lr-milestones 10 20: it applies to --lr-scheduler multistep"]),
+    (["--lr-milestones", "--lr-gamma", "0.5"], ["--lr-gamma 0.5: it applies to --lr-milestones, of which none are given"]),
+    (["--dataset", "fake", "--fake-on-device", "--teacher-weights", "t.pth", "--workers", "2"],
+     ["--workers 2: it applies to data loaders, which --fake-on-device does without"]),
+    (["--dataset", "fake", "--fake-on-device", "--workers", "2"], []),  # the teacher trained here uses a loader
+    (["--test-only", "--student-weights", "s.pth", "--epochs", "7", "--no-kcd", "--amp", "bf16", "--workers", "1"],
+     ["--epochs 7: it applies to training, which --test-only skips",
+      "--no-kcd: it applies to training, which --test-only skips"]),
 ])
 def test_options_that_do_not_apply_are_named(argv, expected):
     assert T._ignored_options(args_of(*argv)) == expected
@@ -785,6 +794,17 @@ def test_test_only_refuses_weights_of_another_architecture(tmp_path, capsys):
     code = T.cli(["--test-only", "--student-weights", str(tmp_path / "big.pth"), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and f"--student-weights {tmp_path / 'big.pth'} does not fit --student cnn_small" in err
+    assert "missing features.9.weight, features.9.bias, features.9.running_mean and 2 more" in err
+    assert len(err) < 600, "a few keys and counts, not the whole state_dict"
+
+
+def test_test_only_names_the_architecture_a_trained_teacher_file_holds(tmp_path, digits_teacher, capsys):
+    # A teacher the trainer trained records its architecture: a wrong --student is told which one it holds.
+    code = T.cli(["--test-only", "--student-weights", str(digits_teacher), "--epochs", "7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "(the file says it holds a cnn_large: pass --student cnn_large)" in err
+    assert T.cli(["--test-only", "--student-weights", str(digits_teacher), "--student", "cnn_large", "--epochs",
+                  "7"]) == 0, "--epochs 7 (with T = 5) is a training setting: not checked by --test-only"
 
 
 # --------------------------------------------------------------------------- a new run in an old --output-dir
@@ -815,13 +835,24 @@ def test_a_new_run_replaces_a_finished_runs_outputs_and_keeps_its_inputs(tmp_pat
     assert (out / "plots/accuracy_kept.png").is_file() and (out / "condensed.pt").is_file()
     (out / "teacher-0123456789.pth").write_bytes(b"a cached teacher")
     (out / "notes.txt").write_text("the user's own file")
+    (out / "plots/figure1.png").write_bytes(b"the user's own plot")
+    finished = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    capsys.readouterr()
+    # A new run that fails its checks (a teacher file that does not fit) leaves the folder as it was.
+    assert T.cli([*common, "--teacher-weights", str(out / "student.pth")]) == 2
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == finished
     capsys.readouterr()
     # Fig. 4 in the same folder: train on the condensed set the first run left there, without plots.
+    before = torch.load(out / "condensed.pt")
     T.main(args_of(*common, "--condensed", str(out / "condensed.pt"), "--no-plots"))
     assert "held a finished run" in capsys.readouterr().out
     assert not (out / "plots/accuracy_kept.png").exists(), "the old run's plot would sit beside the new run"
     assert (out / "condensed.pt").is_file() and (out / "teacher-0123456789.pth").is_file()
     assert (out / "notes.txt").read_text() == "the user's own file"
+    assert (out / "plots/figure1.png").read_bytes() == b"the user's own plot"
+    after = torch.load(out / "condensed.pt")  # rewritten by the run: the same set, described as its file was
+    assert (after["stage"], after["tau"]) == (before["stage"], before["tau"]) == (1, 0.7)
+    assert torch.equal(after["keep"], before["keep"]) and torch.equal(after["k1l"], before["k1l"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["args"]["condensed"] == str(out / "condensed.pt")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
@@ -964,3 +995,45 @@ def test_a_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch, cap
     assert code == 2 and "could not download https://download.pytorch.org/models/resnet18-f37072fd.pth" in err
     assert f"put that file at {path}, or pass --teacher-weights PATH" in err and "Traceback" not in err
     assert not path.exists()
+
+
+def test_a_new_run_in_a_folder_without_a_checkpoint_deletes_nothing(tmp_path, digits_teacher, capsys):
+    out = tmp_path / "u"
+    (out / "plots").mkdir(parents=True)
+    mine = {out / "summary.json": b"{}", out / "student.pth": b"mine", out / "plots/accuracy_kept.png": b"mine"}
+    for f, data in mine.items():
+        f.write_bytes(data)
+    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(out), *QUICK, "--epochs", "1",
+                   "--stage-epochs", "1", "--no-kcd"))
+    assert "held a finished run" not in capsys.readouterr().out
+    assert (out / "plots/accuracy_kept.png").read_bytes() == b"mine"  # --no-plots: not replaced either
+
+
+def test_condensed_needs_no_stage_length(tmp_path, digits_teacher, capsys):
+    out = tmp_path / "a"
+    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(out), *QUICK))
+    # digits' T = 5 does not divide 4 epochs; a fixed condensed set has no stages, so that is fine.
+    summary = T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "b"),
+                             "--no-progress", "--no-plots", "--epochs", "4", "--condensed", str(out / "condensed.pt")))
+    assert summary["ignored_options"] == [] and summary["C_predicted"] is None
+    assert "ignoring" not in capsys.readouterr().out
+
+
+def test_resuming_a_checkpoint_older_than_the_lr_options_compares_them_too(tmp_path, digits_teacher, monkeypatch,
+                                                                           capsys):
+    common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
+              "--epochs", "4", "--stage-epochs", "2"]
+    killed = _killed_at_evaluate(monkeypatch, 3)
+    with pytest.raises(killed):
+        T.main(args_of(*common))
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "o/checkpoint.pth", weights_only=False)
+    for key in T.RESUME_KEYS_ADDED:  # as a checkpoint written before these options existed
+        del ckpt["args"][key]
+    torch.save(ckpt, tmp_path / "o/checkpoint.pth")
+    capsys.readouterr()
+    assert T.cli([*common, "--resume", "--lr-scheduler", "cosine"]) == 2
+    assert "--lr-scheduler 'multistep' there, 'cosine' here" in capsys.readouterr().err
+    assert T.cli([*common, "--resume", "--lr-warmup-epochs", "1"]) == 2
+    assert "--lr-warmup-epochs 0 there, 1 here" in capsys.readouterr().err
+    assert T.cli([*common, "--resume"]) == 0
