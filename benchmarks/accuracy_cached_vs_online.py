@@ -18,8 +18,10 @@ from kcd_fast import train as T
 
 
 def run(dataset, seed, knowledge, teacher, out, storage="dense", k=10):
-    argv = ["--dataset", dataset, "--seed", str(seed), "--knowledge", knowledge, "--storage", storage,
-            "--topk", str(k), "--no-progress", "--no-plots", "--output-dir", str(out)]
+    argv = ["--dataset", dataset, "--seed", str(seed), "--knowledge", knowledge, "--no-progress", "--no-plots",
+            "--output-dir", str(out)]
+    if knowledge == "cached":  # the storage options apply to cached knowledge only (the trainer names them otherwise)
+        argv += ["--storage", storage] + (["--topk", str(k)] if storage == "topk" else [])
     if teacher:
         argv += ["--teacher-weights", str(teacher)]
     return T.main(T.get_args_parser().parse_args(argv))

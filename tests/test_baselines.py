@@ -1,4 +1,5 @@
 """The benchmark baselines compute what kcd_fast computes, so their ratios compare equal work."""
+import json
 import numpy as np
 import torch
 
@@ -116,3 +117,30 @@ def test_update_values_sweep_reports_a_variant_that_fails_its_check(tmp_path, mo
     failed = [r for r in rows if not r["checked"]]
     assert len(rows) == 10 and {r["reductions"] for r in failed} == {"paired"} and len(failed) == 2
     assert all("AssertionError" in r["error"] for r in failed)
+
+
+def test_accuracy_table_pairs_each_variant_with_kd_on_the_same_seed():
+    from benchmarks.accuracy_kcd_vs_kd import table
+
+    rows = [{"seed": s, "variant": v, "final_top1": top1, "best_top1": top1 + 1, "C": c, "train_time_s": t}
+            for s, v, top1, c, t in [(0, "kd", 90.0, 1.0, 10.0), (1, "kd", 92.0, 1.0, 20.0),
+                                     (0, "kcd", 91.0, 0.8, 8.0), (1, "kcd", 92.0, 0.8, 18.0)]]
+    lines = table(rows, ["kd", "kcd", "kcd_random"]).splitlines()
+    assert len(lines) == 4, "no row for a variant without runs"
+    assert lines[2] == "| kd | 2 | 91.00 ± 1.41 | 92.00 ± 1.41 | - | 1.000 | 1.000 |"
+    # Δ per seed: +1 and 0 -> 0.50 ± 0.71; time ratio per seed: 0.8 and 0.9 -> 0.850
+    assert lines[3] == "| kcd | 2 | 91.50 ± 0.71 | 92.50 ± 0.71 | 0.50 ± 0.71 | 0.800 | 0.850 |"
+
+
+def test_accuracy_kcd_vs_kd_distils_one_teacher_in_every_variant(tmp_path):
+    from benchmarks import accuracy_kcd_vs_kd as A
+
+    out = tmp_path / "a.json"
+    A.main(["--dataset", "digits", "--seeds", "0", "1", "--variants", "kd", "kcd", "--out", str(out), "--",
+            "--epochs", "2", "--stage-epochs", "1", "--teacher-epochs", "1"])
+    res = json.loads(out.read_text())
+    assert [(r["seed"], r["variant"]) for r in res["runs"]] == [(0, "kd"), (0, "kcd"), (1, "kd"), (1, "kcd")]
+    kd, kcd = res["runs"][:2]
+    assert kd["C"] == 1.0 and kcd["C"] < 1.0 and kd["teacher_passes"] == 2 * 1437
+    assert res["trainer_options"] == ["--epochs", "2", "--stage-epochs", "1", "--teacher-epochs", "1"]
+    assert 0 < res["teacher_top1"] <= 100 and "| kcd | 2 |" in res["table"]
