@@ -199,6 +199,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="evaluate --student-weights and/or --teacher-weights on the validation set, print top-1 and "
                         "top-5, and stop: nothing is trained or written")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    r.add_argument("--log-every", type=int, default=0,
+                   help="print a line every N steps (images/s over all ranks, elapsed time, the epoch's ETA; no "
+                        "loss, which would make the host wait for the GPU), e.g. for a log file, where progress "
+                        "bars do not show (0: one line per epoch only)")
     r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="PNG plots at the end")
     r.add_argument("--eval-batch-size", type=int, default=256, help="batch size of evaluation and of the one-off fill")
     return p
@@ -391,6 +395,7 @@ def _check_numbers(args) -> None:
         need(value >= 1, flag, "an int >= 1", value)
     need(args.workers >= 0, "workers", "an int >= 0", args.workers)
     need(args.seed >= 0, "seed", "an int >= 0", args.seed)
+    need(args.log_every >= 0, "log-every", "an int >= 0 (0: off)", args.log_every)
     if args.dataset == "fake":
         for flag in ("fake-size", "fake-val-size", "fake-image-size"):
             value = getattr(args, flag.replace("-", "_"))
@@ -684,24 +689,49 @@ def _autocast(args):
 
 def _progress(iterable, args, desc, total_images, ranks: int = 1):
     """A progress bar on rank 0 over ``total_images``; each of its batches counts ``ranks`` times (under
-    DDP every rank passes a batch of the same size at each step)."""
-    if not (args.progress and is_main(args)):
+    DDP every rank passes a batch of the same size at each step). With ``--log-every N``, also a line
+    every N steps: images/s, elapsed time and the ETA of ``total_images``, from host clocks only."""
+    log_every = getattr(args, "log_every", 0)
+    if not is_main(args) or not (args.progress or log_every):
         return iterable
-    from tqdm.auto import tqdm
+    bar = None
+    if args.progress:
+        from tqdm.auto import tqdm
 
-    # disable=None: no bar when stderr is not a terminal (a log file gets the per-epoch lines only).
-    bar = tqdm(total=total_images, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, leave=False,
-               disable=None)
+        # disable=None: no bar when stderr is not a terminal (a log file gets the per-epoch lines only).
+        bar = tqdm(total=total_images, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, leave=False,
+                   disable=None)
 
     def gen():
+        start, done, steps = time.time(), 0, 0
         try:
             for batch in iterable:
                 yield batch
-                bar.update(len(batch[1]) * ranks)
+                n = len(batch[1]) * ranks
+                done, steps = done + n, steps + 1
+                if bar is not None:
+                    bar.update(n)
+                if log_every and steps % log_every == 0:
+                    elapsed = time.time() - start
+                    rate = done / max(elapsed, 1e-9)
+                    eta = max(total_images - done, 0) / max(rate, 1e-9)
+                    line = (f"{desc} step {steps}: {done}/{total_images} images, {rate:.0f} img/s, "
+                            f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}")
+                    if bar is not None and not bar.disable:
+                        bar.write(line)
+                    else:
+                        print(line, flush=True)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
 
     return gen()
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss"""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args, epoch, device, total_images,

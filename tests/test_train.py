@@ -314,6 +314,21 @@ def test_progress_bar_counts_every_rank(monkeypatch):
     assert seen == {"total": 20, "n": 20}
 
 
+def test_log_every_prints_a_line_every_n_steps_on_rank_0_only(monkeypatch, capsys):
+    clock = iter([0.0, 2.0, 4.0, 6.0])  # read at the start and at each line: two seconds every two steps
+    monkeypatch.setattr(T.time, "time", lambda: next(clock))
+    batches = [(None, torch.zeros(4))] * 5 + [(None, torch.zeros(2))]  # rank 0's share of 2 x 22 images
+    args = argparse.Namespace(progress=False, log_every=2, rank=0, world_size=2)
+    assert len(list(T._progress(iter(batches), args, "epoch 3/90", 44, ranks=2))) == 6
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["epoch 3/90 step 2: 16/44 images, 8 img/s, 0:00:02 elapsed, ETA 0:00:04",
+                     "epoch 3/90 step 4: 32/44 images, 8 img/s, 0:00:04 elapsed, ETA 0:00:02",
+                     "epoch 3/90 step 6: 44/44 images, 7 img/s, 0:00:06 elapsed, ETA 0:00:00"]
+    args.rank = 1
+    assert len(list(T._progress(iter(batches), args, "epoch 3/90", 44, ranks=2))) == 6
+    assert capsys.readouterr().out == ""
+
+
 def test_resume_with_other_workers_says_so(tmp_path, digits_teacher, capsys):
     common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
               "--epochs", "2", "--stage-epochs", "1"]
