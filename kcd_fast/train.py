@@ -5,7 +5,8 @@ ResNet34 -> ResNet18 on torchrun::
 
     python -m kcd_fast.train                                   # digits: teacher, then KCD, < 2 min on 2 CPUs
     python -m kcd_fast.train --dataset cifar100 --data-dir DIR --teacher-weights T.pth
-    torchrun --nproc_per_node 8 -m kcd_fast.train --dataset imagenet --data-dir DIR --teacher-weights T.pth
+    torchrun --nproc_per_node 8 -m kcd_fast.train --dataset imagenet --data-dir DIR   # torchvision's ResNet34 teacher
+    python -m kcd_fast.train --test-only --student-weights runs/kcd/student_best.pth  # score a saved student
 
 Structured as torchvision's classification reference: :func:`get_args_parser`, :func:`main`,
 :func:`train_one_epoch`, :func:`evaluate`. ``main(args)`` returns the summary dict and raises
