@@ -255,6 +255,9 @@ def _torchvision_teacher(args) -> None:
     torchvision's IMAGENET1K_V1 weights, as the file the torch hub cache holds them in (downloaded by
     :func:`fetch_torchvision_weights` if it is not there yet). ``args.teacher_weights`` becomes that
     path, so the run loads, hashes and records a file as for any other teacher."""
+    info = getattr(args, "torchvision_weights", None)
+    if info and args.teacher_weights != info["path"]:  # set by an earlier call, since changed by the caller
+        args.torchvision_weights = None
     if (args.teacher_weights is None and args.dataset == "imagenet" and args.teacher in TORCHVISION_TEACHERS
             and not getattr(args, "test_only", False) and not _knowledge_file_given(args)):
         args.teacher_weights = "torchvision"
@@ -266,39 +269,65 @@ def _torchvision_teacher(args) -> None:
     from torchvision.models import get_model_weights
 
     weights = get_model_weights(args.teacher).IMAGENET1K_V1
-    args.torchvision_weights = {"name": str(weights), "url": weights.url,
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    args.torchvision_weights = {"name": str(weights), "url": weights.url, "path": path,
                                 "top1": weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]}
-    args.teacher_weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    args.teacher_weights = path
 
 
-def fetch_torchvision_weights(args) -> None:
-    """Download torchvision's teacher weights into the torch hub cache if they are not there (rank 0
-    downloads, the others wait), checking the file's hash as torch.hub does; a failed download is a
-    UserError that says where to put the file by hand."""
+def _expected_sha256_prefix(path) -> str | None:
+    """The sha256 prefix that torch.hub's file names carry (``resnet34-b627a593.pth``), as torch.hub reads it."""
+    import re
+
+    found = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))
+    return found.group(1) if found else None
+
+
+def fetch_torchvision_weights(args, classes) -> None:
+    """Make torchvision's teacher weights ready in the torch hub cache: downloaded if they are not
+    there (the local rank 0 of each node downloads while the node's other ranks wait; every rank
+    reaches the one barrier), then checked against the sha256 prefix in their file name, as torch.hub
+    does, on every start. ``classes``: the dataset's class names (ImageNet's must be its 1000 wnid
+    folders, which sort into torchvision's label order). Every failure is a UserError that says
+    what to do."""
     info = getattr(args, "torchvision_weights", None)
-    if not info or os.path.isfile(args.teacher_weights):
+    if not info:
         return
     import re
 
-    path = args.teacher_weights
+    path, what = args.teacher_weights, f"--teacher-weights torchvision ({info['name']})"
+    if len(classes) != 1000:
+        raise UserError(f"{what} classifies ImageNet's 1000 classes, the dataset has {len(classes)}: pass "
+                        f"--teacher-weights PATH, a teacher trained on these classes")
+    if args.dataset == "imagenet" and not all(re.fullmatch(r"n\d{8}", str(c)) for c in classes):
+        odd = [c for c in classes if not re.fullmatch(r"n\d{8}", str(c))][:3]
+        raise UserError(f"{what}: the class folders must be ImageNet's wnids (n01440764, ...), which sort into "
+                        f"torchvision's label order; {args.data_dir} has {', '.join(map(str, odd))}, so the "
+                        f"teacher's outputs would be matched to the wrong classes")
+    digest = _expected_sha256_prefix(path)
+    failed = None
     try:
-        if is_main(args):
+        if args.local_rank == 0 and not os.path.isfile(path):
             print(f"kcd_fast: downloading torchvision's {info['name']} ({info['top1']}% top-1) for --teacher "
                   f"{args.teacher} to {path}", flush=True)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            digest = re.search(r"-([a-f0-9]+)\.", os.path.basename(path))
             try:
-                torch.hub.download_url_to_file(info["url"], path, hash_prefix=digest.group(1) if digest else None,
-                                               progress=args.progress)
-            except Exception as exc:  # offline, refused, or a file whose hash is not the one in its name
-                raise UserError(f"--teacher-weights torchvision: could not download {info['url']} "
-                                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else '-'})"
-                                f"; put that file at {path}, or pass --teacher-weights PATH") from None
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(info["url"], path, hash_prefix=digest,
+                                               progress=args.progress and sys.stderr.isatty())
+            except Exception as exc:  # offline, refused, unwritable, or a file whose hash is not the one in its name
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "-"
+                failed = (f"{what}: could not download {info['url']} to {path} ({type(exc).__name__}: {detail}); "
+                          f"put that file there, or pass --teacher-weights PATH")
     finally:
         if args.distributed:
-            dist.barrier()
-    if not os.path.isfile(path):  # the other ranks, when rank 0's download failed
-        raise UserError(f"--teacher-weights torchvision: {path} was not downloaded (see rank 0's message)")
+            dist.barrier()  # every rank, whether it downloaded, found the file, or failed
+    if failed:
+        raise UserError(failed)
+    if not os.path.isfile(path):  # a rank whose node's download failed
+        raise UserError(f"{what}: {path} was not downloaded (see the message of this node's local rank 0)")
+    if digest and not _file_hash(path, length=None).startswith(digest):
+        raise UserError(f"{what}: {path} is not torchvision's file (its sha256 does not start with {digest}); delete "
+                        f"it to download it again, or put {info['url']} there")
 
 
 def _ignored_options(args) -> list[str]:
@@ -614,8 +643,14 @@ def load_teacher_weights(model: torch.nn.Module, path: str, num_classes: int) ->
     load_weights(model, path, num_classes, "--teacher-weights")
 
 
-def train_teacher(args, bundle, device) -> torch.nn.Module:
-    """Train (or reuse) a teacher with cross-entropy, for the datasets that ship without one."""
+def _class_names(bundle) -> list:
+    """The dataset's class names (an ImageFolder's folders), or 0 .. C-1."""
+    return list(getattr(bundle.val, "classes", None) or range(bundle.num_classes))
+
+
+def train_teacher(args, bundle, device) -> tuple[torch.nn.Module, Path]:
+    """Train (or reuse) a teacher with cross-entropy, for the datasets that ship without one; returns
+    it and the file it is kept in (``OUTPUT_DIR/teacher-<settings hash>.pth``)."""
     teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels).to(device)
     # Every setting the teacher's training depends on: another one trains (and caches) another teacher.
     data_dir = os.path.abspath(args.data_dir) if args.data_dir and args.dataset not in ("digits", "fake") else ""
@@ -659,7 +694,7 @@ def train_teacher(args, bundle, device) -> torch.nn.Module:
         print(f"kcd_fast: reusing the teacher {path} (top-1 {blob.get('top1', float('nan')):.2f}%), trained by an "
               f"earlier run with the same settings", flush=True)
     teacher.load_state_dict(blob["model"])
-    return teacher
+    return teacher, path
 
 
 # --------------------------------------------------------------------------- the loops
@@ -939,14 +974,24 @@ def main(args: argparse.Namespace) -> dict:
 
     # Teacher: given weights, or trained here for the small datasets.
     if knowledge_loaded:
-        teacher = None
+        teacher, teacher_file = None, None
     elif args.teacher_weights:
-        fetch_torchvision_weights(args)
+        fetch_torchvision_weights(args, _class_names(bundle))
         teacher = build_model(args.teacher, bundle.num_classes, bundle.in_channels)
         load_weights(teacher, args.teacher_weights, bundle.num_classes, "--teacher-weights", arch=args.teacher)
         teacher = teacher.to(device)
+        teacher_file = args.teacher_weights
     else:  # _check_paths has refused the datasets without a trainable teacher
-        teacher = train_teacher(args, bundle, device)
+        teacher, teacher_file = train_teacher(args, bundle, device)
+    # The teacher's file, by content (a path says nothing: torchvision's depends on TORCH_HOME): a resumed
+    # run that would distil another teacher than the one its checkpoint's epochs distilled is refused.
+    teacher_before = ckpt["args"].get("teacher_hash", "") if ckpt is not None else ""
+    args.teacher_hash = _file_hash(teacher_file) if teacher is not None else teacher_before
+    if teacher is not None and teacher_before and teacher_before != args.teacher_hash:
+        made = ckpt["args"].get("teacher_weights") or "the teacher that run trained"
+        raise UserError(f"--resume: {ckpt_path} distilled {made} (sha256 {teacher_before}), this run's teacher is "
+                        f"{teacher_file} (sha256 {args.teacher_hash}); resume with the same teacher, or start a new "
+                        f"--output-dir")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
 
@@ -1118,7 +1163,7 @@ def test_only(args, bundle, device) -> dict:
             continue
         arch = getattr(args, role)
         if role == "teacher":
-            fetch_torchvision_weights(args)
+            fetch_torchvision_weights(args, _class_names(bundle))
         model = build_model(arch, bundle.num_classes, bundle.in_channels)
         load_weights(model, path, bundle.num_classes, f"--{role}-weights", arch=arch)
         model = model.to(device)
@@ -1317,14 +1362,15 @@ def _samples_id(args, train_set) -> str:
     return f"{args.dataset}, {len(train_set)} samples, {h.hexdigest()[:16]}"
 
 
-def _file_hash(path) -> str:
+def _file_hash(path, length: int | None = 16) -> str:
+    """The sha256 of a file, hex, its first ``length`` digits ("" for no file)."""
     if not path or not os.path.isfile(path):
         return ""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:length]
 
 
 def _drop_stale_states(out: Path, keep, inputs=None) -> None:

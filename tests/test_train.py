@@ -944,22 +944,41 @@ def test_a_cosine_run_logs_the_rates_it_trained_at(tmp_path, digits_teacher):
 # --------------------------------------------------------------------------- torchvision's teachers
 
 
-def _fake_hub(monkeypatch, tmp_path, fail=None):
-    """torch.hub with its cache in tmp_path and a download that writes a random torchvision resnet18
-    state_dict (or raises ``fail``): no network in tests. Returns the list of downloads asked for."""
+def _fake_weights() -> tuple[bytes, str]:
+    """The file a fake download serves (a random torchvision resnet18's state_dict) and its sha256 prefix,
+    which stands for the one in the real file's name."""
+    import hashlib
+    import io
+
     import torchvision
 
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), buf)
+    return buf.getvalue(), hashlib.sha256(buf.getvalue()).hexdigest()[:8]
+
+
+def _fake_hub(monkeypatch, tmp_path, fail=None):
+    """torch.hub with its cache in tmp_path and a download that serves _fake_weights (or raises
+    ``fail``): no network in tests. Returns the list of downloads asked for."""
+    data, digest = _fake_weights()
     calls = []
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(T, "_expected_sha256_prefix", lambda path: digest)
 
     def download(url, dst, hash_prefix=None, progress=True):
         calls.append((url, dst, hash_prefix))
         if fail is not None:
             raise fail
-        torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), dst)
+        Path(dst).write_bytes(data)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     return calls
+
+
+def test_the_expected_hash_is_read_from_torch_hubs_file_name():
+    assert T._expected_sha256_prefix("/x/checkpoints/resnet18-f37072fd.pth") == "f37072fd"
+    assert T._expected_sha256_prefix("/x/mine.pth") is None
 
 
 def test_imagenet_teachers_default_to_torchvisions_weights(tmp_path, monkeypatch):
@@ -968,7 +987,7 @@ def test_imagenet_teachers_default_to_torchvisions_weights(tmp_path, monkeypatch
     assert args.teacher == "resnet34" and args.teacher_weights == str(tmp_path / "hub/checkpoints/resnet34-b627a593.pth")
     assert args.torchvision_weights == {"name": "ResNet34_Weights.IMAGENET1K_V1",
                                         "url": "https://download.pytorch.org/models/resnet34-b627a593.pth",
-                                        "top1": 73.314}
+                                        "path": args.teacher_weights, "top1": 73.314}
     assert T.fill_defaults(args_of("--dataset", "imagenet", "--teacher-weights", "torchvision", "--teacher",
                                    "resnet50")).teacher_weights.endswith("resnet50-0676ba61.pth")
     # Only ImageNet defaults to them, and a file given is used as it is.
@@ -976,6 +995,10 @@ def test_imagenet_teachers_default_to_torchvisions_weights(tmp_path, monkeypatch
     t = tmp_path / "t.pth"
     t.write_bytes(b"")
     assert T.fill_defaults(args_of("--dataset", "imagenet", "--teacher-weights", str(t))).teacher_weights == str(t)
+    # A caller that changes the path after fill_defaults gets that file, not torchvision's under its name.
+    args.teacher_weights = str(tmp_path / "typo.pth")
+    with pytest.raises(T.UserError, match="typo.pth: no such file"):
+        T.fill_defaults(args)
 
 
 def test_torchvision_weights_are_downloaded_once_and_scored(tmp_path, monkeypatch, capsys):
@@ -985,7 +1008,7 @@ def test_torchvision_weights_are_downloaded_once_and_scored(tmp_path, monkeypatc
             "--no-progress", "--output-dir", str(tmp_path / "o")]
     first = T.main(args_of(*argv))
     path = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"
-    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", str(path), "f37072fd")]
+    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", str(path), _fake_weights()[1])]
     assert "downloading torchvision's ResNet18_Weights.IMAGENET1K_V1 (69.758% top-1)" in capsys.readouterr().out
     assert T.main(args_of(*argv)) == first and len(calls) == 1, "the cached file is used"
     assert first["teacher"]["weights"] == str(path)
@@ -1008,7 +1031,8 @@ def test_a_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     path = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"
     assert code == 2 and "could not download https://download.pytorch.org/models/resnet18-f37072fd.pth" in err
-    assert f"put that file at {path}, or pass --teacher-weights PATH" in err and "Traceback" not in err
+    assert f"to {path} (URLError: <urlopen error no network>); put that file there, or pass --teacher-weights PATH" \
+        in err and "Traceback" not in err
     assert not path.exists()
 
 
@@ -1052,3 +1076,93 @@ def test_resuming_a_checkpoint_older_than_the_lr_options_compares_them_too(tmp_p
     assert T.cli([*common, "--resume", "--lr-warmup-epochs", "1"]) == 2
     assert "--lr-warmup-epochs 0 there, 1 here" in capsys.readouterr().err
     assert T.cli([*common, "--resume"]) == 0
+
+
+def _torchvision_worker(rank, port, out_dir, fail):
+    """One torchrun rank of --test-only with --teacher-weights torchvision, sharing one hub cache; the
+    download (faked: no network) takes a second, and fails if ``fail``."""
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.hub.get_dir = lambda: str(Path(out_dir) / "hub")
+    data, digest = _fake_weights()
+    T._expected_sha256_prefix = lambda path: digest
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        time.sleep(1.0)
+        if fail:
+            raise OSError("no network")
+        Path(dst).write_bytes(data)
+        Path(out_dir, "downloaded").write_text(f"{rank} {time.time()}")
+
+    torch.hub.download_url_to_file = download
+    real_load = T.load_weights
+
+    def load(*a, **k):  # when each rank reads the file
+        Path(out_dir, f"load{rank}").write_text(str(time.time()))
+        return real_load(*a, **k)
+
+    T.load_weights = load
+    code = T.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--fake-size", "8", "--fake-val-size", "10",
+                  "--teacher", "resnet18", "--teacher-weights", "torchvision", "--test-only", "--device", "cpu",
+                  "--no-progress"])
+    Path(out_dir, f"rank{rank}.code").write_text(str(code))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_torchrun_downloads_torchvisions_teacher_once_per_node(tmp_path, fail):
+    torch.multiprocessing.spawn(_torchvision_worker, nprocs=2, join=True,
+                                args=(29537 + fail, str(tmp_path), fail))
+    codes = [(tmp_path / f"rank{r}.code").read_text() for r in range(2)]
+    if fail:  # every rank ends, with exit code 2: none waits for the others forever
+        assert codes == ["2", "2"] and not (tmp_path / "hub/checkpoints/resnet18-f37072fd.pth").exists()
+        return
+    assert codes == ["0", "0"]
+    who, done = (tmp_path / "downloaded").read_text().split()
+    assert who == "0" and float((tmp_path / "load1").read_text()) >= float(done), "rank 1 read before the download"
+
+
+def test_a_cached_file_that_is_not_torchvisions_is_named(tmp_path, monkeypatch, capsys):
+    calls = _fake_hub(monkeypatch, tmp_path)
+    path = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"truncated")
+    code = T.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--teacher", "resnet18", "--teacher-weights",
+                  "torchvision", "--test-only", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and calls == [] and f"{path} is not torchvision's file (its sha256 does not start with " \
+                                          f"{_fake_weights()[1]}); delete it to download it again" in err
+
+
+@pytest.mark.parametrize("classes, named", [(10, "the dataset has 10"), (1000, "must be ImageNet's wnids")])
+def test_torchvisions_teacher_needs_imagenets_classes(tmp_path, monkeypatch, capsys, classes, named):
+    from kcd_fast.data import DataBundle
+
+    calls = _fake_hub(monkeypatch, tmp_path)
+    monkeypatch.setattr(T, "build_datasets", lambda *a, **k: DataBundle(
+        train=None, val=type("Folder", (), {"classes": [f"class{i}" for i in range(classes)],
+                                             "__len__": lambda self: 1})(),
+        num_classes=classes, in_channels=3, image_size=224, name="imagenet"))
+    code = T.cli(["--dataset", "imagenet", "--test-only", "--teacher-weights", "torchvision", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and calls == [], "refused before any download"
+
+
+def test_resuming_with_another_teacher_is_refused(tmp_path, digits_teacher, monkeypatch, capsys):
+    common = ["--output-dir", str(tmp_path / "o"), *QUICK]
+    killed = _killed_at_evaluate(monkeypatch, 3)
+    with pytest.raises(killed):
+        T.main(args_of("--teacher-weights", str(digits_teacher), *common))
+    monkeypatch.undo()
+    other = tmp_path / "other.pth"
+    blob = torch.load(digits_teacher, weights_only=False)
+    blob["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in blob["model"].items()}
+    torch.save(blob, other)
+    capsys.readouterr()
+    assert T.cli([*common, "--resume", "--teacher-weights", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"distilled {digits_teacher} (sha256 " in err and "resume with the same teacher" in err
+    same = tmp_path / "same.pth"  # the same teacher under another path (another TORCH_HOME, say): fine
+    same.write_bytes(digits_teacher.read_bytes())
+    assert T.cli([*common, "--resume", "--teacher-weights", str(same)]) == 0
