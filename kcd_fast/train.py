@@ -299,10 +299,10 @@ def fetch_torchvision_weights(args, classes) -> None:
     if len(classes) != 1000:
         raise UserError(f"{what} classifies ImageNet's 1000 classes, the dataset has {len(classes)}: pass "
                         f"--teacher-weights PATH, a teacher trained on these classes")
-    if args.dataset == "imagenet" and not all(re.fullmatch(r"n\d{8}", str(c)) for c in classes):
-        odd = [c for c in classes if not re.fullmatch(r"n\d{8}", str(c))][:3]
+    odd = [c for c in classes if not re.fullmatch(r"n\d{8}", str(c))]
+    if args.dataset == "imagenet" and odd:
         raise UserError(f"{what}: the class folders must be ImageNet's wnids (n01440764, ...), which sort into "
-                        f"torchvision's label order; {args.data_dir} has {', '.join(map(str, odd))}, so the "
+                        f"torchvision's label order; {args.data_dir} has {', '.join(map(str, odd[:3]))}, so the "
                         f"teacher's outputs would be matched to the wrong classes")
     digest = _expected_sha256_prefix(path)
     failed = None
@@ -938,7 +938,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.kcd:  # before the teacher, so that bad settings cost no teacher training
         try:
             condenser = KnowledgeCondenser(
-                n, epochs=args.epochs, stage_epochs=args.epochs if args.condensed else args.stage_epochs, rho=args.rho, alpha=args.alpha,
+                n, epochs=args.epochs, stage_epochs=args.epochs if args.condensed else args.stage_epochs,  # one stage
+                rho=args.rho, alpha=args.alpha,
                 eps_max=args.eps_max, schedule=args.schedule, k0=args.k0, selection=args.selection,
                 online_recording=args.online_recording, vaks=args.vaks, adaptive_eps=args.adaptive_eps,
                 temperature=args.entropy_temperature, device=device, seed=args.seed)
@@ -1329,7 +1330,8 @@ def _finish_fill(knowledge, args, n, owner) -> None:
     if not knowledge.fully_filled():
         raise RuntimeError(f"the knowledge buffer holds {int(knowledge.filled.sum())} of {n} samples after the fill")
     if args.knowledge_file and is_main(args):
-        knowledge.save(args.knowledge_file, teacher_hash=_file_hash(args.teacher_weights))
+        # The weights file's hash, as main took it when it loaded the teacher ("" for one trained here).
+        knowledge.save(args.knowledge_file, teacher_hash=args.teacher_hash if args.teacher_weights else "")
 
 
 def _epoch_owner(sampler, args, epoch, n) -> torch.Tensor:
