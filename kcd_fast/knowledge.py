@@ -188,10 +188,11 @@ class KnowledgeBuffer:
 
     @torch.no_grad()
     def fill(self, teacher: torch.nn.Module, dataset, *, batch_size: int = 256, device=None, num_workers: int = 0,
-             autocast_dtype=None, indices=None) -> int:
+             autocast_dtype=None, indices=None, progress=None) -> int:
         """The one-off pass: run the teacher over ``dataset`` (typically the evaluation-transform view
         of the training set) and store every row. ``indices`` restricts it to a share (DDP).
-        Returns the number of teacher forwards."""
+        ``progress``, if given, wraps the batch loader's iterable (a progress bar, a logger) and must
+        yield its batches unchanged. Returns the number of teacher forwards."""
         device = torch.device(device) if device is not None else self.device
         if indices is None:
             if len(dataset) != self.num_samples:
@@ -204,7 +205,7 @@ class KnowledgeBuffer:
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         teacher.eval()
         done = 0
-        for batch in loader:
+        for batch in (progress(loader) if progress is not None else loader):
             x = batch[0].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = teacher(x)

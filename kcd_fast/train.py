@@ -1065,8 +1065,9 @@ def main(args: argparse.Namespace) -> dict:
         share = range(args.rank, n, args.world_size)
         fill_forwards = knowledge.fill(teacher, train_eval, batch_size=args.eval_batch_size, device=device,
                                        num_workers=0 if resident is not None else args.workers, indices=share,
-                                       autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-                                       ) * args.world_size
+                                       autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
+                                       progress=lambda it: _progress(it, args, "knowledge fill", n,
+                                                                     ranks=args.world_size)) * args.world_size
         _finish_fill(knowledge, args, n, owner=torch.arange(n) % args.world_size)
     forwards_total = fill_forwards + sum(h.get("teacher_forwards", 0) for h in history)
     for epoch in range(start_epoch, args.epochs):

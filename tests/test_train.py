@@ -556,11 +556,15 @@ def test_knowledge_file_of_another_teacher_is_refused(tmp_path, digits_teacher, 
     assert code == 2 and "made by a teacher trained here" in err and "Traceback" not in err
 
 
-def test_cached_mode_one_off_pass(tmp_path, digits_teacher, monkeypatch):
+def test_cached_mode_one_off_pass(tmp_path, digits_teacher, monkeypatch, capsys):
     counter = _count_teacher(monkeypatch)
     summary = T.main(args_of("--knowledge", "cached", "--knowledge-fill", "pass", "--teacher-weights",
-                             str(digits_teacher), "--output-dir", str(tmp_path / "p"), *QUICK))
+                             str(digits_teacher), "--output-dir", str(tmp_path / "p"), *QUICK, "--log-every", "3"))
     assert counter["samples"] == summary["num_train"] == summary["teacher_passes"]
+    # The pass logs its progress like an epoch: 1437 images at --eval-batch-size 256 are 6 batches.
+    fill_lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("knowledge fill step")]
+    assert [ln.split(" images")[0] for ln in fill_lines] == ["knowledge fill step 3: 768/1437",
+                                                               "knowledge fill step 6: 1437/1437"]
 
 
 def _killed_at_evaluate(monkeypatch, call: int) -> type:
