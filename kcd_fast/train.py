@@ -1365,15 +1365,23 @@ def _samples_id(args, train_set) -> str:
     return f"{args.dataset}, {len(train_set)} samples, {h.hexdigest()[:16]}"
 
 
+_FILE_HASHES: dict = {}  # (path, device, inode, size, mtime_ns) -> sha256 hex: each teacher file is read once a start
+
+
 def _file_hash(path, length: int | None = 16) -> str:
-    """The sha256 of a file, hex, its first ``length`` digits ("" for no file)."""
+    """The sha256 of a file, hex, its first ``length`` digits ("" for no file). A file is read once
+    while it stays the same file with the same size and modification time."""
     if not path or not os.path.isfile(path):
         return ""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key][:length]
 
 
 def _drop_stale_states(out: Path, keep, inputs=None) -> None:

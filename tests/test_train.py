@@ -1,5 +1,6 @@
 """The trainer, python -m kcd_fast.train, driven through main(args) and cli(argv) on real data (digits)."""
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -951,7 +952,6 @@ def test_a_cosine_run_logs_the_rates_it_trained_at(tmp_path, digits_teacher):
 def _fake_weights() -> tuple[bytes, str]:
     """The file a fake download serves (a random torchvision resnet18's state_dict) and its sha256 prefix,
     which stands for the one in the real file's name."""
-    import hashlib
     import io
 
     import torchvision
@@ -1170,3 +1170,16 @@ def test_resuming_with_another_teacher_is_refused(tmp_path, digits_teacher, monk
     same = tmp_path / "same.pth"  # the same teacher under another path (another TORCH_HOME, say): fine
     same.write_bytes(digits_teacher.read_bytes())
     assert T.cli([*common, "--resume", "--teacher-weights", str(same)]) == 0
+
+
+def test_a_teacher_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    path = tmp_path / "teacher.pth"
+    path.write_bytes(b"a" * 1000)
+    opened = []
+    monkeypatch.setattr(T, "open", lambda *a, **k: opened.append(a[0]) or open(*a, **k), raising=False)
+    full = hashlib.sha256(b"a" * 1000).hexdigest()
+    assert T._file_hash(path, length=None) == full and T._file_hash(path) == full[:16] and len(opened) == 1
+    path.write_bytes(b"b" * 1000)  # the same size: its modification time tells it apart
+    os.utime(path, ns=(1, 1))
+    assert T._file_hash(path) == hashlib.sha256(b"b" * 1000).hexdigest()[:16] and len(opened) == 2
+    assert T._file_hash(tmp_path / "missing.pth") == "" and T._file_hash(None) == ""
