@@ -153,3 +153,24 @@ def test_uint8_mix_rounds_ties_to_even():
     vaks_mix_(buf, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.5]))
     # 2.5 -> 2, 2.5 -> 2, 0.5 -> 0, 254.5 -> 254 (ties to even)
     assert buf[0].tolist() == [2, 2, 0, 254]
+
+
+@pytest.mark.parametrize("bad", [("dst", 30), ("dst", -1), ("src", 20), ("src", -5)])
+def test_the_raw_ops_refuse_rows_outside_the_buffer_before_writing(bad):
+    # torch.ops.kcd_fast.* skip ops.py's checks (e.g. under torch.compile): their kernels check the
+    # ranges themselves, so nothing outside the buffer is written, not even memory past a view's end.
+    which, row = bad
+    big = make_buffer((40, 3), torch.float32, seed=1)
+    buf = big[:20]
+    dst, src = torch.tensor([2, 3], dtype=torch.int64), torch.tensor([5, 6], dtype=torch.int64)
+    (dst if which == "dst" else src)[1] = row
+    before = big.clone()
+    with pytest.raises(ValueError, match=rf"vaks_mix_: `{which}` must lie in \[0, 20\), found {row}"):
+        torch.ops.kcd_fast.vaks_mix_(buf, dst, src, torch.full((2,), 0.5))
+    assert torch.equal(big, before)
+    values, classes = big[:20].contiguous(), torch.zeros(20, 3, dtype=torch.int32)
+    classes[:] = torch.arange(3, dtype=torch.int32)
+    v0, c0 = values.clone(), classes.clone()
+    with pytest.raises(ValueError, match=rf"vaks_mix_topk_: `{which}` must lie in \[0, 20\), found {row}"):
+        torch.ops.kcd_fast.vaks_mix_topk_(values, classes, dst, src, torch.full((2,), 0.5), 10)
+    assert torch.equal(values, v0) and torch.equal(classes, c0)

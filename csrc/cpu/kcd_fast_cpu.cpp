@@ -355,6 +355,17 @@ inline void mix_row_dispatch(scalar_t* out, const scalar_t* other, float keep, f
   mix_row(out, other, keep, w, n);
 }
 
+// Every pair's rows lie in [0, rows): checked before anything is written, since the raw ops
+// (torch.ops.kcd_fast.*) may be called without ops.py's checks and would write outside the buffer.
+void check_pair_ranges(const char* op, const int64_t* dp, const int64_t* sp, int64_t pairs, int64_t rows) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    TORCH_CHECK_VALUE(dp[p] >= 0 && dp[p] < rows, op, ": `dst` must lie in [0, ", std::to_string(rows), "), found ",
+                      std::to_string(dp[p]));
+    TORCH_CHECK_VALUE(sp[p] >= 0 && sp[p] < rows, op, ": `src` must lie in [0, ", std::to_string(rows), "), found ",
+                      std::to_string(sp[p]));
+  }
+}
+
 void vaks_mix_cpu(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& src, const at::Tensor& eps) {
   check_mix_args(buffer, dst, src, eps);
   const int64_t pairs = dst.numel();
@@ -363,6 +374,7 @@ void vaks_mix_cpu(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& s
   const at::Tensor d = dst.contiguous(), s = src.contiguous(), e = eps.contiguous();
   const int64_t* dp = d.data_ptr<int64_t>();
   const int64_t* sp = s.data_ptr<int64_t>();
+  check_pair_ranges("vaks_mix_", dp, sp, pairs, buffer.size(0));
   const float* ep = e.data_ptr<float>();
 #ifdef KCD_FAST_HAVE_F16C
   const bool use_f16c = cpu_has_f16c() && !std::getenv("KCD_FAST_NO_F16C");  // the switch: tests compare both
@@ -391,6 +403,7 @@ void vaks_mix_topk_cpu(at::Tensor& values, at::Tensor& classes, const at::Tensor
   const at::Tensor d = dst.contiguous(), s = src.contiguous(), e = eps.contiguous();
   const int64_t* dp = d.data_ptr<int64_t>();
   const int64_t* sp = s.data_ptr<int64_t>();
+  check_pair_ranges("vaks_mix_topk_", dp, sp, pairs, values.size(0));
   const float* ep = e.data_ptr<float>();
   int32_t* cls = classes.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "vaks_mix_topk_cpu", [&] {

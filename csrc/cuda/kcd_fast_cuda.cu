@@ -97,16 +97,20 @@ constexpr int kUnroll = 4;
 template <typename scalar_t, int VEC>
 __global__ void vaks_mix_kernel(scalar_t* __restrict__ buffer, const int64_t* __restrict__ dst,
                                 const int64_t* __restrict__ src, const float* __restrict__ eps,
-                                int64_t pairs, int64_t row) {
+                                int64_t pairs, int64_t row, int64_t rows) {
   struct alignas(sizeof(scalar_t) * VEC) Pack {
     scalar_t v[VEC];
   };
   const int warps = blockDim.x / 32;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32;
   if (p >= pairs) return;
+  const int64_t d = dst[p], s = src[p];
+  // A pair outside the buffer is skipped, never written through (ops.vaks_mix_ checks the ranges
+  // on the CPU and in debug mode; the raw op may be called without them).
+  if (d < 0 || d >= rows || s < 0 || s >= rows) return;
   const int lane = threadIdx.x % 32;
-  Pack* out = reinterpret_cast<Pack*>(buffer + dst[p] * row);
-  const Pack* other = reinterpret_cast<const Pack*>(buffer + src[p] * row);
+  Pack* out = reinterpret_cast<Pack*>(buffer + d * row);
+  const Pack* other = reinterpret_cast<const Pack*>(buffer + s * row);
   const float w = eps[p];
   const float keep = 1.0f - w;
   const int64_t packs = row / VEC;
@@ -151,10 +155,10 @@ void vaks_mix_cuda(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& 
     const bool aligned = (reinterpret_cast<uintptr_t>(base) % 16 == 0) && (row % kVec == 0);
     if (aligned) {
       vaks_mix_kernel<scalar_t, kVec><<<blocks, threads, 0, stream>>>(
-          base, d.data_ptr<int64_t>(), s.data_ptr<int64_t>(), e.data_ptr<float>(), pairs, row);
+          base, d.data_ptr<int64_t>(), s.data_ptr<int64_t>(), e.data_ptr<float>(), pairs, row, buffer.size(0));
     } else {
       vaks_mix_kernel<scalar_t, 1><<<blocks, threads, 0, stream>>>(
-          base, d.data_ptr<int64_t>(), s.data_ptr<int64_t>(), e.data_ptr<float>(), pairs, row);
+          base, d.data_ptr<int64_t>(), s.data_ptr<int64_t>(), e.data_ptr<float>(), pairs, row, buffer.size(0));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -164,10 +168,13 @@ void vaks_mix_cuda(at::Tensor& buffer, const at::Tensor& dst, const at::Tensor& 
 template <typename scalar_t>
 __global__ void vaks_mix_topk_kernel(scalar_t* __restrict__ values, int32_t* __restrict__ classes,
                                      const int64_t* __restrict__ dst, const int64_t* __restrict__ src,
-                                     const float* __restrict__ eps, int64_t pairs, int k, int64_t num_classes) {
+                                     const float* __restrict__ eps, int64_t pairs, int k, int64_t num_classes,
+                                     int64_t rows) {
   const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (p >= pairs) return;
-  mix_topk_row(values + dst[p] * k, classes + dst[p] * k, values + src[p] * k, classes + src[p] * k, k, num_classes,
+  const int64_t d = dst[p], s = src[p];
+  if (d < 0 || d >= rows || s < 0 || s >= rows) return;  // outside the buffer: skipped (see vaks_mix_kernel)
+  mix_topk_row(values + d * k, classes + d * k, values + s * k, classes + s * k, k, num_classes,
                eps[p], [] __device__(scalar_t x) { return static_cast<float>(x); },
                [] __device__(float x) { return static_cast<scalar_t>(x); });
 }
@@ -185,7 +192,7 @@ void vaks_mix_topk_cuda(at::Tensor& values, at::Tensor& classes, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "vaks_mix_topk_cuda", [&] {
     vaks_mix_topk_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
         values.data_ptr<scalar_t>(), classes.data_ptr<int32_t>(), d.data_ptr<int64_t>(), s.data_ptr<int64_t>(),
-        e.data_ptr<float>(), pairs, k, num_classes);
+        e.data_ptr<float>(), pairs, k, num_classes, values.size(0));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
