@@ -24,6 +24,7 @@ import weakref
 from numbers import Integral, Real
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
@@ -814,5 +815,28 @@ class KCDDataset(Dataset):
             if j >= 0:
                 e = float(self.eps[index])
                 xj, _ = self.dataset[j]
-                x = (1.0 - e) * x + e * xj
+                x = _mix_inputs(x, xj, e, index)
         return x, y, index
+
+
+def _mix_inputs(x, xj, e: float, index: int):
+    """``(1 - e) x + e xj`` (Eq. 14) of the same type and dtype as ``x``, so mixed and plain samples
+    collate together: float inputs keep their dtype; integer ones (uint8 images) are mixed in fp32,
+    rounded to nearest (ties to even, as :func:`ops.vaks_mix_` does) and clamped to their range."""
+    if isinstance(x, torch.Tensor) and isinstance(xj, torch.Tensor):
+        if x.dtype.is_floating_point:
+            return (1.0 - e) * x + e * xj.to(x.dtype)
+        if x.dtype != torch.bool:
+            info = torch.iinfo(x.dtype)
+            mixed = (1.0 - e) * x.float() + e * xj.float()
+            return mixed.round().clamp(info.min, info.max).to(x.dtype)
+    elif isinstance(x, np.ndarray) and isinstance(xj, np.ndarray):
+        if np.issubdtype(x.dtype, np.floating):
+            return ((1.0 - e) * x + e * xj).astype(x.dtype, copy=False)
+        if np.issubdtype(x.dtype, np.integer):
+            info = np.iinfo(x.dtype)
+            mixed = (1.0 - e) * x.astype(np.float32) + e * xj.astype(np.float32)
+            return np.clip(np.rint(mixed), info.min, info.max).astype(x.dtype)
+    raise TypeError(f"KCDDataset: VAKS mixes inputs that are tensors or numpy arrays of numbers, but sample "
+                    f"{index} is {type(x).__name__} and its partner {type(xj).__name__}; give the wrapped "
+                    f"dataset a transform that returns tensors (e.g. ToTensor), or use mix=False")

@@ -779,3 +779,60 @@ def test_ddp_resume_from_a_mid_stage_checkpoint_is_exact(tmp_path):
         for e in (0, 3):
             assert all(torch.equal(a, b) for a, b in zip(resumed["plans"][e], plain["plans"][e])), (rank, e)
         assert resumed["kept"] == plain["kept"]
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i], i % 3
+
+
+@pytest.mark.parametrize("kind", ["uint8 tensor", "int16 tensor", "float16 tensor", "uint8 array", "float32 array"])
+def test_dataset_wrapper_keeps_the_inputs_type_and_dtype(kind):
+    # A mixed point used to come back as float32 among uint8 ones: the default collate then failed in
+    # loader workers (and silently promoted the batch without them).
+    n = 40
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(0, 256, (n, 3, 5), generator=g, dtype=torch.uint8)
+    cond = KnowledgeCondenser(n, epochs=2, stage_epochs=1, rho=0.5)
+    run_epochs(cond, Synthetic(n, seed=2), 1)
+    k1l, k0, eps = cond.pairs
+    assert k1l.numel() > 0
+    dtype = {"uint8 tensor": torch.uint8, "int16 tensor": torch.int16, "float16 tensor": torch.float16,
+             "uint8 array": torch.uint8, "float32 array": torch.float32}[kind]
+    data = raw.to(dtype) * (-1 if dtype == torch.int16 else 1)
+    items = [x.numpy() for x in data] if "array" in kind else list(data)
+    ds = KCDDataset(_ListDataset(items), cond)
+    expected = data.clone()
+    if dtype == torch.uint8:
+        kcd_fast.vaks_mix_(expected, k1l, k0, eps)
+    exact = R.vaks_mix(data.double(), k1l, k0, eps)  # float64 oracle
+    for i in range(n):
+        x = ds[i][0]
+        assert type(x) is type(items[i]) and x.dtype == items[i].dtype
+        x = torch.as_tensor(x)
+        if dtype.is_floating_point:
+            torch.testing.assert_close(x.double(), exact[i], atol=2e-3, rtol=2e-3)
+        else:
+            assert int((x.double() - exact[i]).abs().max()) <= 1  # rounded to nearest
+            if dtype == torch.uint8:
+                assert int((x.int() - expected[i].int()).abs().max()) <= 1  # as vaks_mix_ rounds
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=n, num_workers=1)))
+    assert batch[0].dtype == dtype and batch[0].shape == (n, 3, 5)
+
+
+def test_dataset_wrapper_names_inputs_it_cannot_mix():
+    n = 20
+    cond = KnowledgeCondenser(n, epochs=2, stage_epochs=1, rho=0.5)
+    run_epochs(cond, Synthetic(n, seed=2), 1)
+    ds = KCDDataset(_ListDataset([f"image{i}.png" for i in range(n)]), cond)
+    j = int(cond.pairs[0][0])
+    with pytest.raises(TypeError, match=f"sample {j} is str and its partner str; give the wrapped dataset a "
+                                        "transform that returns tensors"):
+        ds[j]
+    assert ds[int(cond.pairs[1][0])][0] == f"image{int(cond.pairs[1][0])}.png"  # a K0 point is not mixed
