@@ -217,6 +217,7 @@ class KnowledgeCondenser:
         self.stage = -1              # the last stage condensed (-1: none yet)
         self.frozen = False          # True after load_condensed(freeze=True): no more condensation
         self._loaded_stage = None    # (stage, tau) of the file load_condensed read: what a frozen set is
+        self._loaded = False         # the keep mask came from load_condensed (not from this schedule)
         self.samples_yielded = {}    # epoch -> samples this rank's samplers yielded
         self.history = []            # one summary dict per condensation
         g = torch.Generator().manual_seed(self.seed)
@@ -489,6 +490,7 @@ class KnowledgeCondenser:
             "last_values": host(self.last_values),
             "synced": None if self._synced is None else tuple(host(t) for t in self._synced),
             "next_epoch": self.next_epoch, "stage": self.stage, "frozen": self.frozen,
+            "loaded": self._loaded, "loaded_stage": self._loaded_stage,
             "samples_yielded": dict(self.samples_yielded),
             "history": list(self.history),
         }
@@ -553,6 +555,25 @@ class KnowledgeCondenser:
         frozen = state["frozen"]
         if not isinstance(frozen, bool):
             raise TypeError(f"{where}: `frozen` must be a bool, got {type(frozen).__name__}")
+        # States saved before these keys existed: a set from load_condensed, as frozen says.
+        loaded, loaded_stage = state.get("loaded", frozen), state.get("loaded_stage")
+        if not isinstance(loaded, bool):
+            raise TypeError(f"{where}: `loaded` must be a bool, got {type(loaded).__name__}")
+        if loaded_stage is not None:
+            if not (isinstance(loaded_stage, (tuple, list)) and len(loaded_stage) == 2
+                    and isinstance(loaded_stage[0], int) and not isinstance(loaded_stage[0], bool)
+                    and isinstance(loaded_stage[1], float)):
+                raise ValueError(f"{where}: `loaded_stage` must be None or a (stage, tau) pair, got {loaded_stage!r}")
+            loaded_stage = (loaded_stage[0], loaded_stage[1])
+        if not frozen:
+            # The schedule's own set: the stage is the last boundary's, and it keeps that stage's |K1|.
+            want_stage = -1 if next_epoch == 0 else min((next_epoch - 1) // self.stage_epochs, self.num_stages - 1)
+            if stage != want_stage:
+                raise ValueError(f"{where}: `stage` {stage} does not follow `next_epoch` {next_epoch} "
+                                 f"(T={self.stage_epochs}: stage {want_stage})")
+            kept, want_kept = int(keep.sum()), (n if stage < 0 else self.num_kept(stage))
+            if not loaded and kept != want_kept:
+                raise ValueError(f"{where}: `keep` holds {kept} samples, but stage {stage} keeps {want_kept}")
         yielded = state["samples_yielded"]
         if not isinstance(yielded, dict) or not all(
                 isinstance(e, Integral) and not isinstance(e, bool) and isinstance(c, Integral)
@@ -576,6 +597,7 @@ class KnowledgeCondenser:
         if self.world_size > 1:
             self._synced = new_synced
         self.next_epoch, self.stage, self.frozen = next_epoch, stage, frozen
+        self._loaded, self._loaded_stage = loaded, loaded_stage
         self.samples_yielded = {int(e): int(c) for e, c in yielded.items()}
         self.history = list(state["history"])
 
@@ -620,7 +642,7 @@ class KnowledgeCondenser:
         order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])
         plan = ops.CondensePlan(keep, order, k1l.to(dev), k0.to(dev), eps.to(dev), int(keep.sum()), int(k0.numel()))
         self._apply_plan(plan)
-        self.frozen = bool(freeze)
+        self.frozen, self._loaded = bool(freeze), True
         stage, tau = blob.get("stage"), blob.get("tau")
         ok = isinstance(stage, int) and not isinstance(stage, bool) and isinstance(tau, float)
         self._loaded_stage = (stage, tau) if ok else None

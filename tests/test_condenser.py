@@ -491,6 +491,20 @@ def test_save_and_load_condensed(tmp_path):
     assert torch.equal(fresh.keep, cond.keep) and torch.equal(fresh.partner, cond.partner)
     assert torch.equal(plan.k1l, cond.pairs[0])
     assert fresh.end_epoch(0) is None and torch.equal(fresh.keep, cond.keep), "frozen: no more condensation"
+    # A frozen set resumed from its state_dict still describes itself as its file did.
+    resumed = KnowledgeCondenser(500, epochs=4, stage_epochs=2, rho=0.6)
+    resumed.load_state_dict(fresh.state_dict())
+    resumed.save_condensed(tmp_path / "again.pt")
+    for key in ("stage", "tau", "keep", "k1l"):
+        again, first = torch.load(tmp_path / "again.pt")[key], torch.load(path)[key]
+        assert torch.equal(again, first) if isinstance(first, torch.Tensor) else again == first, key
+    assert torch.load(path)["stage"] >= 0
+    # Not frozen: the loaded set is kept until the next stage end, across a state_dict round trip.
+    unfrozen = KnowledgeCondenser(500, epochs=4, stage_epochs=2, rho=0.6)
+    unfrozen.load_condensed(path, freeze=False)
+    copy = KnowledgeCondenser(500, epochs=4, stage_epochs=2, rho=0.6)
+    copy.load_state_dict(unfrozen.state_dict())
+    assert torch.equal(copy.keep, cond.keep)
     with pytest.raises(ValueError, match="N=500.*N=200"):
         KnowledgeCondenser(n, epochs=4, stage_epochs=2).load_condensed(path)
     torch.save({"x": 1}, tmp_path / "other.pt")
@@ -656,6 +670,8 @@ def test_load_state_dict_refuses_bad_states_without_changes():
     n = 10
     good = _condensed_source(n).state_dict()
     k1l, k0, eps = good["pairs"]
+    more_kept = good["keep"].clone()  # one kept point (of K1H) dropped: the pairs stay valid
+    more_kept[[i for i in range(n) if more_kept[i] and i not in k1l.tolist()][0]] = False
     cases = [
         ("partner", torch.zeros(3, dtype=torch.int32), ValueError, r"`partner` must have shape \(10,\)"),
         ("values", torch.tensor([5.0]), ValueError, r"`values` must have shape \(10,\)"),
@@ -674,6 +690,11 @@ def test_load_state_dict_refuses_bad_states_without_changes():
         ("frozen", 1, TypeError, "`frozen` must be a bool"),
         ("samples_yielded", {0: -1}, ValueError, "`samples_yielded`"),
         ("synced", (good["values"], good["counts"]), ValueError, "`synced`"),
+        ("stage", good["stage"] - 1, ValueError, r"`stage` -?\d+ does not follow `next_epoch` \d+ \(T=2: stage"),
+        ("keep", more_kept, ValueError, rf"`keep` holds {int(more_kept.sum())} samples, but stage "
+                                        rf"{good['stage']} keeps {int(good['keep'].sum())}"),
+        ("loaded", 1, TypeError, "`loaded` must be a bool"),
+        ("loaded_stage", (1,), ValueError, "`loaded_stage` must be None or a .stage, tau. pair"),
     ]
     target = KnowledgeCondenser(n, epochs=4, stage_epochs=2, rho=0.5)
     run_epochs(target, Synthetic(n, seed=11), 1)  # a state of its own, different from `good`
