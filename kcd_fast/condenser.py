@@ -266,13 +266,18 @@ class KnowledgeCondenser:
                 "schedule": planned / (self.num_samples * self.epochs)}
 
     def measured_cost(self) -> dict:
-        """C_a and C measured from what the samplers yielded (all ranks), over the epochs run so far."""
+        """C_a and C measured from what the samplers yielded (all ranks), over the epochs run so far.
+
+        C is C_a over what full epochs would pass on the same ranks: N in one process, and under DDP
+        DistributedSampler's padded ceil(N / W) * W, so that the full-set KD baseline is exactly 1.
+        Counted: this condenser's own samplers only (:meth:`sampler`), as their epochs finish
+        (with ``batch_size=``, batch by batch)."""
         return self._cost(self.samples_yielded)
 
     def _cost(self, samples_yielded: dict) -> dict:
         epochs = sorted(samples_yielded)
         passed = sum(samples_yielded[e] for e in epochs) * self.world_size
-        full = self.num_samples * len(epochs)
+        full = math.ceil(self.num_samples / self.world_size) * self.world_size * len(epochs)
         return {"epochs": len(epochs), "C_a": passed, "C": passed / full if full else float("nan"),
                 "per_epoch": {e: samples_yielded[e] * self.world_size for e in epochs}}
 

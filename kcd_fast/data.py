@@ -543,7 +543,7 @@ def _load_rgb_tensor(path: str) -> torch.Tensor:
         with Image.open(path) as im:
             arr = np.array(im.convert("RGB"))  # a writable copy
     except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated (OSError), unidentified, bad headers
-        raise CorruptImageError(f"cannot decode the image {path}: {exc} (replace or remove the file)") from None
+        raise CorruptImageError(f"cannot decode the image {path}: {exc}") from None
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 

@@ -21,6 +21,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -536,7 +537,15 @@ def _check_resume(args, ckpt_path: Path) -> dict:
     if not ckpt_path.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt_path} (one is written at the end of each epoch; "
                         f"a run stopped in its first epoch starts again without --resume)")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "epoch" in ckpt):
+            raise TypeError("not a kcd_fast checkpoint")
+    except Exception as exc:  # truncated, overwritten, or another program's file
+        raise UserError(f"--resume: {ckpt_path} cannot be read ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else 'no details'}); the "
+                        f"trainer writes it whole or not at all, so something else changed it: restore it, or "
+                        f"delete it and start again without --resume") from None
     before = {**RESUME_KEYS_ADDED, **ckpt.get("args", {})}
     diff = [f"--{k.replace('_', '-')} {before[k]!r} there, {getattr(args, k)!r} here"
             for k in RESUME_KEYS if k in before and before[k] != getattr(args, k)]
@@ -744,7 +753,7 @@ def _progress(iterable, args, desc, total_images, ranks: int = 1):
             for batch in iterable:
                 yield batch
                 n = len(batch[1]) * ranks
-                done, steps = done + n, steps + 1
+                done, steps = min(done + n, total_images), steps + 1  # ranks' last batches may be one short
                 if bar is not None:
                     bar.update(n)
                 if log_every and steps % log_every == 0:
@@ -949,7 +958,14 @@ def main(args: argparse.Namespace) -> dict:
             raise UserError(f"{'--condensed ' + args.condensed + ': ' if args.condensed else ''}{exc}") from None
 
     cached = args.knowledge == "cached"
-    samples = _samples_id(args, train_set) if cached else ""  # recorded in and checked against knowledge files
+    samples = _samples_id(args, train_set)  # recorded in and checked against knowledge files and checkpoints
+    # Checkpoints made before "samples" was recorded: their condenser's N at least.
+    ckpt_n = ((ckpt.get("condenser") or {}).get("config") or {}).get("num_samples", n) if ckpt is not None else n
+    if ckpt is not None and (ckpt.get("samples", samples) != samples or ckpt_n != n):
+        raise UserError(f"--resume: {ckpt_path} was trained on other samples "
+                        f"({ckpt.get('samples') or f'{ckpt_n} samples'}) than this run has ({samples}): a file added "
+                        f"to or removed from the dataset renumbers the samples, which the run's records are indexed "
+                        f"by; restore them, or start a new --output-dir")
     knowledge, knowledge_loaded = None, False
     # Cached mode: the file holding the buffer as of the last checkpoint (filled, mixed as far as the run got).
     knowledge_state = ckpt.get("knowledge_state") if ckpt is not None else None
@@ -1041,6 +1057,7 @@ def main(args: argparse.Namespace) -> dict:
         if condenser is not None:
             condenser.load_state_dict(ckpt["condenser"])
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+        _RUN["checkpointed"] = True
         if is_main(args):
             print(f"kcd_fast: resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
 
@@ -1063,11 +1080,13 @@ def main(args: argparse.Namespace) -> dict:
     if cached and not knowledge.fully_filled() and args.knowledge_fill == "pass":
         # The one-off pass with the evaluation transform, shared across ranks, then completed.
         share = range(args.rank, n, args.world_size)
-        fill_forwards = knowledge.fill(teacher, train_eval, batch_size=args.eval_batch_size, device=device,
+        mine = knowledge.fill(teacher, train_eval, batch_size=args.eval_batch_size, device=device,
                                        num_workers=0 if resident is not None else args.workers, indices=share,
                                        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
                                        progress=lambda it: _progress(it, args, "knowledge fill", n,
-                                                                     ranks=args.world_size)) * args.world_size
+                                                                     ranks=args.world_size))
+        # This rank's forwards and the other ranks' shares (of known size: together, every sample once).
+        fill_forwards = mine + sum(len(range(r, n, args.world_size)) for r in range(args.world_size) if r != args.rank)
         _finish_fill(knowledge, args, n, owner=torch.arange(n) % args.world_size)
     forwards_total = fill_forwards + sum(h.get("teacher_forwards", 0) for h in history)
     for epoch in range(start_epoch, args.epochs):
@@ -1124,8 +1143,9 @@ def main(args: argparse.Namespace) -> dict:
                           "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                           "condenser": condenser_state,
                           "epoch": epoch, "history": history, "best": best, "args": vars(args),
-                          "knowledge_state": knowledge_state, "fill_forwards": fill_forwards,
+                          "knowledge_state": knowledge_state, "fill_forwards": fill_forwards, "samples": samples,
                           "wall_time_s": wall_before + time.time() - t_start}, ckpt_path)
+            _RUN["checkpointed"] = True
             _drop_stale_states(out, keep=knowledge_state, inputs=args.knowledge_file)
             _write_metrics(out, history)
             if writer is not None:
@@ -1353,13 +1373,26 @@ def _epoch_owner(sampler, args, epoch, n) -> torch.Tensor:
 
 
 def _samples_id(args, train_set) -> str:
-    """Which samples a knowledge file's rows are, in order: the dataset, N, what makes fake data (its
-    seed and sizes) and the --train-subset draw (its indices, which depend on --seed). Recorded in
-    the file and compared when it is reused, so a file made for other samples is refused."""
+    """Which samples the run's indices name, in order: the dataset, N, what makes fake data (its
+    seed and sizes), the class names, every label, an image folder's file list (relative to its
+    root, so a moved folder is the same) and the --train-subset draw (its indices, which depend on
+    --seed). Recorded in knowledge files and checkpoints and compared when they are reused, so a
+    file made for other samples, or a resume after files were added or removed, is refused."""
     parts = [args.dataset, len(train_set)]
     if args.dataset == "fake":
         parts += [args.fake_size, args.fake_image_size, args.fake_num_classes, args.seed]
     h = hashlib.sha256(repr(parts).encode())
+    base = train_set.dataset if isinstance(train_set, Subset) else train_set
+    classes = getattr(base, "classes", None)
+    if classes is not None:
+        h.update("\n".join(map(str, classes)).encode())
+    targets = getattr(base, "targets", None)
+    if targets is not None:
+        h.update(np.asarray(targets, dtype=np.int64).tobytes())
+    files = getattr(base, "samples", None)  # ImageFolder: (path, class) per sample
+    if files is not None:
+        root = os.path.join(str(getattr(base, "root", "")), "")
+        h.update("\n".join(p[len(root):] if p.startswith(root) else p for p, _ in files).encode())
     if isinstance(train_set, Subset):
         h.update(np.asarray(train_set.indices, dtype=np.int64).tobytes())
     return f"{args.dataset}, {len(train_set)} samples, {h.hexdigest()[:16]}"
@@ -1399,7 +1432,8 @@ def _summary(args, history, best, condenser, n, wall, teacher_passes, knowledge=
         "distill": args.distill, "epochs": args.epochs, "num_train": n,
         "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
         "final_top1": final["top1"], "final_top5": final["top5"],
-        "C_a": passed, "C": passed / (n * max(len(history), 1)),
+        # C against what --no-kcd passes on as many ranks (DistributedSampler pads N to whole batches of ranks).
+        "C_a": passed, "C": passed / (math.ceil(n / args.world_size) * args.world_size * max(len(history), 1)),
         "knowledge": args.knowledge, "teacher_passes": teacher_passes,
         "wall_time_s": wall, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "kcd_fast": kcd_fast.__version__,
@@ -1432,8 +1466,12 @@ def _tensorboard(out: Path, args):
     return SummaryWriter(str(out / "tb"))
 
 
+_RUN = {"checkpointed": False}  # whether this run has a checkpoint to --resume from: what cli advises on a stop
+
+
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    _RUN["checkpointed"] = False
     try:
         main(args)
     except UserError as exc:
@@ -1441,10 +1479,17 @@ def cli(argv=None) -> int:
         return 2
     except CorruptImageError as exc:  # mid-epoch; from a loader worker, the message ends with the original one
         reason = str(exc).strip().splitlines()[-1].split("CorruptImageError: ", 1)[-1]
-        print(f"kcd_fast.train: error: {reason}; then continue with --resume", file=sys.stderr)
+        if _RUN["checkpointed"]:
+            advice = ("replace the file, then continue with --resume (removing it renumbers the samples, which a "
+                      "resume refuses: start a new run then)")
+        else:
+            advice = "replace or remove the file, then start the run again (it has no checkpoint yet)"
+        print(f"kcd_fast.train: error: {reason}; {advice}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kcd_fast.train: interrupted; continue with --resume", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun interrupts every rank: one line is enough
+            print("kcd_fast.train: interrupted; " + ("continue with --resume" if _RUN["checkpointed"] else
+                                                     "it had no checkpoint yet: start it again"), file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

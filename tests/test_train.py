@@ -192,6 +192,21 @@ def test_torchrun_two_processes_on_gloo(tmp_path, digits_teacher):
     assert res.stdout.count("epoch 1/2:") == 1, "only rank 0 logs"
 
 
+def test_torchrun_one_off_fill_counts_each_teacher_forward_once(tmp_path, digits_teacher):
+    # 1437 samples on 2 ranks: shares of 719 and 718, and the KD baseline's epoch padded to 1438.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           "-m", "kcd_fast.train", "--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "ddp"),
+           "--epochs", "1", "--no-kcd", "--knowledge", "cached", "--knowledge-fill", "pass", "--no-progress",
+           "--no-plots", "--device", "cpu", "--log-every", "3", "--eval-batch-size", "128"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert summary["teacher_passes"] == summary["num_train"] == 1437
+    assert summary["C_a"] == 1438 and summary["C"] == 1.0
+    assert "knowledge fill step 6: 1437/1437 images" in res.stdout  # 6 batches of 128 per rank, clamped
+
+
 def test_torchrun_trains_the_teacher_on_rank_0_while_the_other_waits(tmp_path):
     """Rank 0 trains (and evaluates) the teacher alone; before, its evaluation's all_reduce met the other
     rank's barrier, and the run hung."""
@@ -351,6 +366,48 @@ def test_a_corrupt_image_mid_epoch_is_named_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"cannot decode the image {bad}" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1
+    assert err.strip().endswith("replace or remove the file, then start the run again (it has no checkpoint yet)")
+
+
+def test_a_resume_names_a_broken_image_a_removed_one_and_a_broken_checkpoint(tmp_path, monkeypatch, capsys):
+    _write_image_folder(tmp_path / "imnet")
+    torch.save({"model": build_model("cnn_small", 3, 3).state_dict()}, tmp_path / "t.pth")
+    common = ["--dataset", "imagenet", "--data-dir", str(tmp_path / "imnet"), "--teacher", "cnn_small", "--student",
+              "cnn_small", "--teacher-weights", str(tmp_path / "t.pth"), "--batch-size", "4", "--eval-batch-size", "4",
+              "--workers", "0", "--output-dir", str(tmp_path / "o"), *QUICK, "--epochs", "3", "--stage-epochs", "1"]
+    killed = _killed_at_evaluate(monkeypatch, 2)  # epoch 1 checkpointed, epoch 2 not
+    with pytest.raises(killed):
+        T.main(args_of(*common))
+    monkeypatch.undo()
+    bad = tmp_path / "imnet/train/class1/img2.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:100])
+    assert T.cli([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot decode the image {bad}" in err and err.strip().endswith(
+        "replace the file, then continue with --resume (removing it renumbers the samples, which a resume refuses: "
+        "start a new run then)"), err
+    bad.unlink()  # removed instead: every later index names another image
+    assert T.cli([*common, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on other samples (imagenet, 12 samples, " in err and "than this run has (imagenet, 11 " \
+        "samples, " in err and "Traceback" not in err, err
+    bad.write_bytes(good)
+    ckpt = tmp_path / "o/checkpoint.pth"
+    intact = ckpt.read_bytes()
+    for broken in (intact[:len(intact) // 2], b"junk"):
+        ckpt.write_bytes(broken)
+        assert T.cli([*common, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume: {ckpt} cannot be read (" in err and "Traceback" not in err and \
+            err.strip().endswith("restore it, or delete it and start again without --resume"), err
+    ckpt.write_bytes(intact)
+    assert T.cli([*common, "--resume"]) == 0  # restored: it finishes
+    # The same N, other images: a knowledge file or a checkpoint made for the first folder is refused.
+    first = T._samples_id(args_of(*common), T.build_datasets("imagenet", tmp_path / "imnet").train)
+    (tmp_path / "imnet/train/class1/img2.png").rename(tmp_path / "imnet/train/class1/img9.png")
+    again = T._samples_id(args_of(*common), T.build_datasets("imagenet", tmp_path / "imnet").train)
+    assert first.split(", ")[:2] == again.split(", ")[:2] and first != again
 
 
 # --------------------------------------------------------------------------- user errors: message, exit 2, no traceback
