@@ -206,7 +206,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "loss, which would make the host wait for the GPU), e.g. for a log file, where progress "
                         "bars do not show (0: one line per epoch only)")
     r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="PNG plots at the end")
-    r.add_argument("--eval-batch-size", type=int, default=256, help="batch size of evaluation and of the one-off fill")
+    r.add_argument("--eval-batch-size", type=int, default=256, help="batch size of evaluation and of the one-off fill, per process (--batch-size is "
+                                "global)")
     return p
 
 
@@ -846,8 +847,9 @@ def evaluate(model, dataset, args, device, *, local: bool = False) -> dict:
         indices = list(range(rank, len(dataset), world)) if world > 1 else None
         data = Subset(dataset, indices) if indices is not None else dataset
         loader = DataLoader(data, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
+    total = len(y_all) if isinstance(dataset, tuple) else len(dataset)
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
-    for x, y in loader:
+    for x, y in _progress(loader, args, "eval", total, ranks=world):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(args):
             logits = model(x).float()
@@ -928,6 +930,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.test_only:
         return test_only(args, bundle, device)
     if is_main(args):  # only once the run's input is known to be good
+        # The folders this creates (out and missing parents), removed again if the run stops before writing.
+        _RUN["made_dirs"] = [p for p in (out, *out.parents) if not p.exists()]
         out.mkdir(parents=True, exist_ok=True)
     if args.distributed:
         dist.barrier()
@@ -1059,7 +1063,7 @@ def main(args: argparse.Namespace) -> dict:
         start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
         _RUN["checkpointed"] = True
         if is_main(args):
-            print(f"kcd_fast: resumed from {ckpt_path} at epoch {start_epoch}", flush=True)
+            print(f"kcd_fast: resumed from {ckpt_path} after epoch {start_epoch}/{args.epochs}", flush=True)
 
     if is_main(args) and not args.resume and ckpt_path.is_file():
         # A finished run's (an unfinished one was refused at the start): every input of this run is
@@ -1466,12 +1470,33 @@ def _tensorboard(out: Path, args):
     return SummaryWriter(str(out / "tb"))
 
 
-_RUN = {"checkpointed": False}  # whether this run has a checkpoint to --resume from: what cli advises on a stop
+# Whether this run has a checkpoint to --resume from (what cli advises on a stop), and the
+# folders it created for --output-dir.
+_RUN = {"checkpointed": False, "made_dirs": []}
+
+
+def _remove_made_dirs_if_empty() -> None:
+    """A run that stops before writing anything leaves no empty --output-dir (or parents) behind."""
+    for made in _RUN["made_dirs"]:  # deepest first
+        if not made.is_dir() or any(made.iterdir()):
+            return
+        made.rmdir()
 
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    _RUN["checkpointed"] = False
+    _RUN.update(checkpointed=False, made_dirs=[])
+    code = 1  # an unexpected exception goes on with its traceback
+    try:
+        code = _run(args)
+    finally:
+        if code != 0:
+            _remove_made_dirs_if_empty()
+    return code
+
+
+def _run(args) -> int:
+    """main(args), with each expected way to stop reported in one line; returns the exit code."""
     try:
         main(args)
     except UserError as exc:

@@ -1240,3 +1240,25 @@ def test_a_teacher_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     os.utime(path, ns=(1, 1))
     assert T._file_hash(path) == hashlib.sha256(b"b" * 1000).hexdigest()[:16] and len(opened) == 2
     assert T._file_hash(tmp_path / "missing.pth") == "" and T._file_hash(None) == ""
+
+
+def test_a_run_that_stops_before_writing_leaves_no_new_output_dir(tmp_path, capsys):
+    torch.save({"model": build_model("cnn_large", 7, 1).state_dict()}, tmp_path / "seven.pth")  # 7 classes, not 10
+    for existed in (False, True):
+        out = tmp_path / f"new{existed}" / "run"
+        if existed:
+            out.mkdir(parents=True)  # the user's own empty folder stays
+        code = T.cli(["--teacher-weights", str(tmp_path / "seven.pth"), "--output-dir", str(out), *QUICK])
+        err = capsys.readouterr().err
+        assert code == 2 and "--teacher-weights" in err and "Traceback" not in err, err
+        assert out.is_dir() == existed and out.parent.is_dir() == existed
+
+
+def test_evaluation_shows_progress_like_an_epoch(capsys):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(10, 4), torch.arange(10) % 3)
+    args = argparse.Namespace(eval_batch_size=3, workers=0, rank=0, world_size=1, amp="off", progress=False,
+                              log_every=2, distributed=False, device="cpu")
+    T.evaluate(model, data, args, torch.device("cpu"))
+    lines = [ln.split(" images")[0] for ln in capsys.readouterr().out.splitlines()]
+    assert lines == ["eval step 2: 6/10", "eval step 4: 10/10"]
