@@ -285,6 +285,12 @@ def _expected_sha256_prefix(path) -> str | None:
     return found.group(1) if found else None
 
 
+# ImageNet-1k's 1000 wnids (n01440764 ... n15075141), sorted and joined by newlines: the class folders
+# torchvision's ImageNet weights were trained on, in their label order (checked against two copies
+# of the standard class index; tests/data/imagenet1k_wnids.txt holds the list).
+IMAGENET1K_WNIDS_SHA256 = "385e0240499426c022b773be1ae4da780f057b89c9694c7f47199f62746b6edd"
+
+
 def fetch_torchvision_weights(args, classes) -> None:
     """Make torchvision's teacher weights ready in the torch hub cache: downloaded if they are not
     there (the local rank 0 of each node downloads while the node's other ranks wait; every rank
@@ -306,6 +312,12 @@ def fetch_torchvision_weights(args, classes) -> None:
         raise UserError(f"{what}: the class folders must be ImageNet's wnids (n01440764, ...), which sort into "
                         f"torchvision's label order; {args.data_dir} has {', '.join(map(str, odd[:3]))}, so the "
                         f"teacher's outputs would be matched to the wrong classes")
+    listed = hashlib.sha256("\n".join(sorted(map(str, classes))).encode()).hexdigest()
+    if args.dataset == "imagenet" and listed != IMAGENET1K_WNIDS_SHA256:
+        raise UserError(f"{what}: the 1000 class folders of {args.data_dir} are wnids, but not ImageNet-1k's "
+                        f"(ILSVRC-2012: the sha256 of their sorted, newline-joined names is {listed[:16]}..., "
+                        f"ImageNet-1k's is {IMAGENET1K_WNIDS_SHA256[:16]}...), so the teacher's outputs would be "
+                        f"matched to the wrong classes; pass --teacher-weights PATH, a teacher trained on these")
     digest = _expected_sha256_prefix(path)
     failed = None
     try:
@@ -738,7 +750,7 @@ def _progress(iterable, args, desc, total_images, ranks: int = 1):
     DDP every rank passes a batch of the same size at each step). With ``--log-every N``, also a line
     every N steps: images/s, elapsed time and the ETA of ``total_images``, from host clocks only."""
     log_every = getattr(args, "log_every", 0)
-    if not is_main(args) or not (args.progress or log_every):
+    if not (getattr(args, "progress", False) or log_every) or not is_main(args):
         return iterable
     bar = None
     if args.progress:

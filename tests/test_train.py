@@ -1196,18 +1196,37 @@ def test_a_cached_file_that_is_not_torchvisions_is_named(tmp_path, monkeypatch, 
                                           f"{_fake_weights()[1]}); delete it to download it again" in err
 
 
-@pytest.mark.parametrize("classes, named", [(10, "the dataset has 10"), (1000, "must be ImageNet's wnids")])
+IMAGENET1K_WNIDS = (Path(__file__).parent / "data/imagenet1k_wnids.txt").read_text().split()
+
+
+@pytest.mark.parametrize("classes, named", [
+    ([f"class{i}" for i in range(10)], "the dataset has 10"),
+    ([f"class{i}" for i in range(1000)], "must be ImageNet's wnids"),
+    # What a converter that invents the wnids it lacks makes: the right pattern, the wrong classes.
+    (IMAGENET1K_WNIDS[:50] + [f"n{1440764 + i:08d}" for i in range(50, 1000)], "are wnids, but not ImageNet-1k's"),
+    (IMAGENET1K_WNIDS[:-1] + ["n15075142"], "are wnids, but not ImageNet-1k's"),
+])
 def test_torchvisions_teacher_needs_imagenets_classes(tmp_path, monkeypatch, capsys, classes, named):
     from kcd_fast.data import DataBundle
 
     calls = _fake_hub(monkeypatch, tmp_path)
     monkeypatch.setattr(T, "build_datasets", lambda *a, **k: DataBundle(
-        train=None, val=type("Folder", (), {"classes": [f"class{i}" for i in range(classes)],
-                                             "__len__": lambda self: 1})(),
-        num_classes=classes, in_channels=3, image_size=224, name="imagenet"))
+        train=None, val=type("Folder", (), {"classes": classes, "__len__": lambda self: 1})(),
+        num_classes=len(classes), in_channels=3, image_size=224, name="imagenet"))
     code = T.cli(["--dataset", "imagenet", "--test-only", "--teacher-weights", "torchvision", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and named in err and calls == [], "refused before any download"
+
+
+def test_imagenet1ks_own_wnids_pass_the_class_check(tmp_path, monkeypatch):
+    assert len(set(IMAGENET1K_WNIDS)) == 1000 and IMAGENET1K_WNIDS[0] == "n01440764"
+    calls = _fake_hub(monkeypatch, tmp_path)
+    args = args_of("--dataset", "imagenet", "--teacher", "resnet18", "--teacher-weights", "torchvision",
+                   "--no-progress")
+    args.local_rank, args.distributed = 0, False
+    T._torchvision_teacher(args)
+    T.fetch_torchvision_weights(args, IMAGENET1K_WNIDS[::-1])  # any order: ImageFolder sorts them
+    assert len(calls) == 1 and os.path.isfile(args.teacher_weights)
 
 
 def test_resuming_with_another_teacher_is_refused(tmp_path, digits_teacher, monkeypatch, capsys):
