@@ -224,6 +224,17 @@ class KnowledgeCondenser:
         self.trajectory_points = torch.randperm(n, generator=g)[: min(n, TRAJECTORY_POINTS)].sort().values
         self._samplers = weakref.WeakSet()
 
+    def __getstate__(self) -> dict:
+        # pickle / torch.save of a condenser (or of a sampler, which holds it): the weak set of samplers
+        # cannot be pickled, and a copy starts without any (its samplers are made from it again).
+        state = self.__dict__.copy()
+        state["_samplers"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._samplers = weakref.WeakSet()
+
     # ------------------------------------------------------------------ bookkeeping
 
     def bytes_per_sample(self) -> dict:
@@ -259,7 +270,11 @@ class KnowledgeCondenser:
         return self.num_kept(stage)
 
     def predicted_cost(self) -> dict:
-        """C predicted from the schedule: by Eq. 16, and by the exact per-epoch counts."""
+        """C predicted from the schedule: by Eq. 16, and by the exact per-epoch counts. A frozen set
+        (:meth:`load_condensed`) trains on its kept points every epoch: ``schedule`` is then its kept
+        fraction (from the first epoch on), and Eq. 16, which describes a schedule, is None."""
+        if self.frozen:
+            return {"eq16": None, "schedule": int(self._kept_cpu.numel()) / self.num_samples}
         taus = [self.tau(t) for t in range(self.num_stages)]
         planned = sum(self.planned_samples(e) for e in range(self.epochs))
         return {"eq16": R.relative_cost(taus, self.stage_epochs, self.epochs),
@@ -292,6 +307,9 @@ class KnowledgeCondenser:
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"observe: `indices` must be a torch.Tensor of dataset indices, got "
                             f"{type(indices).__name__}")
+        if self.next_epoch >= self.epochs:
+            raise ValueError(f"observe: all {self.epochs} epochs of this condenser have ended; make it with more "
+                             f"`epochs` to train longer")
         if indices.device != self.device:
             indices = indices.to(self.device, non_blocking=True)
         entropy = ops.update_values(self.values, self.counts, indices, logits, temperature=self.temperature)
@@ -433,7 +451,9 @@ class KnowledgeCondenser:
         Persistent, as the official code does for CIFAR pixels: call it once
         after each condensation, and the mixes compound across stages.
         """
-        if buffer.shape[0] != self.num_samples:
+        if not isinstance(buffer, torch.Tensor):
+            raise TypeError(f"mix_buffer_: `buffer` must be a torch.Tensor, got {type(buffer).__name__}")
+        if buffer.dim() < 1 or buffer.shape[0] != self.num_samples:
             raise ValueError(f"mix_buffer_: `buffer` must have one row per sample ({self.num_samples}), "
                              f"got shape {tuple(buffer.shape)}")
         k1l, k0, eps = self.pairs

@@ -857,3 +857,49 @@ def test_dataset_wrapper_names_inputs_it_cannot_mix():
                                         "transform that returns tensors"):
         ds[j]
     assert ds[int(cond.pairs[1][0])][0] == f"image{int(cond.pairs[1][0])}.png"  # a K0 point is not mixed
+
+
+def test_a_condenser_and_its_sampler_pickle(tmp_path):
+    import pickle
+
+    n = 30
+    cond = KnowledgeCondenser(n, epochs=2, stage_epochs=1, rho=0.5)
+    run_epochs(cond, Synthetic(n, seed=3), 1)
+    sampler = cond.sampler()
+    sampler.set_epoch(1)
+    copy = pickle.loads(pickle.dumps(cond))
+    assert torch.equal(copy.keep, cond.keep) and torch.equal(copy.values, cond.values)
+    assert copy.next_epoch == cond.next_epoch and len(copy._samplers) == 0
+    again = pickle.loads(pickle.dumps(sampler))
+    assert list(again) == list(sampler)
+    torch.save(cond, tmp_path / "c.pt")
+    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=False).keep, cond.keep)
+
+
+def test_observe_after_the_last_epoch_and_other_misuse_is_named():
+    n = 12
+    cond = KnowledgeCondenser(n, epochs=2, stage_epochs=1, rho=0.5)
+    run_epochs(cond, Synthetic(n, seed=3), 2)
+    before = _host_state(cond)
+    with pytest.raises(ValueError, match="observe: all 2 epochs of this condenser have ended"):
+        cond.observe(torch.arange(4), torch.randn(4, 5))
+    with pytest.raises(TypeError, match="mix_buffer_: `buffer` must be a torch.Tensor, got list"):
+        cond.mix_buffer_([0.0] * n)
+    with pytest.raises(ValueError, match=r"mix_buffer_: `buffer` must have one row per sample \(12\), got shape \(\)"):
+        cond.mix_buffer_(torch.tensor(1.0))
+    _assert_same_state(before, _host_state(cond))
+
+
+def test_predicted_cost_of_a_frozen_set_is_its_kept_fraction(tmp_path):
+    cond, _ = _plan_of()
+    cond.save_condensed(tmp_path / "c.pt")
+    frozen = KnowledgeCondenser(cond.num_samples, epochs=4, stage_epochs=4, rho=0.6)
+    frozen.load_condensed(tmp_path / "c.pt")
+    predicted = frozen.predicted_cost()
+    assert predicted["eq16"] is None and predicted["schedule"] == int(cond.keep.sum()) / cond.num_samples
+    sampler = frozen.sampler()
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        list(sampler)
+        frozen.end_epoch(epoch)
+    assert frozen.measured_cost()["C"] == pytest.approx(predicted["schedule"])
