@@ -515,12 +515,22 @@ def _build_cifar100(data_dir: Path, download: bool, train_transform: bool) -> Da
         raise DatasetNotFoundError(
             f"CIFAR-100 not found in {data_dir} (no cifar-100-python/ folder). {how}", data_dir
         )
+    had_files = all((data_dir / "cifar-100-python" / f).is_file() for f in ("train", "test"))
     try:
         tv_train = CIFAR100(root=str(data_dir), train=True, download=download)
         tv_val = CIFAR100(root=str(data_dir), train=False, download=download)
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        if had_files:  # the files are there but fail torchvision's md5 check: --download would not help
+            raise DatasetNotFoundError(
+                f"CIFAR-100 in {data_dir / 'cifar-100-python'} fails torchvision's md5 check of its train/test "
+                f"files (a partial or modified copy); replace them with those of the original archive "
+                f"({CIFAR100.url}), or delete the folder and pass --download", data_dir
+            ) from e
+        raise DatasetNotFoundError(f"CIFAR-100 in {data_dir} is missing or corrupted ({e}). {how}", data_dir) from e
+    except OSError as e:  # --download without network, or an unwritable folder
         raise DatasetNotFoundError(
-            f"CIFAR-100 in {data_dir} is missing or corrupted ({e}). {how}", data_dir
+            f"could not download CIFAR-100 from {CIFAR100.url} into {data_dir} ({type(e).__name__}: {e}); "
+            f"download and extract that archive there by hand (it holds cifar-100-python/)", data_dir
         ) from e
     tr, ev = _small_image_transforms(32, 4, CIFAR100_MEAN, CIFAR100_STD, flip=True)
     train = InMemoryImageDataset(

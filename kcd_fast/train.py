@@ -108,7 +108,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d.add_argument("--fake-on-device", action="store_true",
                    help="fake: generate the data on the training device and feed batches from there (no loader), "
                         "for throughput runs where the loader must not hide anything")
-    d.add_argument("--workers", type=int, default=None, help="data loader workers per process")
+    d.add_argument("--workers", type=int, default=None, help="data loader workers per process (the default is capped at the CPUs this process "
+                                                         "may use)")
 
     m = p.add_argument_group("models")
     m.add_argument("--teacher", default=None, help=f"teacher architecture, one of {', '.join(available_models())}")
@@ -200,6 +201,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     r.add_argument("--test-only", action="store_true",
                    help="evaluate --student-weights and/or --teacher-weights on the validation set, print top-1 and "
                         "top-5, and stop: nothing is trained or written")
+    r.add_argument("--eval-teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="score a --teacher-weights teacher on the validation set at the start (one pass; printed and "
+                        "in summary.json), as CRD's trainer does (default: on with --knowledge online; off with "
+                        "cached, whose teacher runs in the first epoch only)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     r.add_argument("--log-every", type=int, default=0,
                    help="print a line every N steps (images/s over all ranks, elapsed time, the epoch's ETA; no "
@@ -217,15 +222,20 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
     if not hasattr(args, "ignored_options"):  # before the per-dataset defaults: only what the user set counts
         args.ignored_options = _ignored_options(args)
+    defaulted = set()  # options this fills in: errors about them say so
     for key, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+            defaulted.add(key)
+    if "workers" in defaulted and hasattr(os, "sched_getaffinity"):
+        # A default of more loader workers than this process's CPUs only makes DataLoader warn, every epoch.
+        args.workers = min(args.workers, len(os.sched_getaffinity(0)))
     teacher, student = default_models(args.dataset)
     args.teacher = args.teacher or teacher
     args.student = args.student or student
-    for name in (args.teacher, args.student):
+    for flag, name in (("--teacher", args.teacher), ("--student", args.student)):
         if name not in available_models():
-            raise UserError(f"unknown model {name!r}; choose one of {', '.join(available_models())}")
+            raise UserError(f"{flag} {name}: unknown model; choose one of {', '.join(available_models())}")
     _torchvision_teacher(args)
     if args.loss_module:
         import importlib
@@ -243,7 +253,10 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if staged and args.stage_epochs < 1:
         raise UserError(f"--stage-epochs must be >= 1, got {args.stage_epochs}")
     if staged and args.epochs % args.stage_epochs:
-        raise UserError(f"--stage-epochs ({args.stage_epochs}) must divide --epochs ({args.epochs})")
+        def shown(key):
+            return f"{getattr(args, key)}{f', the {args.dataset} default' if key in defaulted else ''}"
+
+        raise UserError(f"--stage-epochs ({shown('stage_epochs')}) must divide --epochs ({shown('epochs')})")
     _check_numbers(args)
     _check_paths(args)
     return args
@@ -396,6 +409,9 @@ def _ignored_options(args) -> list[str]:
         off(("download",), "--dataset cifar100")
     if args.dataset in ("digits", "fake"):
         off(("data_dir",), "the datasets read from a folder (fashion-mnist, cifar100, imagenet)")
+    if not args.teacher_weights or _knowledge_file_given(args):
+        off(("eval_teacher",), "a --teacher-weights teacher that this run loads (one trained here is scored as it is "
+                               "trained)")
     if args.dataset not in TRAINABLE_TEACHER or args.teacher_weights or _knowledge_file_given(args):
         off(("teacher_epochs",), f"a teacher trained here ({', '.join(TRAINABLE_TEACHER)} without --teacher-weights "
                                  f"or a filled --knowledge-file)")
@@ -499,7 +515,7 @@ def _check_paths(args) -> None:
                         "step and stores nothing)")
     if args.knowledge_file and not os.path.isfile(args.knowledge_file):
         folder = os.path.dirname(os.path.abspath(args.knowledge_file))
-        if not os.path.isdir(folder):
+        if not os.path.isdir(folder) and folder != os.path.abspath(args.output_dir):  # the run makes that one
             raise UserError(f"--knowledge-file {args.knowledge_file}: it does not exist yet and its folder {folder} "
                             f"does not exist, so it cannot be written either")
     if args.condensed and not args.kcd:
@@ -560,8 +576,15 @@ def _check_resume(args, ckpt_path: Path) -> dict:
                         f"trainer writes it whole or not at all, so something else changed it: restore it, or "
                         f"delete it and start again without --resume") from None
     before = {**RESUME_KEYS_ADDED, **ckpt.get("args", {})}
+    def same(k):
+        if k == "condensed" and before[k] and args.condensed:  # the same file by content (or by path, for older runs)
+            if before.get("condensed_hash"):
+                return before["condensed_hash"] == _file_hash(args.condensed)
+            return os.path.realpath(before[k]) == os.path.realpath(args.condensed)
+        return before[k] == getattr(args, k)
+
     diff = [f"--{k.replace('_', '-')} {before[k]!r} there, {getattr(args, k)!r} here"
-            for k in RESUME_KEYS if k in before and before[k] != getattr(args, k)]
+            for k in RESUME_KEYS if k in before and not same(k)]
     if diff:
         raise UserError(f"--resume: {ckpt_path} was made with other settings ({'; '.join(diff)}); resume with the "
                         f"same settings, or start a new --output-dir")
@@ -920,9 +943,17 @@ def main(args: argparse.Namespace) -> dict:
                         f"({args.world_size})")
     ckpt_path = out / "checkpoint.pth"
     ckpt = _check_resume(args, ckpt_path) if args.resume else None
+    args.condensed_hash = _file_hash(args.condensed)  # recorded: a resume compares the set by content
     if is_main(args):
         for line in args.ignored_options:
             print(f"kcd_fast: note: ignoring {line}", flush=True)
+        if args.amp != "off" and device.type == "cpu":
+            print(f"kcd_fast: note: --amp {args.amp} on the CPU: autocast there is often several times slower than "
+                  f"float32 (it is meant for GPUs)", flush=True)
+        late = [m for m in args.lr_milestones if m >= args.epochs] if args.lr_scheduler == "multistep" else []
+        if late:  # e.g. CIFAR-100's 150 180 210 in a run shortened with --epochs
+            print(f"kcd_fast: note: --lr-milestones {' '.join(map(str, late))} lie at or past --epochs {args.epochs}: "
+                  f"the learning rate drops {len(late)} time(s) fewer than the schedule says", flush=True)
     torch.manual_seed(args.seed)
 
     # --download under torchrun: rank 0 downloads and unpacks while the others wait, then they read its files.
@@ -947,6 +978,9 @@ def main(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     if args.distributed:
         dist.barrier()
+    if args.train_subset > len(bundle.train):
+        raise UserError(f"--train-subset {args.train_subset}: the {args.dataset} training set has only "
+                        f"{len(bundle.train)} samples (0: all of them)")
     train_set = _subset(bundle.train, args.train_subset, args.seed)
     train_eval = _subset(eval_view(bundle), args.train_subset, args.seed)  # same samples, evaluation transform
     bundle.train = train_set
@@ -971,7 +1005,10 @@ def main(args: argparse.Namespace) -> dict:
             if args.condensed:
                 condenser.load_condensed(args.condensed)
         except (ValueError, TypeError) as exc:
-            raise UserError(f"{'--condensed ' + args.condensed + ': ' if args.condensed else ''}{exc}") from None
+            where = (f"--condensed {args.condensed}" if args.condensed else
+                     f"KCD with --rho {args.rho}, --epochs {args.epochs}, --stage-epochs {args.stage_epochs} on {n} "
+                     f"training samples{' (--train-subset)' if args.train_subset else ''}")
+            raise UserError(f"{where}: {exc}") from None
 
     cached = args.knowledge == "cached"
     samples = _samples_id(args, train_set)  # recorded in and checked against knowledge files and checkpoints
@@ -1027,6 +1064,15 @@ def main(args: argparse.Namespace) -> dict:
                         f"--output-dir")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    # A teacher from a file is scored once, as CRD's and mdistiller's trainers do at the start (one
+    # validation pass; a resume reads the score from its checkpoint).
+    teacher_score = ckpt.get("teacher_score") if ckpt is not None else None
+    eval_teacher = args.knowledge == "online" if args.eval_teacher is None else args.eval_teacher
+    if teacher is not None and args.teacher_weights and teacher_score is None and eval_teacher:
+        teacher_score = evaluate(teacher, bundle.val, args, device)
+        if is_main(args):
+            print(f"kcd_fast: teacher {args.teacher} ({args.teacher_weights}): top-1 {teacher_score['top1']:.2f}%, "
+                  f"top-5 {teacher_score['top5']:.2f}% on the validation set", flush=True)
 
     torch.manual_seed(args.seed)
     student = build_model(args.student, bundle.num_classes, bundle.in_channels).to(device)
@@ -1092,18 +1138,25 @@ def main(args: argparse.Namespace) -> dict:
     samples_total = sum(h["samples"] for h in history)
     # The one-off pass's teacher forwards, and the time already spent: kept in the checkpoint.
     fill_forwards = ckpt.get("fill_forwards", 0) if ckpt is not None else 0
+    fill_time = ckpt.get("fill_time_s", 0.0) if ckpt is not None else 0.0
     wall_before = ckpt.get("wall_time_s", 0.0) if ckpt is not None else 0.0
     if cached and not knowledge.fully_filled() and args.knowledge_fill == "pass":
         # The one-off pass with the evaluation transform, shared across ranks, then completed.
+        t_fill = time.time()
         share = range(args.rank, n, args.world_size)
         mine = knowledge.fill(teacher, train_eval, batch_size=args.eval_batch_size, device=device,
-                                       num_workers=0 if resident is not None else args.workers, indices=share,
-                                       autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
-                                       progress=lambda it: _progress(it, args, "knowledge fill", n,
-                                                                     ranks=args.world_size))
+                              num_workers=0 if resident is not None else args.workers, indices=share,
+                              autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp),
+                              progress=lambda it: _progress(it, args, "knowledge fill", n, ranks=args.world_size))
         # This rank's forwards and the other ranks' shares (of known size: together, every sample once).
         fill_forwards = mine + sum(len(range(r, n, args.world_size)) for r in range(args.world_size) if r != args.rank)
         _finish_fill(knowledge, args, n, owner=torch.arange(n) % args.world_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        fill_time = time.time() - t_fill  # not in any epoch's train_time: summary.json reports it beside them
+        if is_main(args):
+            print(f"kcd_fast: knowledge filled by a one-off teacher pass over {n} samples in {fill_time:.1f}s",
+                  flush=True)
     forwards_total = fill_forwards + sum(h.get("teacher_forwards", 0) for h in history)
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
@@ -1159,7 +1212,8 @@ def main(args: argparse.Namespace) -> dict:
                           "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                           "condenser": condenser_state,
                           "epoch": epoch, "history": history, "best": best, "args": vars(args),
-                          "knowledge_state": knowledge_state, "fill_forwards": fill_forwards, "samples": samples,
+                          "knowledge_state": knowledge_state, "fill_forwards": fill_forwards, "fill_time_s": fill_time, "teacher_score": teacher_score,
+                          "samples": samples,
                           "wall_time_s": wall_before + time.time() - t_start}, ckpt_path)
             _RUN["checkpointed"] = True
             _drop_stale_states(out, keep=knowledge_state, inputs=args.knowledge_file)
@@ -1172,6 +1226,8 @@ def main(args: argparse.Namespace) -> dict:
 
     summary = _summary(args, history, best, condenser, n, wall_before + time.time() - t_start,
                        teacher_passes=forwards_total, knowledge=knowledge)
+    summary["knowledge_fill_time_s"] = fill_time  # the one-off pass (--knowledge-fill pass), outside every epoch
+    summary["teacher_score"] = teacher_score  # a --teacher-weights teacher's validation top-1/top-5/loss
     if is_main(args):
         torch.save(student.state_dict(), out / "student.pth")
         if condenser is not None:

@@ -427,3 +427,31 @@ def test_fake_negative_index():
     assert torch.equal(ds[-1][0], ds[4][0]) and ds[-1][1] == ds[4][1]
     with pytest.raises(IndexError):
         ds[-6]
+
+
+def test_cifar100_files_that_fail_the_md5_check_are_not_called_missing(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", lambda self: pytest.fail("downloaded"))
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"not the archive's")
+    with pytest.raises(DatasetNotFoundError, match="fails torchvision's md5 check of its train/test files") as ei:
+        build_datasets("cifar100", tmp_path)
+    assert "replace them with those of the original archive" in str(ei.value)
+    assert (folder / "train").read_bytes() == b"not the archive's"
+
+
+def test_cifar100_download_without_network_names_the_url(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(self):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
+    with pytest.raises(DatasetNotFoundError, match="could not download CIFAR-100 from https://") as ei:
+        build_datasets("cifar100", tmp_path, download=True)
+    assert "extract that archive there by hand" in str(ei.value)

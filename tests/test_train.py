@@ -626,19 +626,22 @@ def test_cached_mode_one_off_pass(tmp_path, digits_teacher, monkeypatch, capsys)
 
 
 def _killed_at_evaluate(monkeypatch, call: int) -> type:
-    """Make the trainer's ``call``-th evaluation raise, as a kill would stop the run there (after that
-    epoch's training, before its checkpoint); returns the exception class. ``monkeypatch.undo()`` ends it."""
+    """Make the trainer's ``call``-th evaluation of its student raise, as a kill would stop the run there
+    (after that epoch's training, before its checkpoint); returns the exception class.
+    ``monkeypatch.undo()`` ends it. The start-of-run score of a --teacher-weights teacher (frozen
+    weights) is not counted."""
 
     class Killed(Exception):
         pass
 
     real_evaluate, calls = T.evaluate, {"n": 0}
 
-    def evaluate(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise Killed
-        return real_evaluate(*a, **k)
+    def evaluate(model, *a, **k):
+        if any(p.requires_grad for p in model.parameters()):
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise Killed
+        return real_evaluate(model, *a, **k)
 
     monkeypatch.setattr(T, "evaluate", evaluate)
     return Killed
@@ -1281,3 +1284,53 @@ def test_evaluation_shows_progress_like_an_epoch(capsys):
     T.evaluate(model, data, args, torch.device("cpu"))
     lines = [ln.split(" images")[0] for ln in capsys.readouterr().out.splitlines()]
     assert lines == ["eval step 2: 6/10", "eval step 4: 10/10"]
+
+
+def test_a_knowledge_file_may_go_in_the_output_dir_the_run_creates(tmp_path, digits_teacher):
+    out = tmp_path / "new"
+    summary = T.main(args_of("--knowledge", "cached", "--knowledge-file", str(out / "teacher.kcdk"),
+                             "--teacher-weights", str(digits_teacher), "--output-dir", str(out), *QUICK))
+    assert (out / "teacher.kcdk").is_file() and summary["teacher_passes"] == summary["num_train"]
+    assert summary["teacher_score"] is None and summary["knowledge_fill_time_s"] == 0.0  # cached: no teacher scoring
+
+
+def test_shortened_runs_and_options_get_a_note_or_an_error_naming_the_option(tmp_path, digits_teacher, capsys):
+    common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK]
+    assert T.cli([*common, "--train-subset", "5000"]) == 2
+    assert "--train-subset 5000: the digits training set has only 1437 samples (0: all of them)" in \
+        capsys.readouterr().err
+    assert T.cli([*common, "--student", "resnet8"]) == 2
+    assert "--student resnet8: unknown model; choose one of" in capsys.readouterr().err
+    assert T.cli([*common, "--train-subset", "1", "--epochs", "2", "--stage-epochs", "1"]) == 2
+    assert "KCD with --rho 0.7, --epochs 2, --stage-epochs 1 on 1 training samples (--train-subset): " \
+           "KnowledgeCondenser: `num_samples`=1" in capsys.readouterr().err
+    assert T.cli([*common, "--lr-milestones", "3", "9", "--amp", "bf16", "--device", "cpu", "--epochs", "2",
+                  "--stage-epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "note: --lr-milestones 3 9 lie at or past --epochs 2: the learning rate drops 2 time(s) fewer" in out
+    assert "note: --amp bf16 on the CPU" in out
+    # A --teacher-weights teacher is scored at the start in online mode, and the score is kept.
+    summary = json.loads((tmp_path / "o/summary.json").read_text())
+    assert 0.0 < summary["teacher_score"]["top1"] <= 100.0
+    assert f"kcd_fast: teacher cnn_large ({digits_teacher}): top-1 {summary['teacher_score']['top1']:.2f}%" in out
+
+
+def test_resume_accepts_the_same_condensed_file_by_another_path(tmp_path, digits_teacher, monkeypatch, capsys):
+    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "a"), *QUICK))
+    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "b"), *QUICK,
+                   "--rho", "0.5"))
+    (tmp_path / "sets").mkdir()
+    given = tmp_path / "sets/c.pt"
+    given.write_bytes((tmp_path / "a/condensed.pt").read_bytes())
+    for out in ("o", "o2"):
+        killed = _killed_at_evaluate(monkeypatch, 2)  # epoch 1 checkpointed
+        with pytest.raises(killed):
+            T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / out), *QUICK,
+                           "--condensed", str(given)))
+        monkeypatch.undo()
+    monkeypatch.chdir(tmp_path / "sets")
+    common = ["--teacher-weights", str(digits_teacher), *QUICK, "--resume"]
+    assert T.cli([*common, "--output-dir", str(tmp_path / "o"), "--condensed", "c.pt"]) == 0, capsys.readouterr().err
+    given.write_bytes((tmp_path / "b/condensed.pt").read_bytes())  # another set under the same name
+    assert T.cli([*common, "--output-dir", str(tmp_path / "o2"), "--condensed", str(given)]) == 2
+    assert "was made with other settings (--condensed" in capsys.readouterr().err
