@@ -49,7 +49,7 @@ def main(argv=None):
                   "--teacher", s["teacher"], "--student", s["student"], "--teacher-weights", str(teacher),
                   "--batch-size", str(s["batch"]), "--amp", s["amp"], "--epochs", str(args.epochs),
                   "--stage-epochs", str(args.stage_epochs), "--lr-milestones", str(args.epochs),
-                  "--workers", str(s["workers"]), "--no-progress", "--no-plots"]
+                  "--workers", str(s["workers"]), "--no-progress", "--no-plots", "--no-eval-teacher"]
         # A discarded 2-epoch warm-up first: the process's one-off CUDA, cuDNN and Triton start-up costs
         # would otherwise be charged to whichever run goes first (a long real run amortises them).
         warm = [a for a in common]
