@@ -1310,8 +1310,9 @@ def _clear_previous_run(out: Path, args) -> None:
                 f.unlink()
                 removed += 1
     if removed:
+        kept = " (the teacher trained there is kept)" if any(out.glob("teacher-*.pth")) else ""
         print(f"kcd_fast: note: {out} held a finished run; its {removed} output file(s) are replaced by this "
-              f"run's (a teacher trained there is kept)", flush=True)
+              f"run's{kept}", flush=True)
 
 
 class NoSingletonBatches(torch.utils.data.Sampler):

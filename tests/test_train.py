@@ -3,6 +3,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -925,7 +926,8 @@ def test_a_new_run_replaces_a_finished_runs_outputs_and_keeps_its_inputs(tmp_pat
     # Fig. 4 in the same folder: train on the condensed set the first run left there, without plots.
     before = torch.load(out / "condensed.pt")
     T.main(args_of(*common, "--condensed", str(out / "condensed.pt"), "--no-plots"))
-    assert "held a finished run" in capsys.readouterr().out
+    assert re.search(r"held a finished run; its \d+ output file\(s\) are replaced by this run's \(the teacher "
+                     r"trained there is kept\)", capsys.readouterr().out)
     assert not (out / "plots/accuracy_kept.png").exists(), "the old run's plot would sit beside the new run"
     assert (out / "condensed.pt").is_file() and (out / "teacher-0123456789.pth").is_file()
     assert (out / "notes.txt").read_text() == "the user's own file"
