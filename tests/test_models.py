@@ -6,15 +6,19 @@ import torch
 from kcd_fast.models import available_models, build_model, default_models
 
 IMAGENET = ["resnet18", "resnet34", "resnet50"]
-CIFAR = ["resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
-         "wrn_16_2", "wrn_40_2", "vgg8", "vgg13"]
+CIFAR = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+         "resnet8x4", "resnet32x4", "ResNet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
+         "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2"]
 SMALL = ["cnn_small", "cnn_large"]
 
 # Published parameter counts of the CIFAR-100 models (100 classes).
 CIFAR_PARAMS = {
-    "resnet20": 0.27e6, "resnet56": 0.86e6, "resnet110": 1.7e6,
-    "resnet8x4": 1.2e6, "resnet32x4": 7.4e6, "wrn_16_2": 0.70e6,
-    "wrn_40_2": 2.2e6, "vgg8": 3.9e6, "vgg13": 9.4e6,
+    "resnet8": 0.08e6, "resnet14": 0.18e6, "resnet20": 0.27e6, "resnet32": 0.47e6,
+    "resnet44": 0.67e6, "resnet56": 0.86e6, "resnet110": 1.7e6,
+    "resnet8x4": 1.2e6, "resnet32x4": 7.4e6, "ResNet50": 23.7e6,
+    "wrn_16_1": 0.18e6, "wrn_16_2": 0.70e6, "wrn_40_1": 0.57e6, "wrn_40_2": 2.2e6,
+    "vgg8": 3.9e6, "vgg11": 9.3e6, "vgg13": 9.4e6, "vgg16": 14.8e6, "vgg19": 20.1e6,
+    "MobileNetV2": 0.81e6, "ShuffleV1": 0.95e6, "ShuffleV2": 1.36e6,
 }
 
 
@@ -73,7 +77,8 @@ def test_cifar_models(name):
 # The CIFAR-100 model zoo that CRD (HobbitLong/RepDistiller), megvii-research/mdistiller and
 # the official KCD code (dzy3/KCD) share: parameter count, number of state_dict entries and
 # some of its keys with their shapes, for num_classes=100, as the zoo's own model classes
-# (models/{resnet,wrn,vgg}.py; vgg8/vgg13 are its vgg8_bn/vgg13_bn) give them. Checked against
+# (models/{resnet,resnetv2,wrn,vgg,mobilenetv2,ShuffleNetv1,ShuffleNetv2}.py; vgg8..vgg19 are its
+# vgg8_bn..vgg19_bn, MobileNetV2 its mobile_half) give them. Checked against
 # those classes when written; pinned here so that the zoo's teacher checkpoints keep loading
 # with load_state_dict(strict=True).
 ZOO = {
@@ -112,10 +117,70 @@ ZOO = {
     "vgg13": (9_462_180, 72, {
         "block0.0.weight": (64, 3, 3, 3), "block0.3.weight": (64, 64, 3, 3), "block0.4.weight": (64,),
         "block2.3.weight": (256, 256, 3, 3), "block4.4.running_var": (512,), "classifier.weight": (100, 512)}),
+    "resnet8": (83_892, 56, {
+        "conv1.weight": (16, 3, 3, 3), "layer1.0.conv1.weight": (16, 16, 3, 3),
+        "layer2.0.downsample.0.weight": (32, 16, 1, 1), "layer3.0.bn2.running_var": (64,), "fc.weight": (100, 64)}),
+    "resnet14": (181_108, 92, {
+        "layer1.1.conv2.weight": (16, 16, 3, 3), "layer3.0.downsample.1.running_var": (64,),
+        "layer3.1.bn2.running_var": (64,), "fc.weight": (100, 64)}),
+    "resnet32": (472_756, 200, {
+        "layer1.4.conv2.weight": (16, 16, 3, 3), "layer2.0.downsample.0.weight": (32, 16, 1, 1),
+        "layer3.4.bn2.running_var": (64,), "fc.weight": (100, 64)}),
+    "resnet44": (667_188, 272, {
+        "layer1.6.conv2.weight": (16, 16, 3, 3), "layer3.0.downsample.0.weight": (64, 32, 1, 1),
+        "layer3.6.bn2.running_var": (64,), "fc.weight": (100, 64)}),
+    "ResNet50": (23_705_252, 320, {
+        "conv1.weight": (64, 3, 3, 3), "bn1.running_var": (64,), "layer1.0.conv1.weight": (64, 64, 1, 1),
+        "layer1.0.conv3.weight": (256, 64, 1, 1), "layer1.0.shortcut.0.weight": (256, 64, 1, 1),
+        "layer1.0.shortcut.1.running_var": (256,), "layer2.0.conv2.weight": (128, 128, 3, 3),
+        "layer2.0.shortcut.0.weight": (512, 256, 1, 1), "layer3.5.bn3.running_var": (1024,),
+        "layer4.2.conv3.weight": (2048, 512, 1, 1), "linear.weight": (100, 2048), "linear.bias": (100,)}),
+    "wrn_16_1": (180_916, 82, {
+        "conv1.weight": (16, 3, 3, 3), "block1.layer.0.conv1.weight": (16, 16, 3, 3),
+        "block1.layer.1.bn2.running_var": (16,), "block2.layer.0.convShortcut.weight": (32, 16, 1, 1),
+        "block3.layer.1.conv2.weight": (64, 64, 3, 3), "bn1.running_var": (64,), "fc.weight": (100, 64)}),
+    "wrn_40_1": (569_780, 226, {
+        "block1.layer.5.conv2.weight": (16, 16, 3, 3), "block2.layer.0.convShortcut.weight": (32, 16, 1, 1),
+        "block3.layer.0.convShortcut.weight": (64, 32, 1, 1), "block3.layer.5.conv2.weight": (64, 64, 3, 3),
+        "bn1.running_var": (64,), "fc.weight": (100, 64)}),
+    "vgg11": (9_277_284, 58, {
+        "block0.0.weight": (64, 3, 3, 3), "block1.0.weight": (128, 64, 3, 3), "block2.3.weight": (256, 256, 3, 3),
+        "block4.4.running_var": (512,), "classifier.weight": (100, 512)}),
+    "vgg16": (14_774_436, 93, {
+        "block0.3.weight": (64, 64, 3, 3), "block2.6.weight": (256, 256, 3, 3), "block3.7.running_var": (512,),
+        "block4.6.weight": (512, 512, 3, 3), "classifier.weight": (100, 512)}),
+    "vgg19": (20_086_692, 114, {
+        "block0.3.weight": (64, 64, 3, 3), "block2.9.weight": (256, 256, 3, 3), "block3.10.running_var": (512,),
+        "block4.9.weight": (512, 512, 3, 3), "classifier.weight": (100, 512)}),
+    "MobileNetV2": (812_836, 320, {
+        "conv1.0.weight": (16, 3, 3, 3), "conv1.1.running_var": (16,), "blocks.0.0.conv.0.weight": (16, 16, 1, 1),
+        "blocks.0.0.conv.3.weight": (16, 1, 3, 3), "blocks.0.0.conv.6.weight": (8, 16, 1, 1),
+        "blocks.1.0.conv.0.weight": (48, 8, 1, 1), "blocks.2.0.conv.3.weight": (72, 1, 3, 3),
+        "blocks.6.0.conv.7.running_var": (160,), "conv2.0.weight": (1280, 160, 1, 1),
+        "conv2.1.running_var": (1280,), "classifier.0.weight": (100, 1280), "classifier.0.bias": (100,)}),
+    "ShuffleV1": (949_258, 296, {
+        "conv1.weight": (24, 3, 1, 1), "bn1.running_var": (24,), "layer1.0.conv1.weight": (54, 24, 1, 1),
+        "layer1.0.conv2.weight": (54, 1, 3, 3), "layer1.0.conv3.weight": (216, 18, 1, 1),
+        "layer1.1.conv1.weight": (60, 80, 1, 1), "layer2.0.conv1.weight": (60, 80, 1, 1),
+        "layer2.0.conv3.weight": (240, 20, 1, 1), "layer3.3.conv3.weight": (960, 80, 1, 1),
+        "layer3.3.bn3.running_var": (960,), "linear.weight": (100, 960)}),
+    "ShuffleV2": (1_355_528, 338, {
+        "conv1.weight": (24, 3, 1, 1), "bn1.running_var": (24,), "layer1.0.conv1.weight": (24, 1, 3, 3),
+        "layer1.0.conv2.weight": (58, 24, 1, 1), "layer1.0.conv3.weight": (58, 24, 1, 1),
+        "layer1.0.conv4.weight": (58, 1, 3, 3), "layer1.0.bn5.running_var": (58,),
+        "layer1.1.conv1.weight": (58, 58, 1, 1), "layer1.1.conv2.weight": (58, 1, 3, 3),
+        "layer2.7.conv3.weight": (116, 116, 1, 1), "layer3.3.bn3.running_var": (232,),
+        "conv2.weight": (1024, 464, 1, 1), "bn2.running_var": (1024,), "linear.weight": (100, 1024)}),
 }
-# Keys the zoo does not have (a stage without a width change has no projection).
+# Keys the zoo does not have (a stage without a width change has no projection; the zoo's
+# ShuffleV1 downsamples its shortcut with a parameter-free average pool).
 NOT_ZOO = {"resnet20": ["layer1.0.downsample.0.weight"], "resnet8x4": ["layer1.1.conv1.weight"],
-           "wrn_16_2": ["block1.layer.1.convShortcut.weight"], "vgg8": ["block0.3.weight"]}
+           "wrn_16_2": ["block1.layer.1.convShortcut.weight"], "vgg8": ["block0.3.weight"],
+           "resnet8": ["layer1.1.conv1.weight", "layer1.0.downsample.0.weight"],
+           "wrn_16_1": ["block1.layer.0.convShortcut.weight"],
+           "ResNet50": ["layer1.1.shortcut.0.weight", "fc.weight"],
+           "MobileNetV2": ["blocks.0.0.conv.8.weight", "classifier.weight"],
+           "ShuffleV1": ["layer1.0.shortcut.0.weight"]}
 
 
 @pytest.mark.parametrize("name", CIFAR)
@@ -133,7 +198,8 @@ def test_cifar_zoo_names(name):
         assert key not in state, key
     # The trainer finds the classifier as the last 2-D weight.
     last = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 2][-1]
-    assert last in ("fc.weight", "classifier.weight") and state[last].shape[0] == 100
+    assert last in ("fc.weight", "classifier.weight", "classifier.0.weight", "linear.weight")
+    assert state[last].shape[0] == 100
     # A zoo checkpoint is exactly such a state_dict: strict loading takes it.
     model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
 
@@ -155,8 +221,17 @@ def test_zoo_checkpoint_loads_as_teacher(tmp_path):
     torch.testing.assert_close(run(dst, (2, 3, 32, 32)), run(src, (2, 3, 32, 32)))
 
 
-def test_cifar_in_channels():
-    check_logits(run(build_model("resnet8x4", 10, in_channels=1), (2, 1, 32, 32)), 10)
+@pytest.mark.parametrize("name", ["resnet8x4", "ResNet50", "wrn_16_1", "vgg11", "MobileNetV2",
+                                  "ShuffleV1", "ShuffleV2"])
+def test_cifar_in_channels(name):
+    check_logits(run(build_model(name, 10, in_channels=1), (2, 1, 32, 32)), 10)
+
+
+def test_zoo_resnet50_is_not_torchvision_resnet50():
+    """'ResNet50' is the zoo's CIFAR ResNet50 (3x3 stem, ``linear``); 'resnet50' stays torchvision's."""
+    zoo, tv = build_model("ResNet50", 100), build_model("resnet50", 100)
+    assert zoo.conv1.kernel_size == (3, 3) and "linear.weight" in zoo.state_dict()
+    assert tv.conv1.kernel_size == (7, 7) and "fc.weight" in tv.state_dict()
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -5,15 +5,28 @@
 """
 from __future__ import annotations
 
-from torch import nn
 import torchvision
+from torch import nn
 
-from .cifar import CIFAR_MODELS, CifarResNet, CifarVGG, WideResNet
+from .cifar import (
+    CIFAR_MODELS,
+    CifarBottleneckResNet,
+    CifarResNet,
+    CifarVGG,
+    WideResNet,
+)
+from .cifar_mobile import (
+    CIFAR_MOBILE_MODELS,
+    CifarMobileNetV2,
+    ShuffleNetV1,
+    ShuffleNetV2,
+)
 from .small import SMALL_MODELS, SmallCNN
 
 __all__ = [
     "build_model", "available_models", "default_models",
-    "CifarResNet", "WideResNet", "CifarVGG", "SmallCNN",
+    "CifarResNet", "WideResNet", "CifarVGG", "CifarBottleneckResNet",
+    "CifarMobileNetV2", "ShuffleNetV1", "ShuffleNetV2", "SmallCNN",
 ]
 
 
@@ -30,7 +43,8 @@ def _imagenet_resnet(arch: str):
 
 _REGISTRY = {
     **{a: _imagenet_resnet(a) for a in ("resnet18", "resnet34", "resnet50")},
-    **CIFAR_MODELS,
+    **CIFAR_MODELS,  # the CIFAR zoo; its "ResNet50" is not torchvision's "resnet50"
+    **CIFAR_MOBILE_MODELS,
     **SMALL_MODELS,
 }
 

@@ -3,10 +3,11 @@
 Each network has the zoo's module names, so ``model.state_dict()`` has exactly the keys
 and shapes of the checkpoints that HobbitLong/RepDistiller (CRD), megvii-research/mdistiller
 and dzy3/KCD share (``conv1.weight``, ``layer1.0.bn2.running_var``,
-``block2.layer.0.convShortcut.weight``, ``block3.1.weight``, ``fc.weight`` /
-``classifier.weight``, ...), and their teachers load with ``load_state_dict(strict=True)``.
-The forward computes the zoo's logits (the zoo's models also return features; ours return
-logits only).
+``block2.layer.0.convShortcut.weight``, ``block3.1.weight``, ``layer4.0.shortcut.0.weight``,
+``fc.weight`` / ``classifier.weight`` / ``linear.weight``, ...), and their teachers load with
+``load_state_dict(strict=True)``. The forward computes the zoo's logits (the zoo's models
+also return features; ours return logits only). The zoo's MobileNetV2, ShuffleV1 and
+ShuffleV2 are in :mod:`kcd_fast.models.cifar_mobile`.
 
 Designed for 32x32 inputs; all use adaptive average pooling before the classifier (the
 zoo's ResNets and WRNs pool a fixed 8x8 window, the same thing on 32x32 inputs), so any
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CifarResNet", "WideResNet", "CifarVGG", "CIFAR_MODELS"]
+__all__ = ["CifarResNet", "WideResNet", "CifarVGG", "CifarBottleneckResNet", "CIFAR_MODELS"]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -92,6 +93,66 @@ class CifarResNet(nn.Module):
         return self.fc(_global_pool(x))
 
 
+class Bottleneck(nn.Module):
+    """Post-activation bottleneck block: 1x1 conv1-bn1-ReLU, 3x3 conv2-bn2-ReLU (carrying the
+    stride), 1x1 conv3-bn3 to ``4 * width`` channels (+ shortcut), ReLU. The projection
+    shortcut (1x1 conv, BN) is ``shortcut``, as in the zoo's ``resnetv2``; the identity
+    shortcut has no module (no state_dict entries)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        cout = self.expansion * width
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class CifarBottleneckResNet(nn.Module):
+    """The zoo's CIFAR ``ResNet50`` (``resnetv2``): an ImageNet-style bottleneck ResNet with
+    a CIFAR stem, i.e. a 3x3 stride-1 ``conv1`` of 64 channels and ``bn1`` (no max-pool),
+    stages ``layer1..4`` of ``depths`` Bottlenecks of widths 64, 128, 256, 512 (outputs 4x
+    that; strides 1, 2, 2, 2), global average pool, ``linear``.
+
+    Not torchvision's ImageNet ``resnet50`` (7x7 stride-2 stem, max-pool, ``fc``)."""
+
+    def __init__(self, depths=(3, 4, 6, 3), num_classes: int = 100, in_channels: int = 3):
+        super().__init__()
+        if len(depths) != 4:
+            raise ValueError(f"a bottleneck ResNet has 4 stages, got {len(depths)}")
+        self.conv1 = _conv3x3(in_channels, 64)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), depths)):
+            blocks = []
+            for j in range(n):
+                blocks.append(Bottleneck(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width * Bottleneck.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(cin, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.linear(_global_pool(x))
+
+
 class WideBlock(nn.Module):
     """Pre-activation wide-ResNet block: bn1-ReLU-conv1-bn2-ReLU-(dropout)-conv2 (+ shortcut).
     Where the width changes, the shortcut is a 1x1 conv (``convShortcut``, the zoo's name)
@@ -158,12 +219,15 @@ class WideResNet(nn.Module):
 
 VGG_CFGS = {
     8: [[64], [128], [256], [512], [512]],
+    11: [[64], [128], [256, 256], [512, 512], [512, 512]],
     13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    16: [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    19: [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4],
 }
 
 
 class CifarVGG(nn.Module):
-    """CIFAR VGG with BatchNorm (the zoo's ``vgg8_bn`` / ``vgg13_bn``): five stages
+    """CIFAR VGG with BatchNorm (the zoo's ``vgg8_bn`` .. ``vgg19_bn``): five stages
     ``block0..4`` of 3x3 conv-BN-ReLU (the conv has a bias; each stage's last ReLU is
     applied outside it), 2x2 max-pools ``pool0..2`` after the first three stages, global
     average pool, ``classifier``.
@@ -199,15 +263,25 @@ class CifarVGG(nn.Module):
         return self.classifier(_global_pool(x))
 
 
-# name -> factory(num_classes, in_channels)
+# name -> factory(num_classes, in_channels), under the zoo's model_dict names.
 CIFAR_MODELS = {
+    "resnet8": lambda nc, ic: CifarResNet(8, (16, 16, 32, 64), nc, ic),
+    "resnet14": lambda nc, ic: CifarResNet(14, (16, 16, 32, 64), nc, ic),
     "resnet20": lambda nc, ic: CifarResNet(20, (16, 16, 32, 64), nc, ic),
+    "resnet32": lambda nc, ic: CifarResNet(32, (16, 16, 32, 64), nc, ic),
+    "resnet44": lambda nc, ic: CifarResNet(44, (16, 16, 32, 64), nc, ic),
     "resnet56": lambda nc, ic: CifarResNet(56, (16, 16, 32, 64), nc, ic),
     "resnet110": lambda nc, ic: CifarResNet(110, (16, 16, 32, 64), nc, ic),
     "resnet8x4": lambda nc, ic: CifarResNet(8, (32, 64, 128, 256), nc, ic),
     "resnet32x4": lambda nc, ic: CifarResNet(32, (32, 64, 128, 256), nc, ic),
+    "ResNet50": lambda nc, ic: CifarBottleneckResNet((3, 4, 6, 3), nc, ic),
+    "wrn_16_1": lambda nc, ic: WideResNet(16, 1, nc, ic),
     "wrn_16_2": lambda nc, ic: WideResNet(16, 2, nc, ic),
+    "wrn_40_1": lambda nc, ic: WideResNet(40, 1, nc, ic),
     "wrn_40_2": lambda nc, ic: WideResNet(40, 2, nc, ic),
     "vgg8": lambda nc, ic: CifarVGG(VGG_CFGS[8], nc, ic),
+    "vgg11": lambda nc, ic: CifarVGG(VGG_CFGS[11], nc, ic),
     "vgg13": lambda nc, ic: CifarVGG(VGG_CFGS[13], nc, ic),
+    "vgg16": lambda nc, ic: CifarVGG(VGG_CFGS[16], nc, ic),
+    "vgg19": lambda nc, ic: CifarVGG(VGG_CFGS[19], nc, ic),
 }
