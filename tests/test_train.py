@@ -1301,8 +1301,8 @@ def test_shortened_runs_and_options_get_a_note_or_an_error_naming_the_option(tmp
     assert T.cli([*common, "--train-subset", "5000"]) == 2
     assert "--train-subset 5000: the digits training set has only 1437 samples (0: all of them)" in \
         capsys.readouterr().err
-    assert T.cli([*common, "--student", "resnet8"]) == 2
-    assert "--student resnet8: unknown model; choose one of" in capsys.readouterr().err
+    assert T.cli([*common, "--student", "resnet9"]) == 2
+    assert "--student resnet9: unknown model; choose one of" in capsys.readouterr().err
     assert T.cli([*common, "--train-subset", "1", "--epochs", "2", "--stage-epochs", "1"]) == 2
     assert "KCD with --rho 0.7, --epochs 2, --stage-epochs 1 on 1 training samples (--train-subset): " \
            "KnowledgeCondenser: `num_samples`=1" in capsys.readouterr().err
