@@ -64,10 +64,10 @@ def test_epoch_cost(benchmark, world, provider):
         loader = DeviceBatches(w["x"], w["y"], lambda: torch.randperm(n), CFG["batch"])
         kept = 1.0
     else:
-        condenser = KnowledgeCondenser(n, epochs=1, stage_epochs=1, rho=RHO, device=DEVICE)
+        condenser = KnowledgeCondenser(n, epochs=2, stage_epochs=2, rho=RHO, device=DEVICE)
         condenser.values.copy_(torch.rand(n, device=DEVICE))
         condenser.counts.fill_(1)
-        condenser.end_epoch(0)  # one condensation: tau^0 = rho with S = 1
+        condenser.end_epoch(0)  # one condensation: tau^0 = rho with S = 1 (epoch 1 then observes)
         sampler = condenser.sampler()
         loader = DeviceBatches(w["x"], w["y"], sampler.indices, CFG["batch"])
         kept = condenser.kept_indices().numel() / n
