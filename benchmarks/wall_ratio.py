@@ -50,17 +50,28 @@ def main(argv=None):
                   "--batch-size", str(s["batch"]), "--amp", s["amp"], "--epochs", str(args.epochs),
                   "--stage-epochs", str(args.stage_epochs), "--lr-milestones", str(args.epochs),
                   "--workers", str(s["workers"]), "--no-progress", "--no-plots", "--no-eval-teacher"]
-        # A discarded 2-epoch warm-up first: the process's one-off CUDA, cuDNN and Triton start-up costs
-        # would otherwise be charged to whichever run goes first (a long real run amortises them).
+        # Discarded warm-ups first: the process's one-off CUDA, cuDNN and Triton start-up costs would
+        # otherwise be charged to whichever run goes first, and each batch shape's one-off costs (cuDNN
+        # builds an execution plan per convolution shape the first time it meets it: every condensed
+        # set's last batch is a new shape) to whichever run meets that shape first. The H200 run of
+        # 2026-11-26T22:10 showed the latter: online KCD's first epoch after each condensation took
+        # about one step longer than the rest of its stage (e.g. 0.554 s, then 0.522 s), and the cached
+        # run after it, with the same set sizes, did not. A real run amortises both over thousands of
+        # steps per epoch; here each run has 20. So: a 2-epoch cached run (the buffer's one-offs), then
+        # a whole online KCD run of the measured schedule, whose set sizes, and so batch shapes, all
+        # three measured runs meet (KD's are its full batches).
         warm = [a for a in common]
         warm[warm.index("--epochs") + 1] = "2"
         warm[warm.index("--stage-epochs") + 1] = "1"
         T.main(T.get_args_parser().parse_args(warm + ["--knowledge", "cached", "--output-dir", f"{tmp}/warm-up"]))
+        T.main(T.get_args_parser().parse_args(common + ["--output-dir", f"{tmp}/warm-up-shapes"]))
         for name, extra in (("kd", ["--no-kcd"]), ("kcd", []), ("kcd_cached", ["--knowledge", "cached"])):
             summary = T.main(T.get_args_parser().parse_args(common + extra + ["--output-dir", f"{tmp}/{name}"]))
             rows = [json.loads(x) for x in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
             results[name] = {"train_time_s": sum(r["train_time"] for r in rows), "C": summary["C"],
-                             "teacher_passes": summary["teacher_passes"], "per_epoch_s": [r["train_time"] for r in rows]}
+                             "teacher_passes": summary["teacher_passes"], "per_epoch_s": [r["train_time"] for r in rows],
+                             # each epoch's train_time = its training steps + the rest (stage ends, the fill's end)
+                             "mstep_s": [r["mstep_time"] for r in rows], "estep_s": [r["estep_time"] for r in rows]}
     base = results["kd"]["train_time_s"]
     for r in results.values():
         r["ratio_to_kd"] = r["train_time_s"] / base

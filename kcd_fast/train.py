@@ -1150,7 +1150,8 @@ def main(args: argparse.Namespace) -> dict:
                               progress=lambda it: _progress(it, args, "knowledge fill", n, ranks=args.world_size))
         # This rank's forwards and the other ranks' shares (of known size: together, every sample once).
         fill_forwards = mine + sum(len(range(r, n, args.world_size)) for r in range(args.world_size) if r != args.rank)
-        _finish_fill(knowledge, args, n, owner=torch.arange(n) % args.world_size)
+        _finish_fill(knowledge, args, n, owner=lambda: torch.arange(n) % args.world_size)
+        teacher = None  # not run again (cached mode reads the buffer): its GPU memory goes back at once
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         fill_time = time.time() - t_fill  # not in any epoch's train_time: summary.json reports it beside them
@@ -1172,11 +1173,13 @@ def main(args: argparse.Namespace) -> dict:
         train_stats = train_one_epoch(model, teacher, loader, optimizer, scaler, condenser, args, epoch, device,
                                       total_images, knowledge=knowledge, fill=fill)
         forwards_total += train_stats["teacher_forwards"]
+        mstep_time = time.time() - t_train  # train_one_epoch ends in a host read of its loss: synchronised
         scheduler.step()
         if fill:  # the lazy fill: each rank wrote its own share of this first, full epoch
-            _finish_fill(knowledge, args, n, owner=_epoch_owner(sampler, args, epoch, n))
-            if teacher is not None and device.type == "cuda":
-                teacher = teacher.cpu()  # not run again: give its memory back
+            _finish_fill(knowledge, args, n, owner=lambda: _epoch_owner(sampler, args, epoch, n))
+            # Not run again: dropped, so its GPU memory goes back at once. (Copying its weights to the
+            # host, as this did before, cost a ResNet34 about 87 MB of transfers inside the first epoch.)
+            teacher = None
         plan = condenser.end_epoch(epoch) if condenser is not None else None
         if cached and plan is not None and args.vaks and plan.k1l.numel():
             knowledge.mix_(plan.k1l, plan.k0, plan.eps)  # VAKS on the soft labels (Eq. 14)
@@ -1194,6 +1197,7 @@ def main(args: argparse.Namespace) -> dict:
                "samples": train_stats["samples"],
                "kept_fraction": kept_fraction,
                "C_so_far": samples_total / (n * (epoch + 1)), "epoch_time": time.time() - t0, "train_time": train_time,
+               "mstep_time": mstep_time, "estep_time": train_time - mstep_time,
                "condensed": plan is not None, "teacher_forwards": train_stats["teacher_forwards"]}
         history.append(row)
         improved = val["top1"] > best["top1"]
@@ -1418,9 +1422,11 @@ def _load_knowledge(path, what: str, args, device, n: int, num_classes: int, sam
 
 
 def _finish_fill(knowledge, args, n, owner) -> None:
-    """After each rank filled its share: one collective completes every replica; save the file."""
+    """After each rank filled its share: one collective completes every replica; save the file.
+    ``owner()`` gives the rank that filled each sample; it is worked out under DDP only (for the lazy
+    fill it walks the epoch's sampler of every rank)."""
     if args.distributed:
-        knowledge.complete_ranks(owner, args.rank)
+        knowledge.complete_ranks(owner(), args.rank)
     if not knowledge.fully_filled():
         raise RuntimeError(f"the knowledge buffer holds {int(knowledge.filled.sum())} of {n} samples after the fill")
     if args.knowledge_file and is_main(args):

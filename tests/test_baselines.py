@@ -119,6 +119,27 @@ def test_update_values_sweep_reports_a_variant_that_fails_its_check(tmp_path, mo
     assert all("AssertionError" in r["error"] for r in failed)
 
 
+def test_update_values_sweep_times_without_changing_what_later_variants_are_checked_against(tmp_path, monkeypatch):
+    """The timed calls record into the state too: they must not be the state the next variant's check
+    starts from (on the H200, every variant after the first timed one failed its check that way)."""
+    import json
+
+    from benchmarks import sweep_update_values
+
+    def run_it(fn, reps=30):  # a stand-in for the graph replay: calls fn, as the timing does
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(sweep_update_values, "device_time_us", run_it)
+    out = tmp_path / "sweep.json"
+    assert 0 == sweep_update_values.main(["--device", TRITON_DEVICE, "--batch", "3", "--classes", "8", "--n", "20",
+                                          "--warps", "4", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    variants = [r for r in rows if r["provider"] == "kcd_fast"]
+    assert len(variants) == 10 and all(r["checked"] and r["device_us"] == 1.0 for r in variants)
+    assert {r["provider"] for r in rows} == {"kcd_fast", "eager", "floor: launch", "floor: row sum"}
+
+
 def test_accuracy_table_pairs_each_variant_with_kd_on_the_same_seed():
     from benchmarks.accuracy_kcd_vs_kd import table
 

@@ -47,6 +47,9 @@ def test_default_digits_run_learns_and_writes_its_outputs(tmp_path, digits_teach
     assert [r["epoch"] for r in rows] == list(range(6))
     for key in ("train_loss", "top1", "top5", "kept_fraction", "samples", "C_so_far", "epoch_time"):
         assert all(key in r for r in rows), key
+    # train_time = the training steps (mstep_time) + the rest (estep_time: the stage ends' condensation)
+    assert all(abs(r["mstep_time"] + r["estep_time"] - r["train_time"]) < 1e-9 for r in rows)
+    assert all(0 < r["mstep_time"] <= r["train_time"] and r["estep_time"] >= 0 for r in rows)
     on_disk = json.loads((out / "summary.json").read_text())
     for key in ("best_top1", "best_top5", "final_top1", "final_top5", "C", "C_a", "wall_time_s", "stages"):
         assert key in on_disk, key
@@ -206,6 +209,24 @@ def test_torchrun_one_off_fill_counts_each_teacher_forward_once(tmp_path, digits
     assert summary["teacher_passes"] == summary["num_train"] == 1437
     assert summary["C_a"] == 1438 and summary["C"] == 1.0
     assert "knowledge fill step 6: 1437/1437 images" in res.stdout  # 6 batches of 128 per rank, clamped
+
+
+def test_torchrun_lazy_fill_completes_every_replica(tmp_path, digits_teacher):
+    """Cached KCD under DDP, filled lazily: each rank writes its first epoch's share, one collective
+    (with the owners worked out from every rank's sampler) completes both replicas, and the teacher
+    runs on each sample once, in the first epoch only."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+           "-m", "kcd_fast.train", "--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "ddp"),
+           "--epochs", "3", "--stage-epochs", "1", "--knowledge", "cached", "--no-progress", "--no-plots",
+           "--device", "cpu"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp/summary.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    # 1437 samples on 2 ranks: the first epoch is padded to 1438 (one sample twice), all of it online.
+    assert summary["num_train"] == 1437 and summary["teacher_passes"] == 1438
+    assert [r["teacher_forwards"] for r in rows] == [1438, 0, 0] and summary["final_top1"] > 30.0
 
 
 def test_torchrun_trains_the_teacher_on_rank_0_while_the_other_waits(tmp_path):
@@ -574,6 +595,35 @@ def test_cached_mode_runs_the_teacher_exactly_one_epoch(tmp_path, digits_teacher
     assert summary["teacher_passes"] == n and summary["knowledge"] == "cached"
     assert summary["knowledge_storage"]["storage"] == storage
     assert summary["final_top1"] > 80.0
+
+
+@pytest.mark.parametrize("fill", ["lazy", "pass"])
+def test_cached_mode_lets_the_teacher_go_once_the_buffer_is_filled(tmp_path, digits_teacher, monkeypatch, fill):
+    """After the fill the teacher is not run again: the trainer keeps no reference to it, so its
+    (GPU) memory is freed at once, and no time is spent copying its weights anywhere."""
+    import gc
+    import weakref
+
+    teachers, alive = [], []
+    real_build, real_epoch = T.build_model, T.train_one_epoch
+
+    def build(name, *a, **k):
+        model = real_build(name, *a, **k)
+        if name == "cnn_large":
+            teachers.append(weakref.ref(model))
+        return model
+
+    def epoch(student, teacher, *a, **k):
+        gc.collect()
+        alive.append(teacher is not None or any(t() is not None for t in teachers))
+        return real_epoch(student, teacher, *a, **k)
+
+    monkeypatch.setattr(T, "build_model", build)
+    monkeypatch.setattr(T, "train_one_epoch", epoch)
+    T.main(args_of("--knowledge", "cached", "--knowledge-fill", fill, "--teacher-weights", str(digits_teacher),
+                   "--output-dir", str(tmp_path / fill), *QUICK))
+    assert len(teachers) == 1
+    assert alive == ([True, False, False, False] if fill == "lazy" else [False] * 4)
 
 
 def test_knowledge_file_is_computed_once_and_reused(tmp_path, digits_teacher, monkeypatch):
