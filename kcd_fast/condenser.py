@@ -423,24 +423,19 @@ class KnowledgeCondenser:
         self._eps_cpu.copy_(ratio.cpu())
 
     def _summary(self, plan, stage, epoch, values) -> dict:
-        keep = plan.keep
-        dropped = ~keep
-        kept_mean = float(values[keep].mean()) if bool(keep.any()) else float("nan")
-        drop_mean = float(values[dropped].mean()) if bool(dropped.any()) else float("nan")
-        n = self.num_samples
-        position = torch.empty(n, dtype=torch.int64, device=plan.order.device)
-        position[plan.order] = torch.arange(n, device=plan.order.device)
-        p_rank = 1.0 - position[self.trajectory_points.to(position.device)].double() / n  # Eq. 8
+        """The stage's record for summary.json and the plots: counts, tau, C so far, and the value
+        statistics of :func:`stage_value_stats` (worked out on the values' device, read in one transfer)."""
         pairs = int(plan.k1l.numel())
+        stats = stage_value_stats(values, plan.keep, plan.num_kept, plan.order, self.trajectory_points)
         return {
             "stage": stage, "epoch": epoch, "tau": self.tau(stage), "kept": plan.num_kept,
             "k1h": plan.num_kept - pairs, "k1l": pairs, "k0": plan.num_k0,
-            "mean_value_kept": kept_mean, "mean_value_dropped": drop_mean,
+            "mean_value_kept": stats["mean_kept"], "mean_value_dropped": stats["mean_dropped"],
             "C_so_far": self._cost({epoch: 0, **self.samples_yielded})["C"],
-            "value_quantiles_kept": _quantiles(values[keep]),
-            "value_quantiles_dropped": _quantiles(values[dropped]),
-            "value_hist": _histograms(values, keep),
-            "rank_likelihood": p_rank.cpu().tolist(),
+            "value_quantiles_kept": stats["quantiles_kept"],
+            "value_quantiles_dropped": stats["quantiles_dropped"],
+            "value_hist": stats["hist"],
+            "rank_likelihood": stats["rank_likelihood"],
         }
 
     # ------------------------------------------------------------------ VAKS
@@ -736,19 +731,85 @@ def _pair_arrays(n, k1l, k0, eps):
     return partner, ratio
 
 
-def _quantiles(x: torch.Tensor, q=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)) -> list:
-    if x.numel() == 0:
-        return []
-    return torch.quantile(x.double().cpu()[: 1 << 24], torch.tensor(q, dtype=torch.float64)).tolist()
+QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+HIST_BINS = 40
 
 
-def _histograms(values: torch.Tensor, keep: torch.Tensor, bins: int = 40) -> dict:
-    """Histograms of the values of kept and dropped points over common bins (for the plots)."""
-    hi = max(float(values.max()), 1e-6) if values.numel() else 1.0
-    edges = torch.linspace(0.0, hi, bins + 1).tolist()
-    v = values.float()
-    return {"edges": edges, "kept": torch.histc(v[keep], bins, 0.0, hi).cpu().tolist(),
-            "dropped": torch.histc(v[~keep], bins, 0.0, hi).cpu().tolist()}
+def stage_value_stats(values: torch.Tensor, keep: torch.Tensor, num_kept: int, order: torch.Tensor,
+                      tracked: torch.Tensor, *, q=QUANTILES, bins: int = HIST_BINS) -> dict:
+    """What a stage records about the values V (Eq. 12) it condensed by, for summary.json and the plots.
+
+    ``values`` float [N] and ``keep`` bool [N] on one device, ``num_kept`` = keep.sum() (known to the
+    host from the plan), ``order`` the plan's ranking (indices, best first), ``tracked`` the indices
+    whose rank likelihood (Eq. 8) is followed across stages. Returns the mean value of the kept and
+    of the dropped points (NaN for an empty set), their value quantiles ``q`` (linear interpolation,
+    as ``torch.quantile``; [] for an empty set), a histogram of both over ``bins`` common bins on
+    [0, max V] (a value on an edge goes to the bin above it, the maximum to the last: ``torch.histc``'s
+    rule), and 1 - position / N of each tracked point.
+
+    All of it is computed where the values are, in float64, and read back in ONE transfer: the old
+    per-statistic host reads cost a stage end a dozen synchronisations on CUDA, and copying the
+    values to the host for ``torch.quantile`` cost about 0.26 s at N = 1,281,167 on a 2-core CPU. The
+    kept and the dropped values are sorted by one sort of V and a stable partition (prefix sums),
+    so nothing waits for the device before the one read.
+    """
+    n = values.shape[0]
+    dev = values.device
+    n_kept, n_dropped = int(num_kept), n - int(num_kept)
+    keep = keep.to(dev)
+    # Kept values ascending in [0, n_kept), dropped ones ascending in [n_kept, n): a stable partition
+    # of one sort (a dropped value at sorted position i has i - (kept up to i) dropped ones before it).
+    sorted_v, by_value = torch.sort(values)
+    kept_sorted = keep[by_value]
+    kept_upto = torch.cumsum(kept_sorted, 0)
+    dest = torch.where(kept_sorted, kept_upto - 1, torch.arange(n_kept, n_kept + n, device=dev) - kept_upto)
+    part = torch.empty_like(sorted_v).scatter_(0, dest, sorted_v)
+
+    def quantile_points(lo: int, size: int):
+        # torch.quantile's linear rule: rank q (size - 1), between its floor and ceiling.
+        ranks = [x * (size - 1) for x in q]
+        below = [lo + math.floor(r) for r in ranks]
+        above = [lo + math.ceil(r) for r in ranks]
+        weight = [r - math.floor(r) for r in ranks]
+        return below, above, weight
+
+    below, above, weight = [], [], []
+    for lo, size in ((0, n_kept), (n_kept, n_dropped)):
+        if size:
+            b, a, w = quantile_points(lo, size)
+            below, above, weight = below + b, above + a, weight + w
+    ends = torch.tensor(below + above, dtype=torch.int64).to(dev, non_blocking=True)
+    w = torch.tensor(weight, dtype=torch.float64).to(dev, non_blocking=True)
+    pick = part[ends].double()
+    quantiles = torch.lerp(pick[: len(below)], pick[len(below):], w)
+
+    sums = torch.stack([(values * keep).sum(dtype=torch.float64), (values * ~keep).sum(dtype=torch.float64)])
+    means = sums / torch.tensor([max(n_kept, 1), max(n_dropped, 1)], dtype=torch.float64).to(dev, non_blocking=True)
+
+    # histc's bins on [0, hi]: bin = floor(x * bins / hi), the maximum into the last bin.
+    hi = values.max().double().clamp_min(1e-6) if n else torch.ones((), dtype=torch.float64, device=dev)
+    edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=dev) * hi
+    which = (values.double() * bins / hi).floor().clamp_(0, bins - 1).long() + bins * (~keep).long()
+    hist = torch.zeros(2 * bins, dtype=torch.int64, device=dev).index_add_(0, which, torch.ones_like(which))
+
+    position = torch.empty(n, dtype=torch.int64, device=dev)
+    position[order.to(dev)] = torch.arange(n, device=dev)
+    p_rank = 1.0 - position[tracked.to(dev)].double() / n  # Eq. 8
+
+    packed = torch.cat([means, quantiles, edges, hist.double(), p_rank]).cpu().tolist()  # the one read
+    k = len(q)
+    means_h, rest = packed[:2], packed[2:]
+    q_kept = rest[:k] if n_kept else []
+    rest = rest[k if n_kept else 0:]
+    q_dropped = rest[:k] if n_dropped else []
+    rest = rest[k if n_dropped else 0:]
+    edges_h, rest = rest[: bins + 1], rest[bins + 1:]
+    hist_h, p_rank_h = rest[: 2 * bins], rest[2 * bins:]
+    return {"mean_kept": means_h[0] if n_kept else float("nan"),
+            "mean_dropped": means_h[1] if n_dropped else float("nan"),
+            "quantiles_kept": q_kept, "quantiles_dropped": q_dropped,
+            "hist": {"edges": edges_h, "kept": hist_h[:bins], "dropped": hist_h[bins:]},
+            "rank_likelihood": p_rank_h}
 
 
 class KeptSampler(Sampler):

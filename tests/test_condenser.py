@@ -365,6 +365,67 @@ def test_stage_history_holds_the_rank_likelihoods_of_the_tracked_points():
         assert entry["rank_likelihood"] == expected.tolist()
 
 
+def _stage_stats_twin(values, keep, order, tracked, q, bins):
+    """The slow twin of condenser.stage_value_stats: one host read per statistic, torch.quantile and
+    torch.histc on the CPU, in float64."""
+    v, keep = values.double().cpu(), keep.cpu()
+    n = v.numel()
+    kept, dropped = v[keep], v[~keep]
+    hi = max(float(v.max()), 1e-6)
+    qs = torch.tensor(q, dtype=torch.float64)
+    position = torch.empty(n, dtype=torch.int64)
+    position[order.cpu()] = torch.arange(n)
+    return {"mean_kept": float(kept.mean()) if kept.numel() else float("nan"),
+            "mean_dropped": float(dropped.mean()) if dropped.numel() else float("nan"),
+            "quantiles_kept": torch.quantile(kept, qs).tolist() if kept.numel() else [],
+            "quantiles_dropped": torch.quantile(dropped, qs).tolist() if dropped.numel() else [],
+            "hist": {"edges": [hi * i / bins for i in range(bins + 1)],
+                     "kept": torch.histc(kept, bins, 0.0, hi).tolist(),
+                     "dropped": torch.histc(dropped, bins, 0.0, hi).tolist()},
+            "rank_likelihood": (1.0 - position[tracked].double() / n).tolist()}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("case", ["random", "duplicates_on_edges", "all_kept", "one_dropped", "one_point"])
+def test_stage_value_stats_match_their_slow_twin(device, case):
+    """summary.json's per-stage value statistics, computed on the device with one read, against
+    torch.quantile / torch.histc / masked means on the CPU: odd sizes, repeated values, values on bin
+    edges and at the maximum, empty kept or dropped sets."""
+    from kcd_fast.condenser import stage_value_stats
+
+    g = torch.Generator().manual_seed(len(case))  # a fixed seed per case (str hashes vary per process)
+    n = {"one_point": 1, "one_dropped": 7}.get(case, 1237)
+    if case == "duplicates_on_edges":  # max 2.0: 0.05 steps are the 40 bins' edges; many ties, zeros (unseen)
+        values = (torch.randint(0, 41, (n,), generator=g) * 0.05).float()
+        values[:5] = 0.0
+        values[5] = 2.0
+    else:
+        values = torch.rand(n, generator=g) * 3.7
+    keep = torch.rand(n, generator=g) < 0.7
+    if case in ("all_kept", "one_point"):
+        keep[:] = True
+    if case == "one_dropped":
+        keep[:] = True
+        keep[3] = False
+    order = torch.randperm(n, generator=g)
+    tracked = torch.randperm(n, generator=g)[: min(n, 256)].sort().values
+    q, bins = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0), 40
+    got = stage_value_stats(values.to(device), keep.to(device), int(keep.sum()), order.to(device), tracked,
+                            q=q, bins=bins)
+    want = _stage_stats_twin(values, keep, order, tracked, q, bins)
+    for key in ("mean_kept", "mean_dropped"):
+        if math.isnan(want[key]):
+            assert math.isnan(got[key]), key
+        else:
+            assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+    for key in ("quantiles_kept", "quantiles_dropped"):
+        assert len(got[key]) == len(want[key]) and got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
+    assert got["hist"]["edges"] == pytest.approx(want["hist"]["edges"], rel=1e-12, abs=1e-12)
+    assert got["hist"]["kept"] == want["hist"]["kept"] and got["hist"]["dropped"] == want["hist"]["dropped"]
+    assert sum(got["hist"]["kept"]) == int(keep.sum()) and sum(got["hist"]["dropped"]) == n - int(keep.sum())
+    assert got["rank_likelihood"] == want["rank_likelihood"]
+
+
 def test_end_epoch_past_the_last_epoch_is_refused_and_changes_nothing():
     cond = KnowledgeCondenser(50, epochs=2, stage_epochs=1)
     synth = Synthetic(50)
