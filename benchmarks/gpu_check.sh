@@ -53,7 +53,7 @@ python3 -c "import kcd_fast._ext as e; assert e.has_cuda_kernels(), 'no CUDA ker
 stamp "correctness on the GPU (against the float64 reference, fresh random inputs)"
 xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 tests=(tests/test_cuda.py tests/test_update_values.py tests/test_rank.py tests/test_condense.py tests/test_vaks_mix.py
-       tests/test_build.py tests/test_knowledge.py tests/test_condenser.py
+       tests/test_build.py tests/test_knowledge.py tests/test_condenser.py tests/test_kd_loss.py
        benchmarks/test_step.py::test_observe_has_no_host_sync)
 [ "$MODE" = p2 ] && tests=(tests/test_update_values.py benchmarks/test_step.py::test_observe_has_no_host_sync)
 timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" "${tests[@]}" \

@@ -181,3 +181,23 @@ def test_vaks_device_time(benchmark, sizes, device, case):
                                 device=torch.cuda.get_device_name(), N=n, pairs=pairs, row=row,
                                 bytes=3 * pairs * row * 2)
     _time_replays(benchmark, graph)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the fused KD loss runs on CUDA (on the CPU, kl_distill is the eager one)")
+@pytest.mark.parametrize("provider", ["kcd_fast", "eager"])
+def test_kd_loss(benchmark, run, sizes, device, provider):
+    """Eq. 1's T^2 KL(p_T || p_S) at T = 4, forward and backward, on bf16 [B, C] logits (the trainer's
+    under autocast): the fused kernel (kcd_fast.distill.kl_distill_fused) against eager PyTorch."""
+    from kcd_fast.distill import kl_distill_fused, kl_distill_torch
+
+    benchmark.group = f"KD loss forward + backward B={sizes['B']} C={sizes['C']} bfloat16"
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(sizes["B"], sizes["C"], generator=g) * 3).to(device, torch.bfloat16).requires_grad_(True)
+    t = (torch.randn(sizes["B"], sizes["C"], generator=g) * 3).to(device, torch.bfloat16)
+    fn = kl_distill_fused if provider == "kcd_fast" else kl_distill_torch
+
+    def step():
+        s.grad = None
+        fn(s, t, 4.0).backward()
+
+    run(step, provider=provider, op="kd_loss", B=sizes["B"], C=sizes["C"])

@@ -37,6 +37,7 @@ __all__ = [
     "vaks_eps",
     "vaks_mix",
     "soft_labels",
+    "kd_loss",
     "topk_encode",
     "topk_decode",
     "vaks_mix_topk",
@@ -245,6 +246,18 @@ def vaks_mix(buffer: torch.Tensor, dst: torch.Tensor, src: torch.Tensor,
 def soft_labels(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """p_T(x) = softmax(teacher logits / T), the knowledge of a point (Sec. 3.1), float64 [B, C]."""
     return torch.softmax(teacher_logits.detach().to(torch.float64) / float(temperature), dim=1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. 1's distillation term: T^2 KL(p_T || p_S) at temperature T, averaged over the batch, in
+    float64, with ``F.kl_div``'s terms xlogy(p, p) - p log q per class (a class the teacher gives no
+    probability adds 0, unless the student's is 0 too: 0 * -inf). Differentiable in the student's
+    logits (a float64 leaf gives the reference gradient)."""
+    t = float(temperature)
+    log_q = torch.log_softmax(student_logits.to(torch.float64) / t, dim=1)
+    p = soft_labels(teacher_logits, t)
+    terms = torch.xlogy(p, p) - p * log_q
+    return terms.sum() / max(student_logits.shape[0], 1) * t * t
 
 
 def topk_encode(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
