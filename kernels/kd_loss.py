@@ -27,6 +27,16 @@ from . import pow2_at_least
 __all__ = ["kd_loss_triton", "block_size"]
 
 
+@triton.jit
+def _scaled_rows(s_row, stride_sc, t_row, stride_tc, cols, C, inv_t, other):
+    """The student's and the teacher's logits at ``cols`` of one row, in float32, divided by T
+    (``other`` past the row's end), and the mask of the columns inside it."""
+    mask = cols < C
+    s = tl.load(s_row + cols * stride_sc, mask=mask, other=other).to(tl.float32) * inv_t
+    t = tl.load(t_row + cols * stride_tc, mask=mask, other=other).to(tl.float32) * inv_t
+    return s, t, mask
+
+
 @triton.jit(do_not_specialize=["C"])
 def _kd_loss_kernel(
     s_ptr, stride_sb, stride_sc,   # [B, C] student logits, fp32/fp16/bf16, any strides
@@ -47,20 +57,14 @@ def _kd_loss_kernel(
     m_s = tl.full((), float("-inf"), tl.float32)
     m_t = tl.full((), float("-inf"), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        mask = cols < C
-        s = tl.load(s_row + cols * stride_sc, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        t = tl.load(t_row + cols * stride_tc, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+        s, t, mask = _scaled_rows(s_row, stride_sc, t_row, stride_tc, c0 + offs, C, inv_t, float("-inf"))
         m_s = tl.maximum(m_s, tl.max(s, axis=0))
         m_t = tl.maximum(m_t, tl.max(t, axis=0))
     # Pass 2: the sums of exp(x - max), hence both log-sum-exps.
     d_s = tl.zeros((), tl.float32)
     d_t = tl.zeros((), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        mask = cols < C
-        s = tl.load(s_row + cols * stride_sc, mask=mask, other=0.0).to(tl.float32) * inv_t
-        t = tl.load(t_row + cols * stride_tc, mask=mask, other=0.0).to(tl.float32) * inv_t
+        s, t, mask = _scaled_rows(s_row, stride_sc, t_row, stride_tc, c0 + offs, C, inv_t, 0.0)
         d_s += tl.sum(tl.where(mask, tl.exp(s - m_s), 0.0), axis=0)
         d_t += tl.sum(tl.where(mask, tl.exp(t - m_t), 0.0), axis=0)
     lse_s = m_s + tl.log(d_s)
@@ -69,9 +73,7 @@ def _kd_loss_kernel(
     acc = tl.zeros((), tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + offs
-        mask = cols < C
-        s = tl.load(s_row + cols * stride_sc, mask=mask, other=0.0).to(tl.float32) * inv_t
-        t = tl.load(t_row + cols * stride_tc, mask=mask, other=0.0).to(tl.float32) * inv_t
+        s, t, mask = _scaled_rows(s_row, stride_sc, t_row, stride_tc, cols, C, inv_t, 0.0)
         log_q = s - lse_s
         log_p = t - lse_t
         p = tl.exp(log_p)
