@@ -39,7 +39,7 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     float32 the same terms, those of ``F.kl_div``."""
     _check_kl_inputs(student_logits, teacher_logits, temperature)
     if student_logits.is_cuda and not (teacher_logits.requires_grad and torch.is_grad_enabled()):
-        return kl_distill_fused(student_logits, teacher_logits, temperature)
+        return _fused(student_logits, teacher_logits, temperature)
     return kl_distill_torch(student_logits, teacher_logits, temperature)
 
 
@@ -58,6 +58,10 @@ def kl_distill_fused(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Triton's interpreter, TRITON_INTERPRET=1). The backward scales the gradient the kernel wrote; the
     teacher gets none (its logits are treated as constants)."""
     _check_kl_inputs(student_logits, teacher_logits, temperature)
+    return _fused(student_logits, teacher_logits, temperature)
+
+
+def _fused(student_logits, teacher_logits, temperature):
     return _FusedKL.apply(student_logits, teacher_logits.detach(), float(temperature))
 
 

@@ -126,7 +126,7 @@ def test_the_trainer_losses_reach_the_fused_kernel_on_cuda_only(monkeypatch):
     import kcd_fast.distill as D
 
     calls = []
-    monkeypatch.setattr(D, "kl_distill_fused", lambda *a: calls.append("fused") or torch.zeros(()))
+    monkeypatch.setattr(D, "_fused", lambda *a: calls.append("fused") or torch.zeros(()))
     s, t = make_logits(3, 5, seed=11), make_logits(3, 5, seed=12)
     D.kl_distill(s, t, 4.0)
     assert calls == []
