@@ -18,6 +18,7 @@ once per stage (or once per epoch, and then only on the host).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import weakref
@@ -765,23 +766,15 @@ def stage_value_stats(values: torch.Tensor, keep: torch.Tensor, num_kept: int, o
     dest = torch.where(kept_sorted, kept_upto - 1, torch.arange(n_kept, n_kept + n, device=dev) - kept_upto)
     part = torch.empty_like(sorted_v).scatter_(0, dest, sorted_v)
 
-    def quantile_points(lo: int, size: int):
-        # torch.quantile's linear rule: rank q (size - 1), between its floor and ceiling.
-        ranks = [x * (size - 1) for x in q]
-        below = [lo + math.floor(r) for r in ranks]
-        above = [lo + math.ceil(r) for r in ranks]
-        weight = [r - math.floor(r) for r in ranks]
-        return below, above, weight
-
-    below, above, weight = [], [], []
-    for lo, size in ((0, n_kept), (n_kept, n_dropped)):
-        if size:
-            b, a, w = quantile_points(lo, size)
-            below, above, weight = below + b, above + a, weight + w
-    ends = torch.tensor(below + above, dtype=torch.int64).to(dev, non_blocking=True)
-    w = torch.tensor(weight, dtype=torch.float64).to(dev, non_blocking=True)
-    pick = part[ends].double()
-    quantiles = torch.lerp(pick[: len(below)], pick[len(below):], w)
+    def quantiles(lo: int, size: int) -> torch.Tensor:
+        """``q`` of part[lo:lo + size] by torch.quantile's linear rule: rank q (size - 1), between its
+        floor and ceiling (none for an empty set)."""
+        ranks = [x * (size - 1) for x in q] if size else []
+        ends = torch.tensor([lo + math.floor(r) for r in ranks] + [lo + math.ceil(r) for r in ranks],
+                            dtype=torch.int64).to(dev, non_blocking=True)
+        weight = torch.tensor([r - math.floor(r) for r in ranks], dtype=torch.float64).to(dev, non_blocking=True)
+        pick = part[ends].double()
+        return torch.lerp(pick[: len(ranks)], pick[len(ranks):], weight)
 
     sums = torch.stack([(values * keep).sum(dtype=torch.float64), (values * ~keep).sum(dtype=torch.float64)])
     means = sums / torch.tensor([max(n_kept, 1), max(n_dropped, 1)], dtype=torch.float64).to(dev, non_blocking=True)
@@ -796,15 +789,11 @@ def stage_value_stats(values: torch.Tensor, keep: torch.Tensor, num_kept: int, o
     position[order.to(dev)] = torch.arange(n, device=dev)
     p_rank = 1.0 - position[tracked.to(dev)].double() / n  # Eq. 8
 
-    packed = torch.cat([means, quantiles, edges, hist.double(), p_rank]).cpu().tolist()  # the one read
-    k = len(q)
-    means_h, rest = packed[:2], packed[2:]
-    q_kept = rest[:k] if n_kept else []
-    rest = rest[k if n_kept else 0:]
-    q_dropped = rest[:k] if n_dropped else []
-    rest = rest[k if n_dropped else 0:]
-    edges_h, rest = rest[: bins + 1], rest[bins + 1:]
-    hist_h, p_rank_h = rest[: 2 * bins], rest[2 * bins:]
+    parts = [means, quantiles(0, n_kept), quantiles(n_kept, n_dropped), edges, hist.double(), p_rank]
+    packed = torch.cat(parts).cpu().tolist()  # the one read
+    ends = list(itertools.accumulate(p.numel() for p in parts))
+    means_h, q_kept, q_dropped, edges_h, hist_h, p_rank_h = (
+        packed[end - p.numel():end] for p, end in zip(parts, ends))
     return {"mean_kept": means_h[0] if n_kept else float("nan"),
             "mean_dropped": means_h[1] if n_dropped else float("nan"),
             "quantiles_kept": q_kept, "quantiles_dropped": q_dropped,
