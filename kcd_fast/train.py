@@ -1216,8 +1216,8 @@ def main(args: argparse.Namespace) -> dict:
                           "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                           "condenser": condenser_state,
                           "epoch": epoch, "history": history, "best": best, "args": vars(args),
-                          "knowledge_state": knowledge_state, "fill_forwards": fill_forwards, "fill_time_s": fill_time, "teacher_score": teacher_score,
-                          "samples": samples,
+                          "knowledge_state": knowledge_state, "fill_forwards": fill_forwards, "fill_time_s": fill_time,
+                          "teacher_score": teacher_score, "samples": samples,
                           "wall_time_s": wall_before + time.time() - t_start}, ckpt_path)
             _RUN["checkpointed"] = True
             _drop_stale_states(out, keep=knowledge_state, inputs=args.knowledge_file)

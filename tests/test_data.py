@@ -184,11 +184,17 @@ def test_cifar100_missing_without_download(tmp_path, monkeypatch):
         build_datasets("cifar100", tmp_path)
 
 
-def test_cifar100_data_dir_pointing_at_the_inner_folder_says_use_its_parent(tmp_path):
-    inner = tmp_path / "cifar-100-python"
-    inner.mkdir()
+def _cifar100_folder(root, content: bytes):
+    """root/cifar-100-python/ holding train, test and meta files of ``content`` (not the archive's)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir()
     for name in ("train", "test", "meta"):
-        (inner / name).write_bytes(b"")
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def test_cifar100_data_dir_pointing_at_the_inner_folder_says_use_its_parent(tmp_path):
+    inner = _cifar100_folder(tmp_path, b"")
     with pytest.raises(DatasetNotFoundError, match="point --data-dir at the folder that holds it") as ei:
         build_datasets("cifar100", inner)
     assert f"({tmp_path})" in str(ei.value)
@@ -433,10 +439,7 @@ def test_cifar100_files_that_fail_the_md5_check_are_not_called_missing(tmp_path,
     import torchvision
 
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", lambda self: pytest.fail("downloaded"))
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    for name in ("train", "test", "meta"):
-        (folder / name).write_bytes(b"not the archive's")
+    folder = _cifar100_folder(tmp_path, b"not the archive's")
     with pytest.raises(DatasetNotFoundError, match="fails torchvision's md5 check of its train/test files") as ei:
         build_datasets("cifar100", tmp_path)
     assert "replace them with those of the original archive" in str(ei.value)
