@@ -183,21 +183,35 @@ def test_vaks_device_time(benchmark, sizes, device, case):
     _time_replays(benchmark, graph)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="the fused KD loss runs on CUDA (on the CPU, kl_distill is the eager one)")
-@pytest.mark.parametrize("provider", ["kcd_fast", "eager"])
+@pytest.mark.skipif(not ON_GPU, reason="the fused KD loss runs on CUDA (on the CPU, kd_loss is the eager one)")
+@pytest.mark.parametrize("provider", ["kcd_fast", "kcd_fast_buffer", "eager", "eager_buffer"])
 def test_kd_loss(benchmark, run, sizes, device, provider):
-    """Eq. 1's T^2 KL(p_T || p_S) at T = 4, forward and backward, on bf16 [B, C] logits (the trainer's
-    under autocast): the fused kernel (kcd_fast.distill.kl_distill_fused) against eager PyTorch."""
-    from kcd_fast.distill import kl_distill_fused, kl_distill_torch
+    """The trainer's ``kd`` loss (0.1 CE + 0.9 T^2 KL(p_T || p_S) at T = 4, Eq. 1), forward and backward,
+    on bf16 [B, C] logits (the trainer's under autocast): the teacher's logits (``kcd_fast``: one fused
+    kernel; ``eager``: its eager twin), or the rows of a dense fp16 knowledge buffer of N samples
+    (``kcd_fast_buffer``: the kernel reads them in place; ``eager_buffer``: ``teacher_logits`` and the
+    eager loss)."""
+    from types import SimpleNamespace
+
+    from kcd_fast.distill import kd_loss, kd_loss_from_knowledge, kd_loss_torch
+    from kcd_fast.knowledge import KnowledgeBuffer
 
     benchmark.group = f"KD loss forward + backward B={sizes['B']} C={sizes['C']} bfloat16"
+    cfg = SimpleNamespace(kd_temperature=4.0, ce_weight=0.1, kd_weight=0.9)
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(sizes["B"], sizes["C"], generator=g) * 3).to(device, torch.bfloat16).requires_grad_(True)
     t = (torch.randn(sizes["B"], sizes["C"], generator=g) * 3).to(device, torch.bfloat16)
-    fn = kl_distill_fused if provider == "kcd_fast" else kl_distill_torch
+    y = torch.randint(0, sizes["C"], (sizes["B"],), generator=g).to(device)
+    idx = torch.randperm(sizes["N"], device=device)[: sizes["B"]]
+    if provider.endswith("buffer"):
+        kb = KnowledgeBuffer(sizes["N"], sizes["C"], dtype=torch.float16, temperature=4.0, device=device)
+        kb.write(idx, t)
+    loss = {"kcd_fast": lambda: kd_loss(s, t, y, cfg, 0), "eager": lambda: kd_loss_torch(s, t, y, cfg, 0),
+            "kcd_fast_buffer": lambda: kd_loss_from_knowledge(s, kb, idx, y, cfg, 0),
+            "eager_buffer": lambda: kd_loss_torch(s, kb.teacher_logits(idx), y, cfg, 0)}[provider]
 
     def step():
         s.grad = None
-        fn(s, t, 4.0).backward()
+        loss().backward()
 
     run(step, provider=provider, op="kd_loss", B=sizes["B"], C=sizes["C"])

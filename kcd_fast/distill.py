@@ -9,6 +9,12 @@ To add a loss, write the function in this file (or in your own module, imported 
     @register_loss("my_loss")
     def my_loss(student_logits, teacher_logits, target, cfg, epoch):
         return F.cross_entropy(student_logits, target) + ...
+
+With ``--knowledge cached`` the trainer passes such a loss the logits that reproduce the buffer's
+soft labels (:meth:`kcd_fast.KnowledgeBuffer.teacher_logits`). A loss may also register a variant that
+reads the buffer itself, ``loss(student_logits, knowledge, index, target, cfg, epoch)``, with
+:func:`register_knowledge_loss` under the same name; ``kd`` does, so that on CUDA its one fused kernel
+reads the buffer's rows in place.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 LOSSES: dict[str, Callable] = {}
+KNOWLEDGE_LOSSES: dict[str, Callable] = {}
 
 
 def register_loss(name: str):
@@ -30,6 +37,18 @@ def register_loss(name: str):
     return deco
 
 
+def register_knowledge_loss(name: str):
+    """Register the variant of loss ``name`` that reads a :class:`kcd_fast.KnowledgeBuffer` itself:
+    ``fn(student_logits, knowledge, index, target, cfg, epoch)``, for the steps whose knowledge comes
+    from the buffer. It must give what ``LOSSES[name]`` gives on ``knowledge.teacher_logits(index)``."""
+
+    def deco(fn):
+        KNOWLEDGE_LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
 def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al.'s KL(p_T || p_S) at temperature T, times T^2, averaged over the batch (Eq. 1).
 
@@ -37,8 +56,8 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     the knowledge buffer), one fused Triton kernel computes it and its gradient
     (:func:`kl_distill_fused`); elsewhere its eager twin :func:`kl_distill_torch`. Both compute in
     float32 the same terms, those of ``F.kl_div``."""
-    _check_kl_inputs(student_logits, teacher_logits, temperature)
-    if student_logits.is_cuda and not (teacher_logits.requires_grad and torch.is_grad_enabled()):
+    _check_kl_inputs("kl_distill", student_logits, teacher_logits, temperature)
+    if _fusable(student_logits, teacher_logits):
         return _fused(student_logits, teacher_logits, temperature)
     return kl_distill_torch(student_logits, teacher_logits, temperature)
 
@@ -57,16 +76,21 @@ def kl_distill_fused(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """:func:`kl_distill` in one Triton kernel (kcd_fast/kernels/kd_loss.py; on a CPU tensor it needs
     Triton's interpreter, TRITON_INTERPRET=1). The backward scales the gradient the kernel wrote; the
     teacher gets none (its logits are treated as constants)."""
-    _check_kl_inputs(student_logits, teacher_logits, temperature)
+    _check_kl_inputs("kl_distill", student_logits, teacher_logits, temperature)
     return _fused(student_logits, teacher_logits, temperature)
 
 
-def _fused(student_logits, teacher_logits, temperature):
-    return _FusedKL.apply(student_logits, teacher_logits.detach(), float(temperature))
+def _fusable(student_logits, teacher_logits) -> bool:
+    """The fused kernel runs for CUDA logits and a teacher that takes no gradient (it gives the teacher none)."""
+    return student_logits.is_cuda and not (teacher_logits.requires_grad and torch.is_grad_enabled())
 
 
-def _check_kl_inputs(student_logits, teacher_logits, temperature) -> None:
-    op = "kl_distill"
+def _fused(student_logits, teacher_logits, temperature, target=None, ce_weight=0.0, kd_weight=1.0):
+    return _FusedKD.apply(student_logits, teacher_logits.detach(), float(temperature), target, float(ce_weight),
+                          float(kd_weight), None, False, 1.0)
+
+
+def _check_kl_inputs(op, student_logits, teacher_logits, temperature) -> None:
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
@@ -78,31 +102,112 @@ def _check_kl_inputs(student_logits, teacher_logits, temperature) -> None:
         raise ValueError(f"{op}: `teacher_logits` must match `student_logits` in shape and device, got "
                          f"{tuple(teacher_logits.shape)} on {teacher_logits.device} and "
                          f"{tuple(student_logits.shape)} on {student_logits.device}")
+    _check_temperature(op, temperature)
+
+
+def _check_temperature(op, temperature) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise ValueError(f"{op}: `temperature` must be a positive finite number, got {temperature!r}")
 
 
-class _FusedKL(torch.autograd.Function):
+def _check_target(op, target, student_logits) -> None:
+    """Labels for the CE term: int64 [B] on the logits' device, in [0, C) (checked on the CPU and in
+    debug mode, :func:`kcd_fast.ops.set_debug`: a host sync on CUDA)."""
+    from kcd_fast import ops
+
+    b, c = student_logits.shape
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{op}: `target` must be a torch.Tensor of labels, got {type(target).__name__}")
+    if target.dtype != torch.int64 or target.shape != (b,) or target.device != student_logits.device:
+        raise ValueError(f"{op}: `target` must be an int64 tensor of {b} labels on {student_logits.device}, got "
+                         f"{target.dtype} of shape {tuple(target.shape)} on {target.device}")
+    if ops._checks_contents(target.device):
+        ops._check_range(op, "target", target, c)
+
+
+class _FusedKD(torch.autograd.Function):
+    """ce_w CE + kd_w T^2 KL in one kernel (kernels/kd_loss.py); the teacher (logits, or probabilities
+    with ``probs``, rows ``index`` of it when given) and the labels get no gradient."""
+
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, temperature):
+    def forward(ctx, student_logits, teacher, temperature, target, ce_weight, kd_weight, index, probs, teacher_scale):
         from kcd_fast.kernels.kd_loss import kd_loss_triton
 
-        losses, grad = kd_loss_triton(student_logits, teacher_logits, temperature)
+        losses, grad = kd_loss_triton(student_logits, teacher, temperature, teacher_is_probs=probs,
+                                      teacher_index=index, target=target, ce_weight=ce_weight,
+                                      kd_weight=kd_weight, teacher_scale=teacher_scale,
+                                      grad_dtype=student_logits.dtype)
         ctx.save_for_backward(grad)
-        ctx.student_dtype = student_logits.dtype
         return losses.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output).to(ctx.student_dtype), None, None
+        return grad * grad_output, None, None, None, None, None, None, None, None
 
 
 @register_loss("kd")
 def kd_loss(student_logits, teacher_logits, target, cfg, epoch):
-    """Vanilla KD as in the paper's CIFAR setup (CRD/KCD scripts): ce_weight * CE + kd_weight * KL."""
+    """Vanilla KD as in the paper's CIFAR setup (CRD/KCD scripts): ce_weight * CE + kd_weight * KL (Eq. 1).
+
+    On CUDA, with a teacher that takes no gradient, one fused Triton kernel computes the whole loss and
+    its gradient; elsewhere its eager twin :func:`kd_loss_torch`."""
+    if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor) and _fusable(
+            student_logits, teacher_logits):
+        _check_kl_inputs("kd_loss", student_logits, teacher_logits, cfg.kd_temperature)
+        _check_target("kd_loss", target, student_logits)
+        return _fused(student_logits, teacher_logits, cfg.kd_temperature, target, cfg.ce_weight, cfg.kd_weight)
+    return kd_loss_torch(student_logits, teacher_logits, target, cfg, epoch)
+
+
+def kd_loss_torch(student_logits, teacher_logits, target, cfg, epoch):
+    """:func:`kd_loss` in eager PyTorch (the fused kernel's twin, and the CPU path)."""
+    _check_kl_inputs("kd_loss", student_logits, teacher_logits, cfg.kd_temperature)
     ce = F.cross_entropy(student_logits.float(), target)
-    return cfg.ce_weight * ce + cfg.kd_weight * kl_distill(student_logits, teacher_logits, cfg.kd_temperature)
+    return cfg.ce_weight * ce + cfg.kd_weight * kl_distill_torch(student_logits, teacher_logits, cfg.kd_temperature)
+
+
+@register_knowledge_loss("kd")
+def kd_loss_from_knowledge(student_logits, knowledge, index, target, cfg, epoch):
+    """:func:`kd_loss` with the teacher's soft labels read from ``knowledge`` (a
+    :class:`kcd_fast.KnowledgeBuffer`) at the samples ``index``.
+
+    On CUDA one fused kernel reads the dense buffer's rows in place (no gathered copy, no logits
+    written out), or the rows that top-k storage reads back as dense probabilities; elsewhere, and for
+    a buffer on another device than the logits, its twin ``kd_loss(student_logits,
+    knowledge.teacher_logits(index), ...)``. Both see the distribution softmax(T_k log max(p, 1e-20) / T)
+    of the stored p at the buffer's temperature T_k (p itself when T_k = T, as in the trainer)."""
+    if not (isinstance(student_logits, torch.Tensor) and student_logits.is_cuda
+            and student_logits.device == knowledge.device):
+        return kd_loss(student_logits, knowledge.teacher_logits(index), target, cfg, epoch)
+    return kd_loss_from_knowledge_fused(student_logits, knowledge, index, target, cfg, epoch)
+
+
+def kd_loss_from_knowledge_fused(student_logits, knowledge, index, target, cfg, epoch):
+    """:func:`kd_loss_from_knowledge` in one Triton kernel, for logits on the buffer's device (on the CPU
+    it needs Triton's interpreter, TRITON_INTERPRET=1). Top-k storage first reads its rows back as
+    dense probabilities (one more kernel)."""
+    op = "kd_loss_from_knowledge"
+    if not isinstance(student_logits, torch.Tensor):
+        raise TypeError(f"{op}: `student_logits` must be a torch.Tensor, got {type(student_logits).__name__}")
+    if student_logits.dim() != 2 or student_logits.dtype not in _FLOATS or 0 in student_logits.shape:
+        raise ValueError(f"{op}: `student_logits` must be a 2-D [B, C] floating-point tensor with B, C >= 1, got "
+                         f"{student_logits.dim()}-D {student_logits.dtype} of shape {tuple(student_logits.shape)}")
+    if student_logits.device != knowledge.device:
+        raise ValueError(f"{op}: `student_logits` must be on the buffer's device {knowledge.device}, got "
+                         f"{student_logits.device}")
+    idx = knowledge._indices(op, index)
+    if student_logits.shape != (idx.shape[0], knowledge.num_classes):
+        raise ValueError(f"{op}: `student_logits` must be [B, {knowledge.num_classes}] with B = len(index) "
+                         f"({idx.shape[0]}), got {tuple(student_logits.shape)}")
+    _check_temperature(op, cfg.kd_temperature)
+    _check_target(op, target, student_logits)
+    if knowledge.storage == "dense":
+        teacher, rows = knowledge.probs, idx
+    else:
+        teacher, rows = knowledge.read(idx), None
+    return _FusedKD.apply(student_logits, teacher, float(cfg.kd_temperature), target, float(cfg.ce_weight),
+                          float(cfg.kd_weight), rows, True, knowledge.temperature / float(cfg.kd_temperature))
 
 
 @register_loss("dkd")

@@ -260,6 +260,21 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return terms.sum() / max(student_logits.shape[0], 1) * t * t
 
 
+def vanilla_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                    temperature: float, ce_weight: float, kd_weight: float) -> torch.Tensor:
+    """The M-step loss of vanilla KD (Eq. 1 with the CE term of the paper's CIFAR setup), in float64:
+    ce_weight * CE(student, target) + kd_weight * :func:`kd_loss`, both averaged over the batch."""
+    s = student_logits.to(torch.float64)
+    ce = -torch.log_softmax(s, dim=1).gather(1, target.long().view(-1, 1)).sum() / max(s.shape[0], 1)
+    return ce_weight * ce + kd_weight * kd_loss(s, teacher_logits, temperature)
+
+
+def stored_teacher_logits(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits T log max(p, 1e-20) that give the stored soft labels p back at temperature T (float64):
+    how a knowledge buffer's rows enter a logit loss."""
+    return float(temperature) * torch.log(probs.detach().to(torch.float64).clamp_min(1e-20))
+
+
 def topk_encode(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest probabilities of each row and their classes, ties to the lower class id.
 

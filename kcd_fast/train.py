@@ -829,6 +829,10 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args
         teacher.eval()
     forwards = 0
     loss_fn = distill.LOSSES[args.distill]
+    # From the buffer, a loss with a variant that reads it itself (kd: the fused kernel reads the rows in
+    # place) takes the buffer; any other gets the logits that reproduce its soft labels.
+    from_buffer = knowledge is not None and not fill
+    buffer_loss_fn = distill.KNOWLEDGE_LOSSES.get(args.distill) if from_buffer else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
     channels_last = str(device).startswith("cuda")
@@ -838,16 +842,19 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args
             x = x.to(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         with _autocast(args):
-            if knowledge is None or fill:
+            if not from_buffer:
                 with torch.no_grad():
                     t_logits = teacher(x)
                 forwards += x.shape[0]
                 if fill:
                     knowledge.write(index, t_logits)
-            else:
+            elif buffer_loss_fn is None:
                 t_logits = knowledge.teacher_logits(index)
             s_logits = student(x)
-            loss = loss_fn(s_logits, t_logits, y, args, epoch)
+            if buffer_loss_fn is not None:
+                loss = buffer_loss_fn(s_logits, knowledge, index, y, args, epoch)
+            else:
+                loss = loss_fn(s_logits, t_logits, y, args, epoch)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -858,7 +865,7 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, args
             optimizer.step()
         if condenser is not None:
             condenser.observe(index.to(device, non_blocking=True), s_logits.detach())
-        loss_sum += loss.detach().double() * y.shape[0]
+        loss_sum.add_(loss.detach(), alpha=y.shape[0])  # one kernel: in float64, as loss_sum is
         seen += y.shape[0]
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]),
                             args)

@@ -597,6 +597,38 @@ def test_cached_mode_runs_the_teacher_exactly_one_epoch(tmp_path, digits_teacher
     assert summary["final_top1"] > 80.0
 
 
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_cached_steps_read_the_buffer_through_the_losss_own_variant(tmp_path, digits_teacher, monkeypatch, storage):
+    """With --knowledge cached, every step after the fill takes ``kd``'s buffer variant (on CUDA one
+    kernel reads the rows in place), the fill's steps the teacher's logits. Without that variant (a
+    --loss-module loss) the steps read ``teacher_logits`` instead, and the run is the same: on the CPU
+    the variant is exactly the generic path."""
+    from kcd_fast import distill as D
+
+    calls = {"buffer": 0, "logits": 0}
+    buffer_loss, logits_loss = D.KNOWLEDGE_LOSSES["kd"], D.LOSSES["kd"]
+
+    def counted(key, fn):
+        def wrapped(*a):
+            calls[key] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setitem(D.KNOWLEDGE_LOSSES, "kd", counted("buffer", buffer_loss))
+    monkeypatch.setitem(D.LOSSES, "kd", counted("logits", logits_loss))
+    common = ["--knowledge", "cached", "--storage", storage, "--teacher-weights", str(digits_teacher),
+              "--batch-size", "64", *QUICK]
+    T.main(args_of(*common, "--output-dir", str(tmp_path / "variant")))
+    history = [json.loads(x) for x in (tmp_path / "variant" / "metrics.jsonl").read_text().splitlines()]
+    steps = [-(-r["samples"] // 64) for r in history]
+    assert calls == {"logits": steps[0], "buffer": sum(steps[1:])}
+    monkeypatch.delitem(D.KNOWLEDGE_LOSSES, "kd")
+    T.main(args_of(*common, "--output-dir", str(tmp_path / "generic")))
+    generic = [json.loads(x) for x in (tmp_path / "generic" / "metrics.jsonl").read_text().splitlines()]
+    assert calls["logits"] == steps[0] + sum(steps)
+    assert [r["train_loss"] for r in generic] == [r["train_loss"] for r in history]
+
+
 @pytest.mark.parametrize("fill", ["lazy", "pass"])
 def test_cached_mode_lets_the_teacher_go_once_the_buffer_is_filled(tmp_path, digits_teacher, monkeypatch, fill):
     """After the fill the teacher is not run again: the trainer keeps no reference to it, so its
