@@ -133,17 +133,21 @@ class _FusedKD(torch.autograd.Function):
     def forward(ctx, student_logits, teacher, temperature, target, ce_weight, kd_weight, index, probs, teacher_scale):
         from kcd_fast.kernels.kd_loss import kd_loss_triton
 
+        # The gradient is written in the student's dtype where that loses nothing to the scale applied
+        # after it (bf16 has float32's exponent range: one kernel fewer); fp16 gradients of T / B (q - p)
+        # would be subnormal before a GradScaler's scale, so they are scaled in float32 first.
+        grad_dtype = student_logits.dtype if student_logits.dtype == torch.bfloat16 else torch.float32
         losses, grad = kd_loss_triton(student_logits, teacher, temperature, teacher_is_probs=probs,
                                       teacher_index=index, target=target, ce_weight=ce_weight,
-                                      kd_weight=kd_weight, teacher_scale=teacher_scale,
-                                      grad_dtype=student_logits.dtype)
+                                      kd_weight=kd_weight, teacher_scale=teacher_scale, grad_dtype=grad_dtype)
         ctx.save_for_backward(grad)
+        ctx.student_dtype = student_logits.dtype
         return losses.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None, None, None, None, None, None, None
+        return (grad * grad_output).to(ctx.student_dtype), None, None, None, None, None, None, None, None
 
 
 @register_loss("kd")

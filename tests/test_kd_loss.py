@@ -191,7 +191,7 @@ for name, (s_dt, t_dt, probs, gather, ce) in {
             sig[arg] = "constexpr"
         elif arg in PTRS:
             sig[arg] = {"s_ptr": "*" + s_dt, "t_ptr": "*" + t_dt, "idx_ptr": "*i64", "y_ptr": "*i64",
-                        "loss_ptr": "*fp32", "grad_ptr": "*" + s_dt}[arg]
+                        "loss_ptr": "*fp32", "grad_ptr": "*bf16" if s_dt == "bf16" else "*fp32"}[arg]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[arg] = "fp32" if arg in FLOATS else "i32"
@@ -444,3 +444,19 @@ def test_trainer_kd_loss_fused_and_eager_agree_inside_autocast_on_cuda(storage):
         grads.append((loss.detach(), head.weight.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-2)
+
+
+def test_fp16_gradients_keep_their_precision_under_a_loss_scale():
+    """fp16 training scales the loss (GradScaler) because gradients like T / B (q - p) ~ 1e-5 are
+    subnormal in fp16: the kernel's gradient must be scaled before it is rounded to fp16, not after."""
+    import kcd_fast.distill as D
+
+    b, c = 64, 1000
+    s = make_logits(b, c, dtype=torch.float16, seed=44, scale=1.0)
+    t = make_logits(b, c, dtype=torch.float16, seed=45, scale=1.0)
+    y = _labels(b, c, 46)
+    _, want_grad = _reference_kd(s, t, y, _cfg())
+    leaf = on_triton_device(s).requires_grad_(True)
+    (D._fused(leaf, on_triton_device(t), 4.0, y.to(TRITON_DEVICE), 0.1, 0.9) * 65536.0).backward()
+    assert leaf.grad.dtype == torch.float16
+    torch.testing.assert_close(leaf.grad.cpu().double() / 65536.0, want_grad, atol=1e-9, rtol=2e-3)
