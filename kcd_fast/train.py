@@ -995,6 +995,10 @@ def main(args: argparse.Namespace) -> dict:
     resident = None
     if args.fake_on_device:  # --dataset fake, checked by _check_numbers
         resident = train_set.materialize(device)
+        if device.type == "cuda":
+            # Stored as the steps use it (channels_last): a gathered batch is then channels_last already, and
+            # train_one_epoch's conversion copies nothing (it cost each step a 154 MB copy at 256 x 224^2).
+            resident = (resident[0].contiguous(memory_format=torch.channels_last), resident[1])
         bundle.val = bundle.val.materialize(device)
         # The one-off fill must see the very images the student trains on (materialize's noise is
         # not __getitem__'s); device tensors are read in this process, without loader workers.

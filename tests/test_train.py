@@ -828,6 +828,17 @@ def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
     vaks_mix_(mixed.view(20, -1), *cond.pairs)
     for xb, _, i in batches:
         torch.testing.assert_close(xb, mixed[i])
+    # Resident channels_last (as the trainer stores it on CUDA): the batches come out channels_last, so the
+    # step's conversion copies nothing, and hold the same values, mixed alike.
+    x_cl = torch.rand(20, 3, 2, 2)
+    mixed = x_cl.clone()
+    vaks_mix_(mixed.view(20, -1), *cond.pairs)
+    batches = T.DeviceBatches(x_cl.contiguous(memory_format=torch.channels_last), torch.zeros(20, dtype=torch.long),
+                              cond.sampler(shuffle=False), 7, cond)
+    for xb, _, i in batches:
+        assert xb.is_contiguous(memory_format=torch.channels_last) and not xb.is_contiguous()
+        assert xb.to(memory_format=torch.channels_last).data_ptr() == xb.data_ptr()
+        torch.testing.assert_close(xb, mixed[i])
 
 
 def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, digits_teacher, capsys):
