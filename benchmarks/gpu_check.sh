@@ -82,8 +82,12 @@ timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider "${select[@]}" --b
 
 if [ "$MODE" = all ]; then
   stamp "whole runs: KD vs KCD vs cached KCD on device-resident data ($(left)s left)"
-  timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 30
+  timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 40
 fi
-stamp "update_values launch configurations, device time (target P2: 10x eager)"
-timeout "$(cap 120)" python3 -m benchmarks.sweep_update_values --out "$OUT/sweep_update_values.json" 2>&1 | tail -n 45
+# The launch-configuration sweep chose update_values' default (target P2, met and resolved on the H200 on
+# 2026-11-26); the full check skips it unless KCD_GPU_CHECK_SWEEP=1, to leave the time to the whole runs.
+if [ "$MODE" = p2 ] || [ "${KCD_GPU_CHECK_SWEEP:-0}" = 1 ]; then
+  stamp "update_values launch configurations, device time (target P2: 10x eager)"
+  timeout "$(cap 120)" python3 -m benchmarks.sweep_update_values --out "$OUT/sweep_update_values.json" 2>&1 | tail -n 45
+fi
 stamp "done: results in $OUT"
