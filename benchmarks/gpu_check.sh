@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The one device script: build, check correctness on the GPU first, then time. Run it in ONE call of
 # the lent GPU, from the repository root, e.g. (device tool):
-#     run(command="bash benchmarks/gpu_check.sh", timeout_s=450)
+#     run(command="bash benchmarks/gpu_check.sh", timeout_s=470)
 # What it writes under $OUT (default benchmarks/results/<date>-<gpu>) is what gets committed under
 # benchmarks/results/: the GPU and versions, the build log, the correctness tests' log, the
 # pytest-benchmark JSON, the rendered table and the whole-run ratios.
 #
-# Every phase runs under a share of one deadline (KCD_GPU_CHECK_DEADLINE seconds, default 420), so
+# Every phase runs under a share of one deadline (KCD_GPU_CHECK_DEADLINE seconds, default 440), so
 # the script always ends, and returns what it measured, inside the call's limit. The verdict of the
 # correctness phase is the last line of $OUT/tests.log; the timings of a failed run are not evidence.
 # The tests run under pytest-xdist where it is installed, so that a crashing test is reported as
@@ -21,7 +21,7 @@ case "$MODE" in all|p2) ;; *) echo "usage: bash benchmarks/gpu_check.sh [all|p2]
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 KCD_FAST_EXPECT_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 t0=$(date +%s)
-DEADLINE=${KCD_GPU_CHECK_DEADLINE:-420}
+DEADLINE=${KCD_GPU_CHECK_DEADLINE:-440}
 stamp() { echo "[gpu_check] $(( $(date +%s) - t0 ))s: $*"; }
 left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
 cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(share, time left)
@@ -78,6 +78,8 @@ fi
 if [ "$MODE" = all ]; then
   stamp "whole runs: KD vs KCD vs cached KCD on device-resident data ($(left)s left)"
   timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 40
+  stamp "a stage end of the cached run, op by op"
+  timeout "$(cap 60)" python3 benchmarks/stage_end_profile.py --out "$OUT/stage_end_profile.json" 2>&1 | tail -n 36
 fi
 
 stamp "timing"

@@ -165,3 +165,19 @@ def test_accuracy_kcd_vs_kd_distils_one_teacher_in_every_variant(tmp_path):
     assert kd["C"] == 1.0 and kcd["C"] < 1.0 and kd["teacher_passes"] == 2 * 1437
     assert res["trainer_options"] == ["--epochs", "2", "--stage-epochs", "1", "--teacher-epochs", "1"]
     assert 0 < res["teacher_top1"] <= 100 and "| kcd | 2 |" in res["table"]
+
+
+def test_stage_end_profile_times_and_profiles_each_stage_end(tmp_path):
+    """benchmarks/stage_end_profile.py (run by gpu_check after the whole runs): one wall time per stage
+    end, and the profile names the ops a stage end runs (the rank and the buffer's VAKS among them)."""
+    from benchmarks import stage_end_profile
+
+    out = tmp_path / "se.json"
+    stage_end_profile.main(["--n", "300", "--classes", "7", "--epochs", "4", "--stage-epochs", "2", "--rows", "60",
+                            "--out", str(out)])
+    got = json.loads(out.read_text())
+    assert got["config"]["stage_ends"] == 2 and len(got["stage_end_ms"]) == 2
+    assert all(t > 0 for t in got["stage_end_ms"])
+    ops_seen = {row["op"] for row in got["profile"]}
+    assert {"kcd_fast::rank", "kcd_fast::vaks_mix_"} <= ops_seen
+    assert all(row["calls"] >= 1 for row in got["profile"])
