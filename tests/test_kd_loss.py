@@ -365,10 +365,13 @@ def test_kd_loss_from_knowledge_is_the_generic_path_on_the_cpu(monkeypatch):
     (lambda s, y, i: (s, y, i.float()), TypeError, "`indices`"),
     (lambda s, y, i: (s.long(), y, i), ValueError, "`student_logits` must be a 2-D"),
 ])
-def test_kd_loss_from_knowledge_refuses_bad_input_naming_it(bad, err, match):
-    """Checked before the kernel runs (contents on the CPU; on CUDA in debug mode), naming the argument."""
+def test_kd_loss_from_knowledge_refuses_bad_input_naming_it(bad, err, match, monkeypatch):
+    """Checked before the kernel runs, naming the argument. The contents (a label or an index out of
+    range) are checked on the CPU, and on CUDA in debug mode (kcd_fast.ops.set_debug), which this turns on."""
+    from kcd_fast import ops
     from kcd_fast.distill import kd_loss_from_knowledge_fused
 
+    monkeypatch.setattr(ops, "_debug", True)
     kb = _buffer("dense", torch.float16, 4.0, seed=37)
     before = kb.probs.clone()
     s, y, idx = make_logits(4, 37, seed=38).to(TRITON_DEVICE), _labels(4, 37, 39).to(TRITON_DEVICE), torch.tensor([1, 3, 3, 0])
