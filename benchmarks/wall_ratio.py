@@ -48,7 +48,6 @@ def main(argv=None):
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     s = SIZE
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         teacher = Path(tmp) / "teacher.pth"  # random weights: the timing does not depend on them
@@ -95,7 +94,8 @@ def main(argv=None):
         r["ratio_to_kd"] = r["train_time_s"] / base
     out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "config": dict(s, epochs=args.epochs, stage_epochs=args.stage_epochs, repeats=args.repeats),
+           "torch": torch.__version__,
+           "config": dict(s, epochs=args.epochs, stage_epochs=args.stage_epochs, repeats=args.repeats),
            "runs": results,
            "targets": {"kcd_ratio_minus_C": results["kcd"]["ratio_to_kd"] - results["kcd"]["C"],
                        "kcd_cached_ratio": sum(cached_times) / sum(kd_times),

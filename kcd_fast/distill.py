@@ -90,14 +90,19 @@ def _fused(student_logits, teacher_logits, temperature, target=None, ce_weight=0
                           float(kd_weight), None, False, 1.0)
 
 
+def _check_logits(op, name, x) -> None:
+    """``x`` is a 2-D [B, C] floating-point tensor with B, C >= 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.dtype not in _FLOATS or 0 in x.shape:
+        raise ValueError(f"{op}: `{name}` must be a 2-D [B, C] floating-point tensor (float32, float16, "
+                         f"bfloat16 or float64) with B, C >= 1, got {x.dim()}-D {x.dtype} of shape "
+                         f"{tuple(x.shape)}")
+
+
 def _check_kl_inputs(op, student_logits, teacher_logits, temperature) -> None:
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 or x.dtype not in _FLOATS or 0 in x.shape:
-            raise ValueError(f"{op}: `{name}` must be a 2-D [B, C] floating-point tensor (float32, float16, "
-                             f"bfloat16 or float64) with B, C >= 1, got {x.dim()}-D {x.dtype} of shape "
-                             f"{tuple(x.shape)}")
+    _check_logits(op, "student_logits", student_logits)
+    _check_logits(op, "teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape or teacher_logits.device != student_logits.device:
         raise ValueError(f"{op}: `teacher_logits` must match `student_logits` in shape and device, got "
                          f"{tuple(teacher_logits.shape)} on {teacher_logits.device} and "
@@ -192,11 +197,7 @@ def kd_loss_from_knowledge_fused(student_logits, knowledge, index, target, cfg, 
     it needs Triton's interpreter, TRITON_INTERPRET=1). Top-k storage first reads its rows back as
     dense probabilities (one more kernel)."""
     op = "kd_loss_from_knowledge"
-    if not isinstance(student_logits, torch.Tensor):
-        raise TypeError(f"{op}: `student_logits` must be a torch.Tensor, got {type(student_logits).__name__}")
-    if student_logits.dim() != 2 or student_logits.dtype not in _FLOATS or 0 in student_logits.shape:
-        raise ValueError(f"{op}: `student_logits` must be a 2-D [B, C] floating-point tensor with B, C >= 1, got "
-                         f"{student_logits.dim()}-D {student_logits.dtype} of shape {tuple(student_logits.shape)}")
+    _check_logits(op, "student_logits", student_logits)
     if student_logits.device != knowledge.device:
         raise ValueError(f"{op}: `student_logits` must be on the buffer's device {knowledge.device}, got "
                          f"{student_logits.device}")
