@@ -15,9 +15,13 @@
 #     bash benchmarks/gpu_check.sh p2      # about 2 min: build, update_values' tests, P2 and the sweep
 # is the short second call for target P2: after the full check's sweep names a faster launch
 # configuration and it becomes the default, it re-times only that (results in <date>-<gpu>-p2).
+#
+#     bash benchmarks/gpu_check.sh runs    # about 4.5 min: build, all the correctness tests, the whole runs
+# is the short second call when only tests changed after a full check: it re-establishes the verdict
+# and re-measures the whole runs, and skips the op-by-op profile and the benchmarks (results in <date>-<gpu>-runs).
 set -uo pipefail
 MODE=${1:-all}
-case "$MODE" in all|p2) ;; *) echo "usage: bash benchmarks/gpu_check.sh [all|p2]" >&2; exit 2 ;; esac
+case "$MODE" in all|p2|runs) ;; *) echo "usage: bash benchmarks/gpu_check.sh [all|p2|runs]" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 KCD_FAST_EXPECT_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 t0=$(date +%s)
@@ -26,7 +30,7 @@ stamp() { echo "[gpu_check] $(( $(date +%s) - t0 ))s: $*"; }
 left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
 cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(share, time left)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | tr ' ' '_')
-suffix=""; [ "$MODE" = p2 ] && suffix="-p2"
+suffix=""; [ "$MODE" != all ] && suffix="-$MODE"
 OUT=${OUT:-benchmarks/results/$(date +%Y-%m-%d)-${gpu}${suffix}}
 mkdir -p "$OUT"
 {
@@ -75,9 +79,12 @@ else
 fi
 
 # The whole runs first: their cached ratio is the one target still open (issue 6), and the closest to its line.
-if [ "$MODE" = all ]; then
+if [ "$MODE" != p2 ]; then
   stamp "whole runs: KD vs KCD vs cached KCD on device-resident data ($(left)s left)"
   timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 40
+fi
+[ "$MODE" = runs ] && { stamp "done: results in $OUT"; exit 0; }
+if [ "$MODE" = all ]; then
   stamp "a stage end of the cached run, op by op"
   timeout "$(cap 60)" python3 benchmarks/stage_end_profile.py --out "$OUT/stage_end_profile.json" 2>&1 | tail -n 36
 fi

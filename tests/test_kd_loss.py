@@ -211,8 +211,12 @@ def _reference_kd(s, t_logits, y, cfg):
     return loss.detach(), leaf.grad
 
 
-def _grad_of(fn, s, *args):
-    leaf = s.detach().clone().requires_grad_(True) if s.is_contiguous() else on_triton_device(s.detach()).requires_grad_(True)
+def _grad_of(fn, s, *args, keep_device=False):
+    """fn(leaf, *args) and d/d leaf; a strided ``s`` keeps its strides, on the Triton device unless ``keep_device``."""
+    if s.is_contiguous():
+        leaf = s.detach().clone().requires_grad_(True)
+    else:
+        leaf = (s.detach() if keep_device else on_triton_device(s.detach())).requires_grad_(True)
     loss = fn(leaf, *args)
     loss.backward()
     assert leaf.grad.dtype == s.dtype and leaf.grad.shape == s.shape
@@ -251,7 +255,8 @@ def test_eager_kd_loss_twin_matches_the_float64_reference(dtype, atol, rtol):
     y = _labels(6, 37, 26)
     want_loss, want_grad = _reference_kd(s, t, y, cfg)
     for fn in (kd_loss_torch, kd_loss):  # on CPU tensors the registered loss is the twin
-        got_loss, got_grad = _grad_of(lambda x: fn(x, t, y, cfg, 0), s)
+        # keep_device: the strided student stays on the CPU beside t and y, also where a GPU is present
+        got_loss, got_grad = _grad_of(lambda x: fn(x, t, y, cfg, 0), s, keep_device=True)
         torch.testing.assert_close(got_loss, want_loss, atol=atol, rtol=1e-5)
         torch.testing.assert_close(got_grad, want_grad, atol=atol, rtol=rtol)
 
