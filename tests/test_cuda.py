@@ -243,3 +243,48 @@ def test_cuda_devices_are_pinned_to_an_index():
 
     assert KnowledgeBuffer(4, 3, device="cuda").device.index is not None
     assert KnowledgeCondenser(4, epochs=1, stage_epochs=1, device="cuda").device.index is not None
+
+
+@pytest.mark.parametrize("source", ["teacher_logits", "dense", "topk"])
+def test_kd_loss_step_has_no_host_sync(source):
+    """The trainer's per-step `kd` loss, forward and backward, issues no host sync on CUDA (sync-debug
+    mode "error"), from the teacher's logits and from dense and top-k buffers, and its loss and gradient
+    equal its eager twin's on the same inputs."""
+    from types import SimpleNamespace
+
+    from kcd_fast.distill import kd_loss, kd_loss_from_knowledge, kd_loss_torch
+    from kcd_fast.knowledge import KnowledgeBuffer
+
+    cfg = SimpleNamespace(kd_temperature=4.0, ce_weight=0.1, kd_weight=0.9)
+    b, c, n = 256, 1000, 4099
+    s = make_logits(b, c, dtype=torch.bfloat16, seed=40, device=DEV)
+    t = make_logits(b, c, dtype=torch.bfloat16, seed=41, device=DEV, scale=5.0)
+    y = torch.randint(0, c, (b,), generator=torch.Generator().manual_seed(42)).to(DEV)
+    idx = make_indices(b, n, seed=43, duplicates=True, device=DEV)
+    if source == "teacher_logits":
+        fast, twin = (lambda x: kd_loss(x, t, y, cfg, 0)), (lambda x: kd_loss_torch(x, t, y, cfg, 0))
+    else:
+        kb = KnowledgeBuffer(n, c, storage=source, k=10, temperature=4.0, device=DEV)
+        kb.write(torch.arange(b, device=DEV), t)
+        kb.write(torch.arange(b, 2 * b, device=DEV), s)  # rows for the repeated indices to read
+        idx = idx % (2 * b)
+        fast = lambda x: kd_loss_from_knowledge(x, kb, idx, y, cfg, 0)  # noqa: E731
+        twin = lambda x: kd_loss_torch(x, kb.teacher_logits(idx), y, cfg, 0)  # noqa: E731
+
+    def step(fn):
+        leaf = s.detach().clone().requires_grad_(True)
+        loss = fn(leaf)
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    step(fast)  # warm-up: compiles the kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [step(fast) for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want_loss, want_grad = step(twin)
+    for loss, grad in got:
+        torch.testing.assert_close(loss.float(), want_loss.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad.float(), want_grad.float(), atol=1e-5, rtol=1e-2)  # bf16 gradients
