@@ -16,7 +16,7 @@
 # is the short second call for target P2: after the full check's sweep names a faster launch
 # configuration and it becomes the default, it re-times only that (results in <date>-<gpu>-p2).
 #
-#     bash benchmarks/gpu_check.sh runs    # about 4.5 min: build, all the correctness tests, the whole runs
+#     bash benchmarks/gpu_check.sh runs    # about 5 min: build, all the correctness tests, the whole runs
 # is the short second call when only tests changed after a full check: it re-establishes the verdict
 # and re-measures the whole runs, and skips the op-by-op profile and the benchmarks (results in <date>-<gpu>-runs).
 set -uo pipefail
@@ -78,7 +78,7 @@ else
   echo "VERDICT: correctness passed" >> "$OUT/tests.log"
 fi
 
-# The whole runs first: their cached ratio is the one target still open (issue 6), and the closest to its line.
+# The whole runs first: of all the targets, their cached ratio (issue 6) sits closest to its line.
 if [ "$MODE" != p2 ]; then
   stamp "whole runs: KD vs KCD vs cached KCD on device-resident data ($(left)s left)"
   timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 40

@@ -403,7 +403,8 @@ def test_kd_loss_refuses_bad_labels_on_the_fused_path(monkeypatch):
 def test_trainer_kd_loss_fused_and_eager_agree_inside_autocast_on_cuda(storage):
     """The trainer's use on the GPU: bf16 logits from autocast, 0.1 CE + 0.9 KD, gradients into the student;
     the teacher online (kd_loss) or read from a fp16 buffer (kd_loss_from_knowledge), fused against eager;
-    and the KL alone (kl_distill, as a --loss-module loss would use it) beside an eager CE."""
+    and the KL alone (kl_distill, as a --loss-module loss would use it) beside an eager CE. The fused
+    step, after a warm-up, issues no host sync (sync-debug mode "error"), as the per-step path must not."""
     import torch.nn.functional as F
 
     from kcd_fast import distill as D
@@ -418,10 +419,8 @@ def test_trainer_kd_loss_fused_and_eager_agree_inside_autocast_on_cuda(storage):
     if storage in ("dense", "topk"):
         kb = KnowledgeBuffer(300, 1000, storage=storage, k=10, dtype=torch.float16, temperature=4.0, device="cuda")
         kb.write(idx, t)
-    grads = []
-    for fused in (True, False):
-        torch.manual_seed(0)
-        head = torch.nn.Linear(64, 1000).cuda()
+
+    def step(head, fused):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             s = head(x)
             if storage == "kl_distill":
@@ -433,7 +432,22 @@ def test_trainer_kd_loss_fused_and_eager_agree_inside_autocast_on_cuda(storage):
                 loss = (D.kd_loss_from_knowledge(s, kb, idx, y, _cfg(), 0) if fused
                         else D.kd_loss_torch(s, kb.teacher_logits(idx), y, _cfg(), 0))
         loss.backward()
-        grads.append((loss.detach(), head.weight.grad.clone()))
+        return loss.detach()
+
+    grads = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(64, 1000).cuda()
+        if fused:
+            step(head, True)  # warm-up: compiles the kernel
+            head.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = step(head, fused)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        grads.append((loss, head.weight.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-2)
 
