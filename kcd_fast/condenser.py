@@ -14,83 +14,44 @@ A few lines around an existing training loop give it KCD::
         condenser.end_epoch(epoch)                          # Alg. 1 lines 8-14 when epoch % T == 0
 
 Per step only :func:`kcd_fast.ops.update_values` runs. Everything else happens
-once per stage (or once per epoch, and then only on the host).
+once per stage (or once per epoch, and then only on the host). The sampler and the dataset wrapper
+live in :mod:`kcd_fast.sampling`, the statistics each stage records in :mod:`kcd_fast.stage_stats`.
 """
 from __future__ import annotations
 
-import itertools
-import math
 import os
 import weakref
-from numbers import Integral, Real
-from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
 
 from kcd_fast import ops
 from kcd_fast import reference as R
+from kcd_fast.checks import check_choice, check_flag, check_int, check_real, check_temperature, check_tensor
+from kcd_fast.condenser_state import CONDENSED_KIND, STATE_VERSION, checked_state, pair_arrays, read_condensed
+from kcd_fast.sampling import KeptSampler
+from kcd_fast.stage_stats import stage_value_stats
 
-__all__ = ["KnowledgeCondenser", "KCDDataset", "KeptSampler"]
+__all__ = ["KnowledgeCondenser", "measured_cost"]
 
-STATE_VERSION = 1
 _SCHEDULES = ("exp", "linear")
-_K0_POLICIES = ("dropped", "all")
 _SELECTIONS = ("kcd", "random")
 TRAJECTORY_POINTS = 256  # points whose rank likelihood (Eq. 8) is recorded at each stage, for Fig. 3(b)
+_OP = "KnowledgeCondenser"
 
 
-def _int(name, x, lo):
-    if isinstance(x, bool) or not isinstance(x, Integral):
-        raise TypeError(f"KnowledgeCondenser: `{name}` must be an int, got {type(x).__name__}")
-    if x < lo:
-        raise ValueError(f"KnowledgeCondenser: `{name}` must be >= {lo}, got {x}")
-    return int(x)
-
-
-def _real(name, x):
-    """A number (TypeError otherwise) that is finite (ValueError otherwise), as a float."""
-    if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"KnowledgeCondenser: `{name}` must be a number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"KnowledgeCondenser: `{name}` must be finite, got {x}")
-    return x
-
-
-def _unit(name, x, lo_open=True):
-    x = _real(name, x)
-    if not ((0.0 < x) if lo_open else (0.0 <= x)) or x > 1.0:
-        raise ValueError(f"KnowledgeCondenser: `{name}` must lie in {'(0' if lo_open else '[0'}, 1], got {x}")
-    return x
-
-
-def _flag(name, x):
-    """A bool, not merely something truthy (``"no"`` would switch a feature on)."""
-    if not isinstance(x, bool):
-        raise TypeError(f"KnowledgeCondenser: `{name}` must be True or False, got {x!r}")
-    return x
-
-
-def _choice(name, x, options):
-    if x not in options:
-        raise ValueError(f"KnowledgeCondenser: `{name}` must be one of {options}, got {x!r}")
-    return x
-
-
-def _dist_info(rank, world_size):
-    if rank is None or world_size is None:
-        if dist.is_available() and dist.is_initialized():
-            rank = dist.get_rank() if rank is None else rank
-            world_size = dist.get_world_size() if world_size is None else world_size
-        else:
-            rank = 0 if rank is None else rank
-            world_size = 1 if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"KnowledgeCondenser: `rank` must lie in [0, world_size={world_size}), got {rank}")
-    return int(rank), int(world_size)
+def measured_cost(samples_passed: int, num_samples: int, epochs: int, world_size: int = 1) -> float:
+    """The measured relative cost C: the samples a run passed on to training, C_a (all ranks together),
+    over what ``epochs`` full epochs pass on ``world_size`` ranks, ceil(N / W) * W each (the padding of
+    ``DistributedSampler``), so that the full-set KD baseline (``--no-kcd``) is exactly 1 on any
+    number of ranks. NaN when ``epochs`` is 0. Eq. 16 is its prediction from the schedule."""
+    op = "measured_cost"
+    samples_passed = check_int(op, "samples_passed", samples_passed, 0)
+    num_samples = check_int(op, "num_samples", num_samples, 1)
+    epochs = check_int(op, "epochs", epochs, 0)
+    world_size = check_int(op, "world_size", world_size, 1)
+    full = -(-num_samples // world_size) * world_size * epochs
+    return samples_passed / full if full else float("nan")
 
 
 def _record_last_visit_(last_values: torch.Tensor, indices: torch.Tensor, entropy: torch.Tensor) -> None:
@@ -147,7 +108,8 @@ class KnowledgeCondenser:
 
     State (all O(N) on ``device``, see :meth:`bytes_per_sample`): ``values`` (V^F),
     ``counts`` (F), ``keep`` (the condensed set), ``partner`` and ``eps`` (the VAKS pair of
-    each K1L point; -1 and 0 elsewhere).
+    each K1L point; -1 and 0 elsewhere). ``host_partner`` and ``host_eps`` are host copies of the
+    last two in shared memory, which :class:`~kcd_fast.KCDDataset` reads in the loader workers.
     """
 
     def __init__(self, num_samples: int, *, epochs: int, stage_epochs: int, rho: float = 0.7,
@@ -155,45 +117,55 @@ class KnowledgeCondenser:
                  selection: str = "kcd", online_recording: bool = True, vaks: bool = True,
                  adaptive_eps: bool = True, temperature: float = 1.0, device: torch.device | str = "cpu",
                  seed: int = 0, rank: int | None = None, world_size: int | None = None):
-        self.num_samples = _int("num_samples", num_samples, 1)
-        self.epochs = _int("epochs", epochs, 1)
-        self.stage_epochs = _int("stage_epochs", stage_epochs, 1)
+        self.num_samples = check_int(_OP, "num_samples", num_samples, 1)
+        self.epochs = check_int(_OP, "epochs", epochs, 1)
+        self.stage_epochs = check_int(_OP, "stage_epochs", stage_epochs, 1)
         if self.stage_epochs > self.epochs:
             raise ValueError(f"KnowledgeCondenser: `stage_epochs` ({stage_epochs}) must not exceed "
                              f"`epochs` ({epochs})")
         if self.epochs % self.stage_epochs:
             raise ValueError(f"KnowledgeCondenser: `stage_epochs` ({stage_epochs}) must divide `epochs` "
                              f"({epochs}) into whole stages")
-        self.rho = _unit("rho", rho)
-        self.eps_max = _unit("eps_max", eps_max)
-        self.alpha = _real("alpha", alpha)
-        if self.alpha < 0:
-            raise ValueError(f"KnowledgeCondenser: `alpha` must be >= 0, got {alpha!r}")
-        # As update_values checks it at every observe (1/T a finite float32), but once, here.
-        self.temperature = ops._check_temperature("KnowledgeCondenser", temperature)
-        self.schedule = _choice("schedule", schedule, _SCHEDULES)
-        self.k0 = _choice("k0", k0, _K0_POLICIES)
-        self.selection = _choice("selection", selection, _SELECTIONS)
-        self.online_recording = _flag("online_recording", online_recording)
-        self.vaks = _flag("vaks", vaks)
-        self.adaptive_eps = _flag("adaptive_eps", adaptive_eps)
-        self.seed = _int("seed", seed, 0)
+        self.rho = check_real(_OP, "rho", rho, lo=0.0, hi=1.0, lo_open=True)
+        self.eps_max = check_real(_OP, "eps_max", eps_max, lo=0.0, hi=1.0, lo_open=True)
+        self.alpha = check_real(_OP, "alpha", alpha, lo=0.0)
+        # The rule update_values applies at every observe (1/T a finite float32), checked once here.
+        self.temperature = check_temperature(_OP, temperature)
+        self.schedule = check_choice(_OP, "schedule", schedule, _SCHEDULES)
+        self.k0 = check_choice(_OP, "k0", k0, ops.K0_POLICIES)
+        self.selection = check_choice(_OP, "selection", selection, _SELECTIONS)
+        self.online_recording = check_flag(_OP, "online_recording", online_recording)
+        self.vaks = check_flag(_OP, "vaks", vaks)
+        self.adaptive_eps = check_flag(_OP, "adaptive_eps", adaptive_eps)
+        self.seed = check_int(_OP, "seed", seed, 0)
         self.device = torch.device(device)
-        rank = None if rank is None else _int("rank", rank, 0)
-        world_size = None if world_size is None else _int("world_size", world_size, 1)
-        self._world_from_group = world_size is None  # taken from the process group (or 1 without one)
-        self.rank, self.world_size = _dist_info(rank, world_size)
-        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(f"KnowledgeCondenser: world_size={self.world_size} needs an initialised "
-                             f"torch.distributed process group (the ranks' records are merged at each stage end); "
-                             f"for samplers of other ranks without one, use sampler(rank=..., world_size=...)")
+        self._set_world(rank, world_size)
         self.num_stages = self.epochs // self.stage_epochs
         smallest = min(self.num_kept(t) for t in range(self.num_stages))
         if smallest < 1:
             raise ValueError(f"KnowledgeCondenser: `num_samples`={self.num_samples} with `rho`={self.rho} keeps "
                              f"{smallest} points at the last stage (floor(tau^t N), Eq. 8); every stage must keep "
                              f"at least one: raise rho or num_samples")
+        self._make_state()
 
+    def _set_world(self, rank, world_size) -> None:
+        """The DDP position, from the arguments or else the process group (rank 0 of 1 without one)."""
+        rank = None if rank is None else check_int(_OP, "rank", rank, 0)
+        world_size = None if world_size is None else check_int(_OP, "world_size", world_size, 1)
+        self._world_from_group = world_size is None  # taken from the process group (or 1 without one)
+        group = dist.is_available() and dist.is_initialized()
+        self.rank = rank if rank is not None else dist.get_rank() if group else 0
+        self.world_size = world_size if world_size is not None else dist.get_world_size() if group else 1
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"KnowledgeCondenser: `rank` must lie in [0, world_size={self.world_size}), "
+                             f"got {self.rank}")
+        if self.world_size > 1 and not group:
+            raise ValueError(f"KnowledgeCondenser: world_size={self.world_size} needs an initialised "
+                             f"torch.distributed process group (the ranks' records are merged at each stage end); "
+                             f"for samplers of other ranks without one, use sampler(rank=..., world_size=...)")
+
+    def _make_state(self) -> None:
+        """The per-sample state of a run that has not started: every point kept, none paired."""
         n, dev = self.num_samples, self.device
         self.values = torch.zeros(n, dtype=torch.float32, device=dev)
         self.device = dev = self.values.device  # "cuda" -> "cuda:<current>", fixed from here on
@@ -210,8 +182,8 @@ class KnowledgeCondenser:
                             None if self.last_values is None else self.last_values.clone())
         # Host copies for the samplers and the loader workers (shared memory: workers see updates).
         self._kept_cpu = torch.arange(n, dtype=torch.int64)
-        self._partner_cpu = torch.full((n,), -1, dtype=torch.int32).share_memory_()
-        self._eps_cpu = torch.zeros(n, dtype=torch.float32).share_memory_()
+        self.host_partner = torch.full((n,), -1, dtype=torch.int32).share_memory_()
+        self.host_eps = torch.zeros(n, dtype=torch.float32).share_memory_()
         self.pairs = (torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.int64, device=dev),
                       torch.empty(0, dtype=torch.float32, device=dev))
         self.next_epoch = 0          # end_epoch() expects this epoch next
@@ -293,8 +265,8 @@ class KnowledgeCondenser:
     def _cost(self, samples_yielded: dict) -> dict:
         epochs = sorted(samples_yielded)
         passed = sum(samples_yielded[e] for e in epochs) * self.world_size
-        full = math.ceil(self.num_samples / self.world_size) * self.world_size * len(epochs)
-        return {"epochs": len(epochs), "C_a": passed, "C": passed / full if full else float("nan"),
+        return {"epochs": len(epochs), "C_a": passed,
+                "C": measured_cost(passed, self.num_samples, len(epochs), self.world_size),
                 "per_epoch": {e: samples_yielded[e] * self.world_size for e in epochs}}
 
     # ------------------------------------------------------------------ M-step side: per step
@@ -318,7 +290,12 @@ class KnowledgeCondenser:
             _record_last_visit_(self.last_values, indices, entropy)
         return entropy
 
-    def _note_yield(self, epoch: int, count: int) -> None:
+    def count_yielded(self, epoch: int, count: int) -> None:
+        """Count ``count`` samples passed on to training in epoch ``epoch`` by this rank, for
+        :meth:`measured_cost`. The samplers of :meth:`sampler` call it as they yield; a loop that
+        batches :meth:`kept_indices` itself calls it per batch."""
+        epoch = check_int("count_yielded", "epoch", epoch, 0)
+        count = check_int("count_yielded", "count", count, 0)
         self.samples_yielded[epoch] = self.samples_yielded.get(epoch, 0) + count
 
     # ------------------------------------------------------------------ E-step: per stage
@@ -331,9 +308,7 @@ class KnowledgeCondenser:
         If it raises, the epoch stays open (``next_epoch``, the plan and the history are unchanged)
         and can be ended again; a DDP merge that already ran is kept (it changes no record).
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, Integral):
-            raise TypeError(f"end_epoch: `epoch` must be an int, got {type(epoch).__name__}")
-        epoch = int(epoch)
+        epoch = check_int("end_epoch", "epoch", epoch)
         if epoch != self.next_epoch:
             raise ValueError(f"end_epoch: expected epoch {self.next_epoch}, got {epoch}; call it once per epoch, "
                              f"in order (after a resume, load the checkpoint's state_dict first)")
@@ -347,7 +322,7 @@ class KnowledgeCondenser:
             # rank raises together (a rank raising alone would leave the others in a collective).
             ops.check_errors(self.device)
             if flagged:
-                raise ops._out_of_range_error("another rank")
+                raise ops.out_of_range_error("another rank")
             plan = self._condense(epoch // self.stage_epochs, epoch)
         # Only now that the stage end succeeded does the epoch close.
         self.samples_yielded.setdefault(epoch, 0)
@@ -372,7 +347,7 @@ class KnowledgeCondenser:
         if self.last_values is not None:
             changed = (self.last_values != l0).double()
             parts += [changed, changed * self.last_values.double()]
-        flag = ops._raised_flag(self.device)
+        flag = ops.existing_error_flag(self.device)
         mine = flag.double() if flag is not None else torch.zeros(1, dtype=torch.float64, device=self.device)
         packed = torch.cat(parts + [mine])
         dist.all_reduce(packed)
@@ -388,11 +363,8 @@ class KnowledgeCondenser:
                         None if self.last_values is None else self.last_values.clone())
         return int(others.item())  # a stage end (or a checkpoint): a sync here is cheap
 
-    def _ranking_values(self) -> torch.Tensor:
-        return self.values if self.last_values is None else self.last_values
-
     def _condense(self, stage: int, epoch: int) -> ops.CondensePlan:
-        values = self._ranking_values()
+        values = self.values if self.last_values is None else self.last_values
         order = None
         if self.selection == "random":
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + stage)
@@ -404,24 +376,21 @@ class KnowledgeCondenser:
             empty = plan.k1l[:0]
             plan = ops.CondensePlan(plan.keep, plan.order, empty, empty, plan.eps[:0], plan.num_kept, plan.num_k0)
         summary = self._summary(plan, stage, epoch, values)
-        self._apply_plan(plan)
+        self._apply(plan.keep, plan.k1l, plan.k0, plan.eps)
         self.stage = stage
         self.history.append(summary)
         return plan
 
-    def _apply_plan(self, plan: ops.CondensePlan) -> None:
-        self._apply(plan.keep, plan.k1l, plan.k0, plan.eps)
-
     def _apply(self, keep, k1l, k0, eps) -> None:
         """Make (keep, K1L, K0, eps) the condensed set, with the per-point partner and eps they imply."""
-        partner, ratio = _pair_arrays(self.num_samples, k1l, k0, eps)
+        partner, ratio = pair_arrays(self.num_samples, k1l, k0, eps)
         self.keep.copy_(keep)
         self.partner.copy_(partner)
         self.eps.copy_(ratio)
         self.pairs = (k1l, k0, eps)
         self._kept_cpu = keep.nonzero().flatten().cpu()
-        self._partner_cpu.copy_(partner.cpu())
-        self._eps_cpu.copy_(ratio.cpu())
+        self.host_partner.copy_(partner.cpu())
+        self.host_eps.copy_(ratio.cpu())
 
     def _summary(self, plan, stage, epoch, values) -> dict:
         """The stage's record for summary.json and the plots: counts, tau, C so far, and the value
@@ -447,8 +416,7 @@ class KnowledgeCondenser:
         Persistent, as the official code does for CIFAR pixels: call it once
         after each condensation, and the mixes compound across stages.
         """
-        if not isinstance(buffer, torch.Tensor):
-            raise TypeError(f"mix_buffer_: `buffer` must be a torch.Tensor, got {type(buffer).__name__}")
+        check_tensor("mix_buffer_", "buffer", buffer)
         if buffer.dim() < 1 or buffer.shape[0] != self.num_samples:
             raise ValueError(f"mix_buffer_: `buffer` must have one row per sample ({self.num_samples}), "
                              f"got shape {tuple(buffer.shape)}")
@@ -481,7 +449,8 @@ class KnowledgeCondenser:
 
     # ------------------------------------------------------------------ state
 
-    def _config(self) -> dict:
+    def config(self) -> dict:
+        """The configuration, as a state_dict and a condensed-set file record it (and their loaders compare)."""
         return {k: getattr(self, k) for k in (
             "num_samples", "epochs", "stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0", "selection",
             "online_recording", "vaks", "adaptive_eps", "temperature", "seed")}
@@ -504,7 +473,7 @@ class KnowledgeCondenser:
             return None if t is None else t.detach().to("cpu", copy=True)
 
         return {
-            "version": STATE_VERSION, "config": self._config(),
+            "version": STATE_VERSION, "config": self.config(),
             "values": host(self.values), "counts": host(self.counts), "keep": host(self.keep),
             "partner": host(self.partner), "eps": host(self.eps),
             "pairs": tuple(host(t) for t in self.pairs),
@@ -522,105 +491,27 @@ class KnowledgeCondenser:
         Every key is checked (type, dtype, shape, range, finiteness, consistency of the pairs)
         before anything changes: a refused state leaves the condenser as it was.
         """
-        where = "load_state_dict"
-        if not isinstance(state, dict) or "version" not in state:
-            raise ValueError(f"{where}: not a KnowledgeCondenser state_dict")
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"{where}: state version {state['version']} is not this kcd_fast's "
-                             f"{STATE_VERSION}")
-        missing = [k for k in ("config", "values", "counts", "keep", "partner", "eps", "pairs", "last_values",
-                               "synced", "next_epoch", "stage", "frozen", "samples_yielded", "history")
-                   if k not in state]
-        if missing:
-            raise ValueError(f"{where}: the state has no {', '.join(f'`{k}`' for k in missing)}")
-        cfg, mine = state["config"], self._config()
-        if not isinstance(cfg, dict):
-            raise TypeError(f"{where}: `config` must be a dict, got {type(cfg).__name__}")
-        if cfg.get("num_samples") != self.num_samples:
-            raise ValueError(f"{where}: the state is for N={cfg.get('num_samples')} samples, this condenser "
-                             f"has N={self.num_samples}")
-        diff = [f"{k}: {cfg.get(k)!r} (state) vs {v!r} (here)" for k, v in mine.items() if cfg.get(k) != v]
-        if diff:
-            raise ValueError(f"{where}: the state was made with another configuration: " + "; ".join(diff))
-        n = self.num_samples
-        values = _finite(where, "values", _host_tensor(where, "values", state["values"], torch.float32, n))
-        counts = _host_tensor(where, "counts", state["counts"], torch.int32, n)
-        if bool((counts < 0).any()):
-            raise ValueError(f"{where}: `counts` must be >= 0")
-        keep = _host_tensor(where, "keep", state["keep"], torch.bool, n)
-        pairs = state["pairs"]
-        if not isinstance(pairs, (tuple, list)) or len(pairs) != 3:
-            raise ValueError(f"{where}: `pairs` must be a (k1l, k0, eps) triple")
-        pairs = _check_pairs(where, n, keep, *pairs, names=("pairs[0]", "pairs[1]", "pairs[2]"))
-        partner = _host_tensor(where, "partner", state["partner"], torch.int32, n)
-        eps = _host_tensor(where, "eps", state["eps"], torch.float32, n)
-        want_partner, want_eps = _pair_arrays(n, *pairs)
-        if not torch.equal(partner, want_partner) or not torch.equal(eps, want_eps):
-            raise ValueError(f"{where}: `partner` and `eps` must match `pairs` (-1 and 0 outside K1L)")
-        last_values = None
-        if self.last_values is not None:
-            last_values = _finite(where, "last_values",
-                                  _host_tensor(where, "last_values", state["last_values"], torch.float32, n))
-        synced = state["synced"]
-        if synced is not None:
-            if not isinstance(synced, (tuple, list)) or len(synced) != 3:
-                raise ValueError(f"{where}: `synced` must be None or a (values, counts, last_values) triple")
-            sv = _finite(where, "synced[0]", _host_tensor(where, "synced[0]", synced[0], torch.float32, n))
-            sc = _host_tensor(where, "synced[1]", synced[1], torch.int32, n)
-            sl = None
-            if self.last_values is not None:
-                sl = _finite(where, "synced[2]", _host_tensor(where, "synced[2]", synced[2], torch.float32, n))
-            synced = (sv, sc, sl)
-        next_epoch = _state_int(where, "next_epoch", state["next_epoch"], 0, self.epochs)
-        stage = _state_int(where, "stage", state["stage"], -1, self.num_stages - 1)
-        frozen = state["frozen"]
-        if not isinstance(frozen, bool):
-            raise TypeError(f"{where}: `frozen` must be a bool, got {type(frozen).__name__}")
-        # States saved before these keys existed: a set from load_condensed, as frozen says.
-        loaded, loaded_stage = state.get("loaded", frozen), state.get("loaded_stage")
-        if not isinstance(loaded, bool):
-            raise TypeError(f"{where}: `loaded` must be a bool, got {type(loaded).__name__}")
-        if loaded_stage is not None:
-            if not (isinstance(loaded_stage, (tuple, list)) and len(loaded_stage) == 2
-                    and isinstance(loaded_stage[0], int) and not isinstance(loaded_stage[0], bool)
-                    and isinstance(loaded_stage[1], float)):
-                raise ValueError(f"{where}: `loaded_stage` must be None or a (stage, tau) pair, got {loaded_stage!r}")
-            loaded_stage = (loaded_stage[0], loaded_stage[1])
-        if not frozen:
-            # The schedule's own set: the stage is the last boundary's, and it keeps that stage's |K1|.
-            want_stage = -1 if next_epoch == 0 else min((next_epoch - 1) // self.stage_epochs, self.num_stages - 1)
-            if stage != want_stage:
-                raise ValueError(f"{where}: `stage` {stage} does not follow `next_epoch` {next_epoch} "
-                                 f"(T={self.stage_epochs}: stage {want_stage})")
-            kept, want_kept = int(keep.sum()), (n if stage < 0 else self.num_kept(stage))
-            if not loaded and kept != want_kept:
-                raise ValueError(f"{where}: `keep` holds {kept} samples, but stage {stage} keeps {want_kept}")
-        yielded = state["samples_yielded"]
-        if not isinstance(yielded, dict) or not all(
-                isinstance(e, Integral) and not isinstance(e, bool) and isinstance(c, Integral)
-                and not isinstance(c, bool) and e >= 0 and c >= 0 for e, c in yielded.items()):
-            raise ValueError(f"{where}: `samples_yielded` must be a dict of epoch -> count (ints >= 0)")
-        if not isinstance(state["history"], list):
-            raise TypeError(f"{where}: `history` must be a list, got {type(state['history']).__name__}")
-        if self.world_size > 1 and synced is None:
-            synced = (values, counts, last_values)  # a single-process state: nothing to merge yet
-        # Everything checked: build the device tensors, then commit.
+        self._commit_state(checked_state(self, state))
+
+    def _commit_state(self, c: dict) -> None:
+        """Make a checked state (:func:`~kcd_fast.condenser_state.checked_state`) this condenser's:
+        device tensors first, then the assignments, none of which can fail."""
         dev = self.device
-        new_pairs = tuple(t.to(dev, copy=True) for t in pairs)
+        new_pairs = tuple(t.to(dev, copy=True) for t in c["pairs"])
         new_synced = None
         if self.world_size > 1:
-            new_synced = tuple(None if t is None else t.to(dev, copy=True) for t in synced)
-        self.values.copy_(values)
-        self.counts.copy_(counts)
-        self._apply(keep.to(dev), *new_pairs)  # partner and eps: checked above to be the ones pairs imply
+            new_synced = tuple(None if t is None else t.to(dev, copy=True) for t in c["synced"])
+        self.values.copy_(c["values"])
+        self.counts.copy_(c["counts"])
+        self._apply(c["keep"].to(dev), *new_pairs)  # partner and eps: checked to be the ones the pairs imply
         if self.last_values is not None:
-            self.last_values.copy_(last_values)
+            self.last_values.copy_(c["last_values"])
         if self.world_size > 1:
             self._synced = new_synced
-        self.next_epoch, self.stage, self.frozen = next_epoch, stage, frozen
-        self._loaded, self._loaded_stage = loaded, loaded_stage
-        self.samples_yielded = {int(e): int(c) for e, c in yielded.items()}
-        self.history = list(state["history"])
+        self.next_epoch, self.stage, self.frozen = c["next_epoch"], c["stage"], c["frozen"]
+        self._loaded, self._loaded_stage = c["loaded"], c["loaded_stage"]
+        self.samples_yielded = c["samples_yielded"]
+        self.history = c["history"]
 
     def save_condensed(self, path: str | os.PathLike) -> None:
         """Export the condensed knowledge K^ (the keep mask and the VAKS pairs) to reuse it (Fig. 4)."""
@@ -628,10 +519,10 @@ class KnowledgeCondenser:
         stage, tau = self.stage, self.tau(self.stage) if self.stage >= 0 else 1.0
         if self.frozen and self._loaded_stage is not None:  # the loaded set, as its file described it
             stage, tau = self._loaded_stage
-        torch.save({"kind": "kcd_fast.condensed", "version": STATE_VERSION, "num_samples": self.num_samples,
+        torch.save({"kind": CONDENSED_KIND, "version": STATE_VERSION, "num_samples": self.num_samples,
                     "stage": stage, "tau": tau,
                     "keep": self.keep.cpu(), "k1l": k1l.cpu(), "k0": k0.cpu(), "eps": eps.cpu(),
-                    "config": self._config()}, path)
+                    "config": self.config()}, path)
 
     def load_condensed(self, path: str | os.PathLike, freeze: bool = True) -> ops.CondensePlan:
         """Use condensed knowledge saved by :meth:`save_condensed` (e.g. to re-distil from scratch on K^).
@@ -640,300 +531,12 @@ class KnowledgeCondenser:
         The file is checked in full (keys, dtypes, shapes, index ranges, the pairs of Eq. 14)
         before anything changes.
         """
-        where = "load_condensed"
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # not a torch file, or one holding more than tensors: not ours either way
-            raise ValueError(f"{where}: {path} is not a file written by save_condensed "
-                             f"(torch.load: {type(exc).__name__})") from None
-        if not isinstance(blob, dict) or blob.get("kind") != "kcd_fast.condensed":
-            raise ValueError(f"{where}: {path} is not a file written by save_condensed")
-        missing = [k for k in ("version", "num_samples", "keep", "k1l", "k0", "eps") if k not in blob]
-        if missing:
-            raise ValueError(f"{where}: {path} has no {', '.join(f'`{k}`' for k in missing)}")
-        if blob["version"] != STATE_VERSION:
-            raise ValueError(f"{where}: {path} has version {blob['version']}, not this kcd_fast's {STATE_VERSION}")
-        if blob["num_samples"] != self.num_samples:
-            raise ValueError(f"{where}: {path} holds N={blob['num_samples']} samples, this condenser has "
-                             f"N={self.num_samples}")
-        keep = _host_tensor(where, "keep", blob["keep"], torch.bool, self.num_samples)
-        k1l, k0, eps = _check_pairs(where, self.num_samples, keep, blob["k1l"], blob["k0"], blob["eps"])
+        keep, k1l, k0, eps, stage_tau = read_condensed(path, self.num_samples)
         dev = self.device
         keep = keep.to(dev)
         order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])
         plan = ops.CondensePlan(keep, order, k1l.to(dev), k0.to(dev), eps.to(dev), int(keep.sum()), int(k0.numel()))
-        self._apply_plan(plan)
+        self._apply(plan.keep, plan.k1l, plan.k0, plan.eps)
         self.frozen, self._loaded = bool(freeze), True
-        stage, tau = blob.get("stage"), blob.get("tau")
-        ok = isinstance(stage, int) and not isinstance(stage, bool) and isinstance(tau, float)
-        self._loaded_stage = (stage, tau) if ok else None
+        self._loaded_stage = stage_tau
         return plan
-
-
-def _host_tensor(where: str, key: str, x, dtype: torch.dtype, n: int) -> torch.Tensor:
-    """A state entry that must be a tensor of ``dtype`` and shape [n], on the host."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: `{key}` must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != dtype:
-        raise TypeError(f"{where}: `{key}` must have dtype {dtype}, got {x.dtype}")
-    if tuple(x.shape) != (n,):
-        raise ValueError(f"{where}: `{key}` must have shape ({n},), got {tuple(x.shape)}")
-    return x.detach().cpu()
-
-
-def _finite(where: str, key: str, x: torch.Tensor) -> torch.Tensor:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{where}: `{key}` must be finite")
-    return x
-
-
-def _state_int(where: str, key: str, x, lo: int, hi: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, Integral):
-        raise TypeError(f"{where}: `{key}` must be an int, got {type(x).__name__}")
-    if not lo <= x <= hi:
-        raise ValueError(f"{where}: `{key}` must lie in [{lo}, {hi}], got {x}")
-    return int(x)
-
-
-def _check_pairs(where, n, keep, k1l, k0, eps, names=("k1l", "k0", "eps")):
-    """The VAKS pairs of a plan (Sec. 3.4, Eq. 14): L distinct kept points of K1L, L distinct dropped
-    partners of K0, and L ratios eps in [0, 1]. ``keep`` (bool [n], host) must keep at least one point.
-    Returns the three tensors on the host."""
-    if not bool(keep.any()):
-        raise ValueError(f"{where}: `keep` must keep at least one point")
-    for key, x, dtype in zip(names, (k1l, k0, eps), (torch.int64, torch.int64, torch.float32)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where}: `{key}` must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != dtype:
-            raise TypeError(f"{where}: `{key}` must have dtype {dtype}, got {x.dtype}")
-        if x.dim() != 1 or x.shape != k1l.shape:
-            raise ValueError(f"{where}: `{names[0]}`, `{names[1]}` and `{names[2]}` must be 1-D of one length, "
-                             f"got `{key}` of shape {tuple(x.shape)}")
-    k1l, k0, eps = k1l.detach().cpu(), k0.detach().cpu(), eps.detach().cpu()
-    for key, idx, kept in ((names[0], k1l, True), (names[1], k0, False)):
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise ValueError(f"{where}: `{key}` must lie in [0, {n})")
-        if idx.unique().numel() != idx.numel():
-            raise ValueError(f"{where}: `{key}` must not repeat a point")
-        if not bool((keep[idx] == kept).all()):
-            raise ValueError(f"{where}: every point of `{key}` must be {'kept' if kept else 'dropped'} by `keep`")
-    if not bool(((eps >= 0) & (eps <= 1)).all()):
-        raise ValueError(f"{where}: `{names[2]}` must lie in [0, 1]")
-    return k1l, k0, eps
-
-
-def _pair_arrays(n, k1l, k0, eps):
-    """The per-point ``partner`` (-1 outside K1L) and ``eps`` (0 outside K1L) of a plan's pairs, on
-    the pairs' device."""
-    partner = torch.full((n,), -1, dtype=torch.int32, device=k1l.device)
-    ratio = torch.zeros(n, dtype=torch.float32, device=k1l.device)
-    partner[k1l] = k0.int()
-    ratio[k1l] = eps
-    return partner, ratio
-
-
-QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
-HIST_BINS = 40
-
-
-def stage_value_stats(values: torch.Tensor, keep: torch.Tensor, num_kept: int, order: torch.Tensor,
-                      tracked: torch.Tensor, *, q=QUANTILES, bins: int = HIST_BINS) -> dict:
-    """What a stage records about the values V (Eq. 12) it condensed by, for summary.json and the plots.
-
-    ``values`` float [N] and ``keep`` bool [N] on one device, ``num_kept`` = keep.sum() (known to the
-    host from the plan), ``order`` the plan's ranking (indices, best first), ``tracked`` the indices
-    whose rank likelihood (Eq. 8) is followed across stages. Returns the mean value of the kept and
-    of the dropped points (NaN for an empty set), their value quantiles ``q`` (linear interpolation,
-    as ``torch.quantile``; [] for an empty set), a histogram of both over ``bins`` common bins on
-    [0, max V] (a value on an edge goes to the bin above it, the maximum to the last: ``torch.histc``'s
-    rule), and 1 - position / N of each tracked point.
-
-    All of it is computed where the values are, in float64, and read back in ONE transfer: the old
-    per-statistic host reads cost a stage end a dozen synchronisations on CUDA, and copying the
-    values to the host for ``torch.quantile`` cost about 0.26 s at N = 1,281,167 on a 2-core CPU. The
-    kept and the dropped values are sorted by one sort of V and a stable partition (prefix sums),
-    so nothing waits for the device before the one read.
-    """
-    n = values.shape[0]
-    dev = values.device
-    n_kept, n_dropped = int(num_kept), n - int(num_kept)
-    keep = keep.to(dev)
-    # Kept values ascending in [0, n_kept), dropped ones ascending in [n_kept, n): a stable partition
-    # of one sort (a dropped value at sorted position i has i - (kept up to i) dropped ones before it).
-    sorted_v, by_value = torch.sort(values)
-    kept_sorted = keep[by_value]
-    kept_upto = torch.cumsum(kept_sorted, 0)
-    dest = torch.where(kept_sorted, kept_upto - 1, torch.arange(n_kept, n_kept + n, device=dev) - kept_upto)
-    part = torch.empty_like(sorted_v).scatter_(0, dest, sorted_v)
-
-    def quantiles(lo: int, size: int) -> torch.Tensor:
-        """``q`` of part[lo:lo + size] by torch.quantile's linear rule: rank q (size - 1), between its
-        floor and ceiling (none for an empty set)."""
-        ranks = [x * (size - 1) for x in q] if size else []
-        ends = torch.tensor([lo + math.floor(r) for r in ranks] + [lo + math.ceil(r) for r in ranks],
-                            dtype=torch.int64).to(dev, non_blocking=True)
-        weight = torch.tensor([r - math.floor(r) for r in ranks], dtype=torch.float64).to(dev, non_blocking=True)
-        pick = part[ends].double()
-        return torch.lerp(pick[: len(ranks)], pick[len(ranks):], weight)
-
-    sums = torch.stack([(values * keep).sum(dtype=torch.float64), (values * ~keep).sum(dtype=torch.float64)])
-    means = sums / torch.tensor([max(n_kept, 1), max(n_dropped, 1)], dtype=torch.float64).to(dev, non_blocking=True)
-
-    # histc's bins on [0, hi]: bin = floor(x * bins / hi), the maximum into the last bin.
-    hi = values.max().double().clamp_min(1e-6) if n else torch.ones((), dtype=torch.float64, device=dev)
-    edges = torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64, device=dev) * hi
-    which = (values.double() * bins / hi).floor().clamp_(0, bins - 1).long() + bins * (~keep).long()
-    hist = torch.zeros(2 * bins, dtype=torch.int64, device=dev).index_add_(0, which, torch.ones_like(which))
-
-    position = torch.empty(n, dtype=torch.int64, device=dev)
-    position[order.to(dev)] = torch.arange(n, device=dev)
-    p_rank = 1.0 - position[tracked.to(dev)].double() / n  # Eq. 8
-
-    parts = [means, quantiles(0, n_kept), quantiles(n_kept, n_dropped), edges, hist.double(), p_rank]
-    packed = torch.cat(parts).cpu().tolist()  # the one read
-    ends = list(itertools.accumulate(p.numel() for p in parts))
-    means_h, q_kept, q_dropped, edges_h, hist_h, p_rank_h = (
-        packed[end - p.numel():end] for p, end in zip(parts, ends))
-    return {"mean_kept": means_h[0] if n_kept else float("nan"),
-            "mean_dropped": means_h[1] if n_dropped else float("nan"),
-            "quantiles_kept": q_kept, "quantiles_dropped": q_dropped,
-            "hist": {"edges": edges_h, "kept": hist_h[:bins], "dropped": hist_h[bins:]},
-            "rank_likelihood": p_rank_h}
-
-
-class KeptSampler(Sampler):
-    """Samples the condensed set K^ of a :class:`KnowledgeCondenser`; its length changes per stage.
-
-    * ``batch_size=None``: yields indices (use ``DataLoader(sampler=...)``).
-      ``batch_size=B``: yields lists of B indices (use ``DataLoader(batch_sampler=...)``); with
-      ``drop_last`` the final short batch is dropped.
-    * DDP: rank r of W gets a disjoint share of a common shuffled order; the order is padded by
-      repeating its head (or, with ``drop_last`` and no batch_size, cut) so every rank yields
-      the same number of samples and steps the same number of batches.
-    * Shuffles with its own generator seeded by (seed, epoch): call :meth:`set_epoch`. It never
-      touches the global RNG and never patches DataLoader.
-    """
-
-    def __init__(self, condenser: KnowledgeCondenser, *, batch_size=None, shuffle=True, drop_last=False,
-                 rank=0, world_size=1):
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, Integral)
-                                       or batch_size < 1):
-            raise ValueError(f"sampler: `batch_size` must be None or an int >= 1, got {batch_size!r}")
-        for name, x in (("rank", rank), ("world_size", world_size)):
-            if isinstance(x, bool) or not isinstance(x, Integral):
-                raise TypeError(f"sampler: `{name}` must be an int, got {x!r}")
-        if world_size < 1:
-            raise ValueError(f"sampler: `world_size` must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"sampler: `rank` must lie in [0, world_size={world_size}), got {rank}")
-        self.condenser = condenser
-        self.batch_size = batch_size
-        self.shuffle = bool(shuffle)
-        self.drop_last = bool(drop_last)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _share_size(self, kept: int) -> int:
-        if self.drop_last and self.batch_size is None:
-            return kept // self.world_size
-        return -(-kept // self.world_size)
-
-    def indices(self) -> torch.Tensor:
-        """This rank's indices for the current epoch, in yield order."""
-        kept = self.condenser.kept_indices()
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.condenser.seed * 1_000_003 + 7919 * self.epoch + 1)
-            kept = kept[torch.randperm(kept.numel(), generator=g)]
-        share = self._share_size(kept.numel())
-        total = share * self.world_size
-        if total > kept.numel():
-            reps = -(-total // max(kept.numel(), 1))
-            kept = kept.repeat(reps)
-        return kept[:total][self.rank::self.world_size]
-
-    def __len__(self) -> int:
-        share = self._share_size(self.condenser.kept_indices().numel())
-        if self.batch_size is None:
-            return share
-        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
-
-    def __iter__(self) -> Iterator:
-        idx = self.indices()
-        epoch = self.epoch
-        if self.batch_size is None:
-            count = 0
-            try:
-                for i in idx.tolist():
-                    count += 1
-                    yield i
-            finally:
-                self.condenser._note_yield(epoch, count)
-        else:
-            b = self.batch_size
-            stop = (idx.numel() // b) * b if self.drop_last else idx.numel()
-            for s in range(0, stop, b):
-                batch = idx[s:s + b].tolist()
-                self.condenser._note_yield(epoch, len(batch))
-                yield batch
-
-
-class KCDDataset(Dataset):
-    """Wraps a map-style dataset of (x, y) into one of (x, y, index), with VAKS on the inputs.
-
-    For a point of K1L with partner j and ratio ε (Eq. 14), it returns
-    ``(1 - ε) x + ε x_j``, each transformed first, with the point's own label.
-    It runs in the loader workers, so the GPU does no extra pass and the
-    teacher sees the same mixed input as the student. Each stage mixes the original inputs, so the
-    mixes do not compound (for the official code's persistent pixel mixing, see
-    :meth:`KnowledgeCondenser.mix_buffer_`). ``mix=False`` returns
-    plain (x, y, index) (the VAKS then lives elsewhere, e.g. in a soft-label buffer).
-    """
-
-    def __init__(self, dataset: Dataset, condenser: KnowledgeCondenser, mix: bool = True):
-        n = len(dataset)
-        if n != condenser.num_samples:
-            raise ValueError(f"KCDDataset: the dataset has {n} samples but the condenser was made for "
-                             f"num_samples={condenser.num_samples}")
-        self.dataset = dataset
-        self.mix = bool(mix)
-        self.partner = condenser._partner_cpu   # shared memory: updated in place at each stage
-        self.eps = condenser._eps_cpu
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        x, y = self.dataset[index]
-        if self.mix:
-            j = int(self.partner[index])
-            if j >= 0:
-                e = float(self.eps[index])
-                xj, _ = self.dataset[j]
-                x = _mix_inputs(x, xj, e, index)
-        return x, y, index
-
-
-def _mix_inputs(x, xj, e: float, index: int):
-    """``(1 - e) x + e xj`` (Eq. 14) of the same type and dtype as ``x``, so mixed and plain samples
-    collate together: float inputs keep their dtype; integer ones (uint8 images) are mixed in fp32,
-    rounded to nearest (ties to even, as :func:`ops.vaks_mix_` does) and clamped to their range."""
-    if isinstance(x, torch.Tensor) and isinstance(xj, torch.Tensor):
-        if x.dtype.is_floating_point:
-            return (1.0 - e) * x + e * xj.to(x.dtype)
-        if x.dtype != torch.bool:
-            info = torch.iinfo(x.dtype)
-            mixed = (1.0 - e) * x.float() + e * xj.float()
-            return mixed.round().clamp(info.min, info.max).to(x.dtype)
-    elif isinstance(x, np.ndarray) and isinstance(xj, np.ndarray):
-        if np.issubdtype(x.dtype, np.floating):
-            return ((1.0 - e) * x + e * xj).astype(x.dtype, copy=False)
-        if np.issubdtype(x.dtype, np.integer):
-            info = np.iinfo(x.dtype)
-            mixed = (1.0 - e) * x.astype(np.float32) + e * xj.astype(np.float32)
-            return np.clip(np.rint(mixed), info.min, info.max).astype(x.dtype)
-    raise TypeError(f"KCDDataset: VAKS mixes inputs that are tensors or numpy arrays of numbers, but sample "
-                    f"{index} is {type(x).__name__} and its partner {type(xj).__name__}; give the wrapped "
-                    f"dataset a transform that returns tensors (e.g. ToTensor), or use mix=False")

@@ -1,10 +1,13 @@
 """Logit distillation losses for the trainer (the M-step objective, Eq. 11).
 
 A loss is one function ``loss(student_logits, teacher_logits, target, cfg, epoch) -> scalar``
-registered under a name with :func:`register_loss`; ``--distill NAME`` selects it. ``cfg`` is
-the trainer's argparse namespace (temperature and weights), ``epoch`` the 0-based epoch.
-To add a loss, write the function in this file (or in your own module, imported before
-``main``) and decorate it::
+registered under a name with :func:`register_loss`; ``--distill NAME`` selects it. ``epoch`` is
+the 0-based epoch, and ``cfg`` the loss's settings: any object with the attributes it reads.
+A built-in loss declares them as a frozen dataclass (:class:`KDSettings`, :class:`DKDSettings`,
+whose field names are the trainer's option names); the trainer builds that object once, at the
+start, with :func:`loss_settings`. A loss registered without settings gets the trainer's own
+read-only configuration. To add a loss, write the function in this file (or in your own module,
+imported before ``main``, e.g. with ``--loss-module``) and decorate it::
 
     @register_loss("my_loss")
     def my_loss(student_logits, teacher_logits, target, cfg, epoch):
@@ -18,23 +21,86 @@ reads the buffer's rows in place.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from kcd_fast.checks import LOGIT_DTYPES, check_index_range, check_int, check_real, check_temperature
+
 LOSSES: dict[str, Callable] = {}
 KNOWLEDGE_LOSSES: dict[str, Callable] = {}
+LOSS_SETTINGS: dict[str, type | None] = {}  # name -> the settings dataclass of the loss (None: the config itself)
 
 
-def register_loss(name: str):
-    """Register a distillation loss under ``name`` (the value of ``--distill``)."""
+class _CheckedSettings:
+    """Loss settings checked when made: a finite temperature > 0 (1/T a finite float32), weights finite
+    and >= 0, a warm-up an int >= 0."""
+
+    def __post_init__(self):
+        op = type(self).__name__
+        for field in dataclasses.fields(self):
+            x = getattr(self, field.name)
+            if field.name == "kd_temperature":
+                check_temperature(op, x, field.name)
+            elif field.name == "dkd_warmup":
+                check_int(op, field.name, x, 0)
+            else:
+                check_real(op, field.name, x, lo=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class KDSettings(_CheckedSettings):
+    """What :func:`kd_loss` reads: ``kd_weight`` * T^2 KL at T = ``kd_temperature`` plus ``ce_weight`` * CE."""
+
+    kd_temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class DKDSettings(_CheckedSettings):
+    """What :func:`dkd_loss` reads: ``ce_weight_dkd`` * CE + warm-up * (``dkd_alpha`` TCKD + ``dkd_beta`` NCKD)
+    at T = ``kd_temperature``, the warm-up linear over ``dkd_warmup`` epochs."""
+
+    kd_temperature: float = 4.0
+    ce_weight_dkd: float = 1.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup: int = 20
+
+
+def register_loss(name: str, settings: type | None = None):
+    """Register a distillation loss under ``name`` (the value of ``--distill``). ``settings``: the
+    frozen dataclass of what the loss reads from ``cfg`` (see :func:`loss_settings`), or None for a
+    loss that takes the trainer's configuration as it is."""
+    if settings is not None and not (isinstance(settings, type) and dataclasses.is_dataclass(settings)):
+        raise TypeError(f"register_loss: `settings` must be a dataclass type or None, got {settings!r}")
 
     def deco(fn):
         LOSSES[name] = fn
+        LOSS_SETTINGS[name] = settings
         return fn
 
     return deco
+
+
+def loss_settings(name: str, config):
+    """The ``cfg`` to pass the loss ``name``: its settings dataclass built from the attributes of
+    ``config`` of the same names (e.g. the trainer's configuration), or ``config`` itself for a loss
+    registered without settings."""
+    if name not in LOSSES:
+        raise ValueError(f"loss_settings: no loss is registered as {name!r}; registered: {', '.join(sorted(LOSSES))}")
+    kind = LOSS_SETTINGS.get(name)
+    if kind is None:
+        return config
+    names = [field.name for field in dataclasses.fields(kind)]
+    missing = [key for key in names if not hasattr(config, key)]
+    if missing:
+        raise ValueError(f"loss_settings: the loss {name!r} reads {', '.join(missing)}, which `config` "
+                         f"({type(config).__name__}) does not have")
+    return kind(**{key: getattr(config, key) for key in names})
 
 
 def register_knowledge_loss(name: str):
@@ -69,7 +135,7 @@ def kl_distill_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * temperature ** 2
 
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOATS = (*LOGIT_DTYPES, torch.float64)
 
 
 def kl_distill_fused(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -107,27 +173,19 @@ def _check_kl_inputs(op, student_logits, teacher_logits, temperature) -> None:
         raise ValueError(f"{op}: `teacher_logits` must match `student_logits` in shape and device, got "
                          f"{tuple(teacher_logits.shape)} on {teacher_logits.device} and "
                          f"{tuple(student_logits.shape)} on {student_logits.device}")
-    _check_temperature(op, temperature)
-
-
-def _check_temperature(op, temperature) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-        raise ValueError(f"{op}: `temperature` must be a positive finite number, got {temperature!r}")
+    check_temperature(op, temperature)
 
 
 def _check_target(op, target, student_logits) -> None:
     """Labels for the CE term: int64 [B] on the logits' device, in [0, C) (checked on the CPU and in
     debug mode, :func:`kcd_fast.ops.set_debug`: a host sync on CUDA)."""
-    from kcd_fast import ops
-
     b, c = student_logits.shape
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{op}: `target` must be a torch.Tensor of labels, got {type(target).__name__}")
     if target.dtype != torch.int64 or target.shape != (b,) or target.device != student_logits.device:
         raise ValueError(f"{op}: `target` must be an int64 tensor of {b} labels on {student_logits.device}, got "
                          f"{target.dtype} of shape {tuple(target.shape)} on {target.device}")
-    if ops._checks_contents(target.device):
-        ops._check_range(op, "target", target, c)
+    check_index_range(op, "target", target, c)
 
 
 class _FusedKD(torch.autograd.Function):
@@ -155,7 +213,7 @@ class _FusedKD(torch.autograd.Function):
         return (grad * grad_output).to(ctx.student_dtype), None, None, None, None, None, None, None, None
 
 
-@register_loss("kd")
+@register_loss("kd", KDSettings)
 def kd_loss(student_logits, teacher_logits, target, cfg, epoch):
     """Vanilla KD as in the paper's CIFAR setup (CRD/KCD scripts): ce_weight * CE + kd_weight * KL (Eq. 1).
 
@@ -201,11 +259,11 @@ def kd_loss_from_knowledge_fused(student_logits, knowledge, index, target, cfg, 
     if student_logits.device != knowledge.device:
         raise ValueError(f"{op}: `student_logits` must be on the buffer's device {knowledge.device}, got "
                          f"{student_logits.device}")
-    idx = knowledge._indices(op, index)
+    idx = knowledge.checked_indices(op, index)
     if student_logits.shape != (idx.shape[0], knowledge.num_classes):
         raise ValueError(f"{op}: `student_logits` must be [B, {knowledge.num_classes}] with B = len(index) "
                          f"({idx.shape[0]}), got {tuple(student_logits.shape)}")
-    _check_temperature(op, cfg.kd_temperature)
+    check_temperature(op, cfg.kd_temperature)
     _check_target(op, target, student_logits)
     if knowledge.storage == "dense":
         teacher, rows = knowledge.probs, idx
@@ -215,7 +273,7 @@ def kd_loss_from_knowledge_fused(student_logits, knowledge, index, target, cfg, 
                           float(cfg.kd_weight), rows, True, knowledge.temperature / float(cfg.kd_temperature))
 
 
-@register_loss("dkd")
+@register_loss("dkd", DKDSettings)
 def dkd_loss(student_logits, teacher_logits, target, cfg, epoch):
     """Decoupled KD (Zhao et al., CVPR 2022): CE + warm-up * (alpha * TCKD + beta * NCKD).
 

@@ -21,35 +21,20 @@ replays the crops): FKD keeps the region-level agreement, at many times the stor
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-from numbers import Integral, Real
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from kcd_fast import knowledge_file as kf
 from kcd_fast import ops
+from kcd_fast.checks import (INDEX_DTYPES, LOGIT_DTYPES, check_choice, check_index_range, check_int,
+                             check_temperature, check_tensor, checks_contents)
+from kcd_fast.knowledge_file import KnowledgeFileError, dtype_name
 
-__all__ = ["KnowledgeBuffer", "KnowledgeFileError"]
+__all__ = ["KnowledgeBuffer", "KnowledgeFileError", "topk_readback_torch"]
 
-MAGIC = b"KCDKNOW1"
-HEADER_BYTES = 4096
-SAVE_CHUNK_BYTES = 64 << 20  # save() copies a device buffer to the host this many bytes at a time
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# The keys :meth:`KnowledgeBuffer.save` writes into the header, and their JSON types.
-_HEADER_TYPES = {"num_samples": int, "num_classes": int, "storage": str, "k": int, "dtype": str,
-                 "temperature": float, "teacher": str, "teacher_hash": str, "filled": int, "samples": str}
 _MEMINFO = "/proc/meminfo"
-
-
-class KnowledgeFileError(ValueError):
-    """A knowledge file that does not match (N, C, storage) or is not a knowledge file."""
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 class KnowledgeBuffer:
@@ -69,30 +54,26 @@ class KnowledgeBuffer:
     def __init__(self, num_samples: int, num_classes: int, *, storage: str = "dense", k: int = 10,
                  dtype: torch.dtype = torch.float16, temperature: float = 4.0, device="cpu", teacher: str = "",
                  samples: str = ""):
-        for name, x, lo in (("num_samples", num_samples, 1), ("num_classes", num_classes, 1), ("k", k, 1)):
-            if isinstance(x, bool) or not isinstance(x, Integral):
-                raise TypeError(f"KnowledgeBuffer: `{name}` must be an int, got {x!r}")
-            if x < lo:
-                raise ValueError(f"KnowledgeBuffer: `{name}` must be an int >= {lo}, got {x!r}")
-        if storage not in ("dense", "topk"):
-            raise ValueError(f"KnowledgeBuffer: `storage` must be 'dense' or 'topk', got {storage!r}")
+        op = "KnowledgeBuffer"
+        num_samples, num_classes, k = (check_int(op, name, x, 1) for name, x in (
+            ("num_samples", num_samples), ("num_classes", num_classes), ("k", k)))
+        check_choice(op, "storage", storage, kf.STORAGES)
         if storage == "topk" and not 1 <= k <= min(64, num_classes):
             raise ValueError(f"KnowledgeBuffer: `k` must lie in [1, min(64, num_classes={num_classes})], got {k}")
-        if dtype not in _DTYPES.values():
+        if dtype not in kf.DTYPES.values():
             raise TypeError(f"KnowledgeBuffer: `dtype` must be float16, bfloat16 or float32, got {dtype}")
-        if isinstance(temperature, bool) or not isinstance(temperature, Real) or not 0 < temperature < math.inf:
-            raise ValueError(f"KnowledgeBuffer: `temperature` must be a finite number > 0, got {temperature!r}")
+        temperature = check_temperature(op, temperature)
         for name, x in (("teacher", teacher), ("samples", samples)):  # as a saved file's header holds them
             if not isinstance(x, str):
                 raise TypeError(f"KnowledgeBuffer: `{name}` must be a string, got {type(x).__name__}")
-        self.num_samples, self.num_classes = int(num_samples), int(num_classes)
-        self.storage, self.k = storage, int(k) if storage == "topk" else int(num_classes)
-        self.dtype, self.temperature = dtype, float(temperature)
+        self.num_samples, self.num_classes = num_samples, num_classes
+        self.storage, self.k = storage, k if storage == "topk" else num_classes
+        self.dtype, self.temperature = dtype, temperature
         self.device = torch.device(device)
         self.teacher, self.samples = teacher, samples
         need = self.num_samples * self.bytes_per_sample()
         _check_fits(need, self.device, f"a {storage} buffer of {self.num_samples} x "
-                    f"{self.k if storage == 'topk' else self.num_classes} {_dtype_name(dtype)}",
+                    f"{self.k if storage == 'topk' else self.num_classes} {dtype_name(dtype)}",
                     "a smaller `k` or dtype" if storage == "topk" else "storage='topk' or a smaller dtype")
         n = self.num_samples
         if storage == "dense":
@@ -129,14 +110,14 @@ class KnowledgeBuffer:
         repeat stores one of its rows, unspecified which, and a non-finite row stores NaN.
         """
         op = "KnowledgeBuffer.write"
-        ops._tensor(op, "indices", indices, ops._INDEX_DTYPES, 1)
-        ops._tensor(op, "teacher_logits", teacher_logits, (*ops._LOGIT_DTYPES, torch.float64))
+        check_tensor(op, "indices", indices, INDEX_DTYPES, 1)
+        check_tensor(op, "teacher_logits", teacher_logits, (*LOGIT_DTYPES, torch.float64))
         if teacher_logits.dim() != 2 or teacher_logits.shape != (indices.shape[0], self.num_classes):
             raise ValueError(f"{op}: `teacher_logits` must be [B, {self.num_classes}] with B = len(indices) "
                              f"({indices.shape[0]}), got {tuple(teacher_logits.shape)}")
         idx = indices.to(self.device, non_blocking=True).long()
-        if idx.numel() and ops._checks_contents(self.device):
-            ops._check_range(op, "indices", idx, self.num_samples)
+        if idx.numel() and checks_contents(self.device):
+            check_index_range(op, "indices", idx, self.num_samples)
             if torch.unique(idx).numel() != idx.numel():
                 raise ValueError(f"{op}: `indices` must be distinct within one call, got a repeated index")
             if not bool(torch.isfinite(teacher_logits).all()):
@@ -160,7 +141,7 @@ class KnowledgeBuffer:
         A row not yet filled reads back as all zeros, with either storage (no host sync).
         ``indices``: int32/int64 [B] in [0, N), range checked on the CPU and in debug mode on CUDA.
         """
-        idx = self._indices("KnowledgeBuffer.read", indices)
+        idx = self.checked_indices("KnowledgeBuffer.read", indices)
         if self.storage == "dense":
             return self.probs.index_select(0, idx.long()).float()
         if self.device.type == "cuda":
@@ -168,14 +149,14 @@ class KnowledgeBuffer:
 
             with torch.cuda.device(self.device):
                 return topk_readback_triton(self.values, self.classes, idx, self.num_classes, self.filled)
-        return _topk_readback_torch(self.values, self.classes, idx, self.num_classes, self.filled)
+        return topk_readback_torch(self.values, self.classes, idx, self.num_classes, self.filled)
 
-    def _indices(self, op: str, indices) -> torch.Tensor:
-        """``indices`` on the buffer's device, checked as :meth:`write` checks them (range: on the CPU
-        and in debug mode only, where it needs no host sync)."""
-        ops._tensor(op, "indices", indices, ops._INDEX_DTYPES, 1)
+    def checked_indices(self, op: str, indices) -> torch.Tensor:
+        """``indices`` (int32/int64 [B]) on the buffer's device, checked as :meth:`write` checks them
+        (the range: on the CPU, and on CUDA in debug mode only, where it syncs); errors name ``op``."""
+        check_tensor(op, "indices", indices, INDEX_DTYPES, 1)
         idx = indices.to(self.device, non_blocking=True)
-        ops._check_range(op, "indices", idx, self.num_samples)
+        check_index_range(op, "indices", idx, self.num_samples)
         return idx
 
     def teacher_logits(self, indices: torch.Tensor) -> torch.Tensor:
@@ -221,11 +202,11 @@ class KnowledgeBuffer:
         ``eps`` as those ops take ``dst``, ``src`` and ``eps`` (a tensor, or a number for all pairs),
         on any device: they are moved to the buffer's."""
         d, s, e = (x.to(self.device) if isinstance(x, torch.Tensor) else x for x in (k1l, k0, eps))
-        if (isinstance(d, torch.Tensor) and isinstance(s, torch.Tensor) and d.dtype in ops._INDEX_DTYPES
-                and s.dtype in ops._INDEX_DTYPES and d.numel() and ops._checks_contents(self.device)):
-            # The ops check the ranges first; an unfilled row has no soft label to mix (it reads back as zeros).
-            ops._check_range("KnowledgeBuffer.mix_", "k1l", d, self.num_samples)
-            ops._check_range("KnowledgeBuffer.mix_", "k0", s, self.num_samples)
+        if (isinstance(d, torch.Tensor) and isinstance(s, torch.Tensor) and d.dtype in INDEX_DTYPES
+                and s.dtype in INDEX_DTYPES and d.numel() and checks_contents(self.device)):
+            # The ranges first; an unfilled row has no soft label to mix (it reads back as zeros).
+            check_index_range("KnowledgeBuffer.mix_", "k1l", d, self.num_samples)
+            check_index_range("KnowledgeBuffer.mix_", "k0", s, self.num_samples)
             if not bool(self.filled.index_select(0, torch.cat([d, s]).long()).all()):
                 raise ValueError("KnowledgeBuffer.mix_: every row of `k1l` and `k0` must be filled (written) first")
         if self.storage == "dense":
@@ -264,29 +245,17 @@ class KnowledgeBuffer:
 
     def header(self) -> dict:
         return {"num_samples": self.num_samples, "num_classes": self.num_classes, "storage": self.storage,
-                "k": self.k, "dtype": _dtype_name(self.dtype), "temperature": self.temperature,
+                "k": self.k, "dtype": dtype_name(self.dtype), "temperature": self.temperature,
                 "teacher": self.teacher, "samples": self.samples}
 
     def save(self, path, *, teacher_hash: str = "") -> None:
-        """Write a memory-mappable file: a 4 KiB header (magic + JSON), then the raw arrays."""
+        """Write a memory-mappable file (:mod:`kcd_fast.knowledge_file`): a 4 KiB header (magic + JSON),
+        then the raw arrays. The file appears whole or not at all."""
         head = dict(self.header(), teacher_hash=teacher_hash, filled=int(self.filled.sum()))
-        text = json.dumps(head).encode()
-        if len(text) + len(MAGIC) + 8 > HEADER_BYTES:
-            raise ValueError("KnowledgeBuffer.save: header too long (teacher name?)")
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + len(text).to_bytes(8, "little") + text)
-            f.write(b"\0" * (HEADER_BYTES - f.tell()))
-            for t in self._arrays():
-                raw = t.detach().contiguous().view(torch.uint8).view(-1)
-                # In pieces of SAVE_CHUNK_BYTES: a 2.56 GB ImageNet buffer on the GPU needs no host copy
-                # of its own size (nor a second one for the bytes object), on the CPU no copy at all.
-                for start in range(0, raw.numel(), SAVE_CHUNK_BYTES):
-                    f.write(memoryview(raw[start:start + SAVE_CHUNK_BYTES].cpu().numpy()))
-        os.replace(tmp, path)
+        kf.write_file(path, head, self._arrays())
 
     def _array_names(self) -> list[str]:
-        return (["probs"] if self.storage == "dense" else ["values", "classes"]) + ["filled"]
+        return [name for name, _, _ in kf.layout(self.header())]
 
     def _arrays(self):
         return [getattr(self, name) for name in self._array_names()]
@@ -294,23 +263,7 @@ class KnowledgeBuffer:
     @staticmethod
     def read_header(path) -> dict:
         """The header of a knowledge file, checked: every key :meth:`save` writes, of its type and range."""
-        with open(path, "rb") as f:
-            blob = f.read(HEADER_BYTES)
-        if len(blob) < len(MAGIC) + 8 or blob[: len(MAGIC)] != MAGIC:
-            raise KnowledgeFileError(f"{path} is not a kcd_fast knowledge file")
-        if len(blob) < HEADER_BYTES:
-            raise KnowledgeFileError(f"{path} is truncated: {len(blob)} bytes, less than its header")
-        size = int.from_bytes(blob[len(MAGIC):len(MAGIC) + 8], "little")
-        if len(MAGIC) + 8 + size > HEADER_BYTES:
-            raise KnowledgeFileError(f"{path} is corrupt: its header claims {size} bytes")
-        try:
-            head = json.loads(blob[len(MAGIC) + 8:len(MAGIC) + 8 + size].decode())
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise KnowledgeFileError(f"{path} is corrupt: its header is not JSON ({exc})") from None
-        if isinstance(head, dict):
-            head.setdefault("samples", "")  # files written before it was recorded: not checked
-        _check_header(path, head)
-        return head
+        return kf.read_header(path)
 
     @classmethod
     def load(cls, path, *, device="cpu", num_samples: int | None = None, num_classes: int | None = None,
@@ -329,47 +282,27 @@ class KnowledgeBuffer:
         storage, k (top-k files only), dtype, teacher name, teacher hash or samples differ from those
         given (None: not checked; an empty string, in the file or given, is not checked), naming both.
         """
-        head = cls.read_header(path)
-        for name, want in (("num_samples", num_samples), ("num_classes", num_classes), ("temperature", temperature)):
-            if want is not None and head[name] != want:
-                what = {"num_samples": "samples", "num_classes": "classes", "temperature": "temperature"}[name]
-                raise KnowledgeFileError(f"{path} holds knowledge for {head[name]} {what}, but this run has "
-                                         f"{want}; it was made for another dataset or setting")
-        checks = (("storage", head["storage"], storage),
-                  ("k", head["k"], k if head["storage"] == "topk" else None),  # k means nothing for dense
-                  ("dtype", head["dtype"], None if dtype is None else _dtype_name(dtype)),
-                  ("teacher", head["teacher"], teacher if head["teacher"] else None),
-                  ("teacher hash", head["teacher_hash"], teacher_hash if head["teacher_hash"] else None),
-                  ("samples", head["samples"], samples if head["samples"] else None))
-        for what, have, want in checks:
-            if want is not None and want != "" and have != want:
-                why = ("another dataset, subset or seed" if what == "samples" else "another teacher or setting")
-                raise KnowledgeFileError(f"{path} holds knowledge with {what} {have!r}, but this run has {want!r}; "
-                                         f"it was made for {why}")
-        layout = _layout(head)
-        expected = HEADER_BYTES + sum(math.prod(shape) * dt.itemsize for _, shape, dt in layout)
-        size = os.path.getsize(path)
+        head = kf.read_header(path)
+        _check_matches(path, head, num_samples=num_samples, num_classes=num_classes, temperature=temperature,
+                       storage=storage, k=k, dtype=None if dtype is None else dtype_name(dtype),
+                       teacher=teacher, teacher_hash=teacher_hash, samples=samples)
+        size, expected = os.path.getsize(path), kf.file_bytes(head)
         if size != expected:
             why = "truncated" if size < expected else f"longer than its header says ({size - expected} bytes more)"
             raise KnowledgeFileError(f"{path} is {why}: {size} bytes, expected {expected}")
         device = torch.device(device)
         # On the CPU: a buffer without storage (meta), which then takes the mapped arrays; no memory check.
         buf = cls(head["num_samples"], head["num_classes"], storage=head["storage"], k=head["k"],
-                  dtype=_DTYPES[head["dtype"]], temperature=head["temperature"],
+                  dtype=kf.DTYPES[head["dtype"]], temperature=head["temperature"],
                   device="meta" if device.type == "cpu" else device, teacher=head["teacher"],
                   samples=head["samples"])
-        mapped = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=HEADER_BYTES,
-                                            shape=(size - HEADER_BYTES,)))  # copy-on-write, page-aligned
-        offset = 0
-        for name, shape, dt in layout:
-            raw = mapped[offset:offset + math.prod(shape) * dt.itemsize]
+        for name, raw, dt, shape in kf.map_arrays(path, head):
             if device.type == "cpu":
-                if offset % dt.itemsize:
+                if raw.data_ptr() % dt.itemsize:
                     raw = raw.clone()  # an array after an odd count of 2-byte values: an aligned copy
                 setattr(buf, name, raw.view(dt).view(shape))
             else:
                 getattr(buf, name).view(torch.uint8).view(-1).copy_(raw)
-            offset += raw.numel()
         buf.device = buf.filled.device
         buf._check_contents(path, head["filled"])
         return buf
@@ -409,59 +342,43 @@ class KnowledgeBuffer:
                                      + (f"{len(arrays)}" if isinstance(arrays, (list, tuple)) else type(arrays).__name__))
         for name, mine, theirs in zip(names, self._arrays(), arrays):
             if not (isinstance(theirs, torch.Tensor) and theirs.dtype == mine.dtype and theirs.shape == mine.shape):
-                got = (f"{_dtype_name(theirs.dtype)} {list(theirs.shape)}" if isinstance(theirs, torch.Tensor)
+                got = (f"{dtype_name(theirs.dtype)} {list(theirs.shape)}" if isinstance(theirs, torch.Tensor)
                        else type(theirs).__name__)
-                raise KnowledgeFileError(f"{op}: `{name}` must be a {_dtype_name(mine.dtype)} tensor of shape "
+                raise KnowledgeFileError(f"{op}: `{name}` must be a {dtype_name(mine.dtype)} tensor of shape "
                                          f"{list(mine.shape)}, got {got}")
         if self.storage == "topk":
-            ops._check_range(op, "classes", arrays[1].reshape(-1).cpu(), self.num_classes)
+            check_index_range(op, "classes", arrays[1].reshape(-1).cpu(), self.num_classes)
         for t, s in zip(self._arrays(), arrays):
             t.copy_(s.to(self.device))
 
 
-def _check_header(path, head) -> None:
-    """Refuse a header that lacks a key :meth:`KnowledgeBuffer.save` writes, or holds a bad value."""
-    def corrupt(why):
-        return KnowledgeFileError(f"{path} is corrupt: its header {why}")
-
-    if not isinstance(head, dict):
-        raise corrupt(f"is a JSON {type(head).__name__}, not an object")
-    for key, kind in _HEADER_TYPES.items():
-        if key not in head:
-            raise corrupt(f"has no `{key}`")
-        x = head[key]
-        if kind is str:
-            ok = isinstance(x, str)
-        else:
-            ok = isinstance(x, Integral if kind is int else Real) and not isinstance(x, bool)
-        if not ok:
-            raise corrupt(f"has `{key}` = {x!r}, expected {'a string' if kind is str else 'an integer' if kind is int else 'a number'}")
-    n, c, k = head["num_samples"], head["num_classes"], head["k"]
-    if head["storage"] not in ("dense", "topk"):
-        raise corrupt(f"has `storage` = {head['storage']!r}, expected 'dense' or 'topk'")
-    if head["dtype"] not in _DTYPES:
-        raise corrupt(f"has `dtype` = {head['dtype']!r}, expected one of {', '.join(_DTYPES)}")
-    if n < 1 or c < 1:
-        raise corrupt(f"has {n} samples and {c} classes, expected at least 1 of each")
-    if not (k == c if head["storage"] == "dense" else 1 <= k <= min(64, c)):
-        raise corrupt(f"has k = {k} for {head['storage']} storage of {c} classes")
-    if not (math.isfinite(head["temperature"]) and head["temperature"] > 0):
-        raise corrupt(f"has temperature {head['temperature']}, expected a finite number > 0")
-    if not 0 <= head["filled"] <= n:
-        raise corrupt(f"says {head['filled']} of {n} samples are filled")
+def _check_matches(path, head: dict, **wanted) -> None:
+    """Refuse a file whose header differs from what this run has (``wanted``, by header key; None, or
+    an empty string in the file or given, is not compared), naming both."""
+    for name in ("num_samples", "num_classes", "temperature"):
+        want = wanted[name]
+        if want is not None and head[name] != want:
+            what = {"num_samples": "samples", "num_classes": "classes", "temperature": "temperature"}[name]
+            raise KnowledgeFileError(f"{path} holds knowledge for {head[name]} {what}, but this run has "
+                                     f"{want}; it was made for another dataset or setting")
+    checks = (("storage", head["storage"], wanted["storage"]),
+              ("k", head["k"], wanted["k"] if head["storage"] == "topk" else None),  # k means nothing for dense
+              ("dtype", head["dtype"], wanted["dtype"]),
+              ("teacher", head["teacher"], wanted["teacher"] if head["teacher"] else None),
+              ("teacher hash", head["teacher_hash"], wanted["teacher_hash"] if head["teacher_hash"] else None),
+              ("samples", head["samples"], wanted["samples"] if head["samples"] else None))
+    for what, have, want in checks:
+        if want is not None and want != "" and have != want:
+            why = ("another dataset, subset or seed" if what == "samples" else "another teacher or setting")
+            raise KnowledgeFileError(f"{path} holds knowledge with {what} {have!r}, but this run has {want!r}; "
+                                     f"it was made for {why}")
 
 
-def _layout(head: dict) -> list:
-    """(attribute, shape, dtype) of the arrays that follow the header of a file, in order."""
-    n, c, k, dt = head["num_samples"], head["num_classes"], head["k"], _DTYPES[head["dtype"]]
-    arrays = [("probs", (n, c), dt)] if head["storage"] == "dense" else [("values", (n, k), dt),
-                                                                          ("classes", (n, k), torch.int32)]
-    return arrays + [("filled", (n,), torch.bool)]
-
-
-def _topk_readback_torch(values, classes, indices, num_classes, filled):
-    """Torch twin of the Triton read-back: the uniform remainder, then the stored classes; rows not
-    ``filled`` all zeros."""
+def topk_readback_torch(values, classes, indices, num_classes, filled):
+    """Dense float32 [B, C] rows ``indices`` of top-k storage (``values``, ``classes`` [N, k]): the
+    uniform remainder, then the stored classes; rows not ``filled`` all zeros. The CPU path of
+    :meth:`KnowledgeBuffer.read`, and the slow twin of its Triton read-back
+    (kernels/topk_readback.py)."""
     idx = indices.long()
     v = values.index_select(0, idx).float()
     c = classes.index_select(0, idx).long()

@@ -27,108 +27,38 @@ condenser at each stage end) turns into an error.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
 
-from kcd_fast import _ext
+from kcd_fast import extension
+from kcd_fast.checks import (INDEX_DTYPES, LOGIT_DTYPES, check_choice, check_flag, check_index_range, check_matching,
+                             check_real, check_same_device, check_temperature, check_tensor, check_vaks_pairs,
+                             checks_contents, debug_enabled, set_debug)
 
 __all__ = [
     "update_values",
     "rank",
     "condense",
     "CondensePlan",
+    "K0_POLICIES",
     "vaks_mix_",
     "vaks_mix_topk_",
     "set_debug",
     "debug_enabled",
     "check_errors",
+    "existing_error_flag",
+    "out_of_range_error",
 ]
 
-_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _BUFFER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
-_K0_POLICIES = ("dropped", "all")
-
-_debug = os.environ.get("KCD_FAST_DEBUG", "0").lower() in ("1", "true", "yes", "on")
-
-
-def set_debug(enabled: bool) -> None:
-    """Turn on (or off) the content checks that synchronise with the GPU."""
-    global _debug
-    _debug = bool(enabled)
-
-
-def debug_enabled() -> bool:
-    """Whether the synchronising content checks run on CUDA tensors."""
-    return _debug
-
-
-def _checks_contents(device: torch.device) -> bool:
-    return device.type != "cuda" or _debug
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _tensor(op: str, name: str, x, dtypes=None, dim: int | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(x).__name__}")
-    if dtypes is not None and x.dtype not in dtypes:
-        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: `{name}` must have dtype {want}, got {str(x.dtype).replace('torch.', '')}")
-    if dim is not None and x.dim() != dim:
-        raise ValueError(f"{op}: `{name}` must be {dim}-D, got shape {tuple(x.shape)}")
-    return x
-
-
-def _same_device(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
-    for name, t in others.items():
-        if t.device != ref.device:
-            raise ValueError(f"{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}; "
-                             f"all tensors must be on one device")
-
-
-def _matching(op: str, name: str, x, dtypes, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
-    """``x`` must be a tensor of ``dtypes`` on ``ref``'s device with ``ref``'s shape."""
-    _tensor(op, name, x, dtypes)
-    _same_device(op, ref_name, ref, **{name: x})
-    if x.shape != ref.shape:
-        raise ValueError(f"{op}: `{name}` must have the shape of `{ref_name}` {tuple(ref.shape)}, "
-                         f"got {tuple(x.shape)}")
-    return x
+K0_POLICIES = ("dropped", "all")  # the partners of the augmentation: see condense()
 
 
 def _check_state(op: str, values, counts) -> None:
-    _tensor(op, "values", values, (torch.float32,), 1)
-    _matching(op, "counts", counts, (torch.int32,), "values", values)
-
-
-def _check_range(op: str, name: str, idx: torch.Tensor, n: int) -> None:
-    if idx.numel() and _checks_contents(idx.device):
-        lo, hi = (int(v) for v in idx.aminmax())
-        if lo < 0 or hi >= n:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{op}: `{name}` must lie in [0, {n}), found {bad}")
-
-
-def _real(op: str, name: str, x, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
-    if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"{op}: `{name}` must be a real number, got {type(x).__name__}")
-    x = float(x)
-    ok = math.isfinite(x)
-    if lo is not None:
-        ok = ok and (x > lo if lo_open else x >= lo)
-    if hi is not None:
-        ok = ok and (x < hi if hi_open else x <= hi)
-    if not ok:
-        lb = "(" if lo_open or lo is None else "["  # an unbounded side is open: the number must be finite
-        rb = ")" if hi_open or hi is None else "]"
-        rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
-        raise ValueError(f"{op}: `{name}` must be a finite number in {rng}, got {x}")
-    return x
+    check_tensor(op, "values", values, (torch.float32,), 1)
+    check_matching(op, "counts", counts, (torch.int32,), "values", values)
 
 
 # --------------------------------------------------------------------------- update_values (Eq. 7 + 12)
@@ -164,18 +94,19 @@ def check_errors(device: torch.device | str | None = None) -> None:
     """
     devices = list(_error_flags) if device is None else [torch.device(device)]
     for dev in devices:
-        flag = _raised_flag(dev)
+        flag = existing_error_flag(dev)
         if flag is not None and int(flag.item()) != 0:
             flag.zero_()
-            raise _out_of_range_error(str(_canonical_device(dev)))
+            raise out_of_range_error(str(_canonical_device(dev)))
 
 
-def _raised_flag(device: torch.device) -> torch.Tensor | None:
-    """The error flag of ``device`` if one was ever made (it never is on the CPU, which raises at once)."""
+def existing_error_flag(device: torch.device) -> torch.Tensor | None:
+    """The error flag of ``device`` (int32 [1], nonzero once a CUDA ``update_values`` skipped an index) if
+    one was ever made; it never is on the CPU, which raises at once. Reading it is up to the caller."""
     return _error_flags.get(_canonical_device(device))
 
 
-def _out_of_range_error(where: str) -> ValueError:
+def out_of_range_error(where: str) -> ValueError:
     """What :func:`check_errors` raises for indices the CUDA kernel skipped on ``where``."""
     return ValueError(f"update_values: `indices` held values outside [0, N) on {where}; those visits were not "
                       f"recorded. Run with KCD_FAST_DEBUG=1 to fail at the offending call.")
@@ -184,9 +115,9 @@ def _out_of_range_error(where: str) -> ValueError:
 def _check_update_args(op: str, values, counts, indices, logits) -> None:
     """Everything about update_values' tensors that needs no look at their contents (no sync)."""
     _check_state(op, values, counts)
-    _tensor(op, "indices", indices, _INDEX_DTYPES, 1)
-    _tensor(op, "logits", logits, _LOGIT_DTYPES, 2)
-    _same_device(op, "values", values, indices=indices, logits=logits)
+    check_tensor(op, "indices", indices, INDEX_DTYPES, 1)
+    check_tensor(op, "logits", logits, LOGIT_DTYPES, 2)
+    check_same_device(op, "values", values, indices=indices, logits=logits)
     if logits.shape[0] != indices.shape[0]:
         raise ValueError(f"{op}: `logits` must have one row per index ({indices.shape[0]}), "
                          f"got shape {tuple(logits.shape)}")
@@ -196,37 +127,6 @@ def _check_update_args(op: str, values, counts, indices, logits) -> None:
         raise ValueError(f"{op}: `values` and `counts` must be contiguous (they are updated in place)")
     if values.requires_grad or counts.requires_grad:
         raise ValueError(f"{op}: `values` and `counts` must not require grad: they are state, updated in place")
-
-
-def _check_temperature(op: str, temperature) -> float:
-    """A finite T > 0 whose inverse is a finite float32 (T >= 2.9e-39): every kernel scales by 1/T in fp32."""
-    temperature = _real(op, "temperature", temperature, lo=0.0, lo_open=True)
-    if 1.0 / temperature > _FLOAT32_MAX:
-        raise ValueError(f"{op}: `temperature` must be at least {1.0 / _FLOAT32_MAX:.6g} (its inverse must be a "
-                         f"finite float32), got {temperature}")
-    return temperature
-
-
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def _update_values_torch(values, counts, indices, logits, temperature):
-    """Vectorised torch twin of the C++ and Triton kernels, checked against them in the tests.
-
-    Each finite visit i of sample x adds (e_i - V_old(x)) / F_new(x) to V(x),
-    which sums to the exact result of k successive Eq. 12 updates.
-    """
-    z = logits.float() / temperature
-    finite = torch.isfinite(z).all(dim=1)
-    logp = torch.log_softmax(z, dim=1)
-    h = -(logp.exp() * logp).sum(dim=1)
-    h = torch.where(finite, h, torch.full_like(h, math.nan))
-    idx = indices.long()
-    counts.index_add_(0, idx, finite.to(torch.int32))
-    f_new = counts.index_select(0, idx).float()
-    step = torch.where(finite, (h - values.index_select(0, idx)) / f_new.clamp_min(1.0), torch.zeros_like(h))
-    values.index_add_(0, idx, step)
-    return h
 
 
 def _update_values_cuda(values, counts, indices, logits, temperature: float) -> torch.Tensor:
@@ -260,8 +160,7 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
     inside CUDA-graph capture (after one call outside it, which compiles the kernel
     and allocates the device's error flag), under autocast and no_grad; it never
     builds an autograd graph. On the CPU it is a C++ kernel (rows in parallel, then the
-    visits applied in batch order); :func:`_update_values_torch` is its
-    vectorised-torch twin. Works under ``torch.compile`` as the operator
+    visits applied in batch order). Works under ``torch.compile`` as the operator
     ``torch.ops.kcd_fast.update_values``.
     """
     op = "update_values"
@@ -269,17 +168,17 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
     logits = logits.detach()
     if torch.compiler.is_compiling():
         # Reading the indices would break the graph, and a temperature that changes between calls is
-        # traced as a symbol: the operator checks both when it runs (_check_temperature).
-        _ext.require(op)
+        # traced as a symbol: the operator checks both when it runs (check_temperature).
+        extension.require(op)
         return torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
-    temperature = _check_temperature(op, temperature)
+    temperature = check_temperature(op, temperature)
     if logits.device.type == "cuda":
-        _check_range(op, "indices", indices, values.numel())  # in debug mode (it synchronises)
+        check_index_range(op, "indices", indices, values.numel())  # in debug mode (it synchronises)
         entropy = _update_values_cuda(values, counts, indices, logits, temperature)
     else:
         # The C++ kernel checks every index before it changes anything, raising the same ValueError
-        # as _check_range (one pass fewer over the indices than checking here too).
-        _ext.require(op)  # the CUDA kernel of this op is the Triton kernel, registered below
+        # as check_index_range (one pass fewer over the indices than checking here too).
+        extension.require(op)  # the CUDA kernel of this op is the Triton kernel, registered below
         entropy = torch.ops.kcd_fast.update_values(values, counts, indices, logits, temperature)
     # As torch's own in-place ops do, so that autograd refuses a graph that saved the old values.
     torch.autograd.graph.increment_version((values, counts))
@@ -307,13 +206,13 @@ def rank(values: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tens
     """
     op = "rank"
     _check_state(op, values, counts)
-    alpha = _real(op, "alpha", alpha, lo=0.0)
-    if _checks_contents(values.device) and values.numel():
+    alpha = check_real(op, "alpha", alpha, lo=0.0)
+    if checks_contents(values.device) and values.numel():
         if not bool(torch.isfinite(values).all()):
             raise ValueError(f"{op}: `values` must be finite")
         if int(counts.min()) < 0:
             raise ValueError(f"{op}: `counts` must be >= 0, found {int(counts.min())}")
-    _ext.require(op, values.device)
+    extension.require(op, values.device)
     return torch.ops.kcd_fast.rank(values, counts, alpha)
 
 
@@ -347,11 +246,6 @@ class CondensePlan:
         """int64 [|K1| - L], the kept points that are not augmented, most valuable first."""
         return self.order[: self.num_kept - self.k1l.numel()]
 
-    def to(self, device) -> "CondensePlan":
-        """A copy of the plan on ``device``."""
-        return CondensePlan(self.keep.to(device), self.order.to(device), self.k1l.to(device), self.k0.to(device),
-                            self.eps.to(device), self.num_kept, self.num_k0)
-
 
 def _num_kept(op: str, keep, n: int) -> int:
     if isinstance(keep, bool) or not isinstance(keep, (Integral, Real)):
@@ -360,7 +254,7 @@ def _num_kept(op: str, keep, n: int) -> int:
         if not 1 <= int(keep) <= n:
             raise ValueError(f"{op}: `keep` as a count must lie in [1, {n}], got {keep}")
         return int(keep)
-    frac = _real(op, "keep", keep, lo=0.0, hi=1.0, lo_open=True)
+    frac = check_real(op, "keep", keep, lo=0.0, hi=1.0, lo_open=True)
     # floor(tau N), with a slack that scales with N for the float64 rounding of the product
     # (0.29 * 10**8 = 28999999.999999996): the rounding of reference.kept_count.
     x = frac * n
@@ -402,19 +296,17 @@ def condense(values: torch.Tensor, counts: torch.Tensor, *, keep, alpha: float, 
     _check_state(op, values, counts)
     n = values.numel()
     n_keep = _num_kept(op, keep, n)
-    alpha = _real(op, "alpha", alpha, lo=0.0)
-    eps_max = _real(op, "eps_max", eps_max, lo=0.0, hi=1.0)
-    if k0 not in _K0_POLICIES:
-        raise ValueError(f"{op}: `k0` must be one of {_K0_POLICIES}, got {k0!r}")
-    if not isinstance(adaptive_eps, bool):  # not merely truthy: "no" would mean the ramp
-        raise TypeError(f"{op}: `adaptive_eps` must be True or False, got {adaptive_eps!r}")
+    alpha = check_real(op, "alpha", alpha, lo=0.0)
+    eps_max = check_real(op, "eps_max", eps_max, lo=0.0, hi=1.0)
+    check_choice(op, "k0", k0, K0_POLICIES)
+    check_flag(op, "adaptive_eps", adaptive_eps)  # not merely truthy: "no" would mean the ramp
     if previous_keep is not None:
-        _matching(op, "previous_keep", previous_keep, (torch.bool,), "values", values)
+        check_matching(op, "previous_keep", previous_keep, (torch.bool,), "values", values)
     if order is None:
         order = rank(values, counts, alpha)
     else:
-        _matching(op, "order", order, (torch.int64,), "values", values)
-        if _checks_contents(order.device) and not torch.equal(
+        check_matching(op, "order", order, (torch.int64,), "values", values)
+        if checks_contents(order.device) and not torch.equal(
                 torch.sort(order).values, torch.arange(n, device=order.device)):
             raise ValueError(f"{op}: `order` must be a permutation of 0..{n - 1}")
     device = values.device
@@ -456,14 +348,14 @@ def vaks_mix_(buffer: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, eps) -
     [0, 1]) always run on the CPU and in debug mode on CUDA.
     """
     op = "vaks_mix_"
-    _tensor(op, "buffer", buffer, _BUFFER_DTYPES)
+    check_tensor(op, "buffer", buffer, _BUFFER_DTYPES)
     if buffer.dim() < 1:
         raise ValueError(f"{op}: `buffer` must be [N, ...], got a 0-d tensor")
     if not buffer.is_contiguous():
         raise ValueError(f"{op}: `buffer` must be contiguous")
     _not_requiring_grad(op, buffer=buffer)
-    dst_l, src_l, eps_t = _check_pairs(op, "buffer", buffer, dst, src, eps)
-    _ext.require(op, buffer.device)
+    dst_l, src_l, eps_t = check_vaks_pairs(op, "buffer", buffer, dst, src, eps)
+    extension.require(op, buffer.device)
     if dst_l.numel():
         torch.ops.kcd_fast.vaks_mix_(buffer, dst_l, src_l, eps_t)
         torch.autograd.graph.increment_version(buffer)  # as in update_values
@@ -475,38 +367,6 @@ def _not_requiring_grad(op: str, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.requires_grad:
             raise ValueError(f"{op}: `{name}` must not require grad: it is written in place, outside autograd")
-
-
-def _check_pairs(op: str, rows_name: str, rows: torch.Tensor, dst, src, eps):
-    """Validate VAKS pairs over the rows of ``rows``; returns (dst int64, src int64, eps float32), contiguous."""
-    _tensor(op, "dst", dst, _INDEX_DTYPES, 1)
-    _tensor(op, "src", src, _INDEX_DTYPES, 1)
-    _same_device(op, rows_name, rows, dst=dst, src=src)
-    pairs = dst.shape[0]
-    if src.shape[0] != pairs:
-        raise ValueError(f"{op}: `src` must have one index per `dst` index ({pairs}), got {src.shape[0]}")
-    if isinstance(eps, torch.Tensor):
-        _tensor(op, "eps", eps, (torch.float32, torch.float64, torch.float16, torch.bfloat16), 1)
-        _same_device(op, rows_name, rows, eps=eps)
-        if eps.shape[0] != pairs:
-            raise ValueError(f"{op}: `eps` must have one value per pair ({pairs}), got {eps.shape[0]}")
-        eps_t = eps.to(torch.float32)
-    else:
-        eps_t = torch.full((pairs,), _real(op, "eps", eps, lo=0.0, hi=1.0), dtype=torch.float32,
-                           device=rows.device)
-    n = rows.shape[0]
-    if pairs and _checks_contents(rows.device):
-        _check_range(op, "dst", dst, n)
-        _check_range(op, "src", src, n)
-        if not bool(((eps_t >= 0) & (eps_t <= 1)).all()):
-            raise ValueError(f"{op}: `eps` must lie in [0, 1]")
-        hits = torch.zeros(n, dtype=torch.int32, device=rows.device)
-        hits.index_add_(0, dst.long(), torch.ones_like(dst, dtype=torch.int32))
-        if int(hits.max()) > 1:
-            raise ValueError(f"{op}: `dst` must not repeat an index")
-        if bool(hits.index_select(0, src.long()).any()):
-            raise ValueError(f"{op}: `dst` and `src` must not share an index")
-    return dst.long().contiguous(), src.long().contiguous(), eps_t.contiguous()
 
 
 def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, eps,
@@ -524,8 +384,8 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
     contents). Returns (values, classes).
     """
     op = "vaks_mix_topk_"
-    _tensor(op, "values", values, (torch.float32, torch.float16, torch.bfloat16), 2)
-    _matching(op, "classes", classes, (torch.int32,), "values", values)
+    check_tensor(op, "values", values, (torch.float32, torch.float16, torch.bfloat16), 2)
+    check_matching(op, "classes", classes, (torch.int32,), "values", values)
     if not (values.is_contiguous() and classes.is_contiguous()):
         raise ValueError(f"{op}: `values` and `classes` must be contiguous")
     _not_requiring_grad(op, values=values)
@@ -534,24 +394,24 @@ def vaks_mix_topk_(values: torch.Tensor, classes: torch.Tensor, dst: torch.Tenso
         raise ValueError(f"{op}: k (the width of `values`) must lie in [1, 64], got {k}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < k:
         raise ValueError(f"{op}: `num_classes` must be an int >= k ({k}), got {num_classes!r}")
-    dst_l, src_l, eps_t = _check_pairs(op, "values", values, dst, src, eps)
-    if dst_l.numel() and _checks_contents(values.device):  # the rows the mix reads
-        _check_range(op, "classes", classes.index_select(0, torch.cat([dst_l, src_l])), int(num_classes))
-    _ext.require(op, values.device)
+    dst_l, src_l, eps_t = check_vaks_pairs(op, "values", values, dst, src, eps)
+    if dst_l.numel() and checks_contents(values.device):  # the rows the mix reads
+        check_index_range(op, "classes", classes.index_select(0, torch.cat([dst_l, src_l])), int(num_classes))
+    extension.require(op, values.device)
     if dst_l.numel():
         torch.ops.kcd_fast.vaks_mix_topk_(values, classes, dst_l, src_l, eps_t, int(num_classes))
         torch.autograd.graph.increment_version((values, classes))
     return values, classes
 
 
-if _ext.available():
+if extension.available():
     @torch.library.impl("kcd_fast::update_values", "CUDA")
     def _update_values_cuda_op(values, counts, indices, logits, temperature):
         # Called through torch.ops.kcd_fast (torch.compile, or a user): the kernel's own assumptions,
         # checked without reading any tensor's contents (an index out of range raises the error flag).
         op = "kcd_fast::update_values"
         _check_update_args(op, values, counts, indices, logits)
-        return _update_values_cuda(values, counts, indices, logits, _check_temperature(op, temperature))
+        return _update_values_cuda(values, counts, indices, logits, check_temperature(op, temperature))
 
     @torch.library.register_fake("kcd_fast::update_values")
     def _update_values_fake(values, counts, indices, logits, temperature):

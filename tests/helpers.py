@@ -1,4 +1,6 @@
-"""Shared helpers of the tests: random inputs and state snapshots."""
+"""Shared helpers of the tests: random inputs, state snapshots and the torch twin of update_values."""
+import math
+
 import torch
 
 
@@ -34,6 +36,25 @@ def make_indices(b, n, *, seed=0, duplicates=True, dtype=torch.int64, device="cp
     else:
         idx = torch.randperm(n, generator=g)[:b]
     return idx.to(dtype).to(device)
+
+
+def update_values_torch(values, counts, indices, logits, temperature):
+    """Vectorised torch twin of the C++ and Triton ``update_values`` kernels, checked against them.
+
+    Each finite visit i of sample x adds (e_i - V_old(x)) / F_new(x) to V(x),
+    which sums to the exact result of k successive Eq. 12 updates.
+    """
+    z = logits.float() / temperature
+    finite = torch.isfinite(z).all(dim=1)
+    logp = torch.log_softmax(z, dim=1)
+    h = -(logp.exp() * logp).sum(dim=1)
+    h = torch.where(finite, h, torch.full_like(h, math.nan))
+    idx = indices.long()
+    counts.index_add_(0, idx, finite.to(torch.int32))
+    f_new = counts.index_select(0, idx).float()
+    step = torch.where(finite, (h - values.index_select(0, idx)) / f_new.clamp_min(1.0), torch.zeros_like(h))
+    values.index_add_(0, idx, step)
+    return h
 
 
 def snapshot(*tensors):

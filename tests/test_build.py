@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import kcd_fast
-from kcd_fast import _ext
+from kcd_fast import extension
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_extension_is_built_and_registered():
-    assert _ext.available(), f"kcd_fast._C did not import: {_ext.LOAD_ERROR}"
+    assert extension.available(), f"kcd_fast._C did not import: {extension.LOAD_ERROR}"
     for op in ("rank", "vaks_mix_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kcd_fast::{op}", "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("kcd_fast::update_values", "CPU")
@@ -27,7 +27,7 @@ def test_extension_is_built_and_registered():
 @pytest.mark.skipif(os.environ.get("KCD_FAST_EXPECT_CUDA") != "1", reason="set KCD_FAST_EXPECT_CUDA=1 when the "
                     "build must contain the CUDA kernels (CI does)")
 def test_cuda_kernels_are_built():
-    assert _ext.has_cuda_kernels(), "kcd_fast._C was built without its CUDA kernels"
+    assert extension.has_cuda_kernels(), "kcd_fast._C was built without its CUDA kernels"
     for op in ("rank", "vaks_mix_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kcd_fast::{op}", "CUDA")
 
@@ -50,7 +50,7 @@ def test_import_without_compiled_library_raises_helpful_error(tmp_path):
                     raise ImportError("blocked for the test")
         sys.meta_path.insert(0, Block())
         import torch, kcd_fast
-        from kcd_fast._ext import ExtensionNotBuiltError
+        from kcd_fast.extension import ExtensionNotBuiltError
         v, f = torch.zeros(4), torch.zeros(4, dtype=torch.int32)
         for call in (lambda: kcd_fast.update_values(v, f, torch.tensor([1]), torch.randn(1, 3)),
                      lambda: kcd_fast.rank(v, f, 0.03),
@@ -94,8 +94,8 @@ def test_compiled_ops_under_torch_compile():
 def test_cpp_guards_raise_python_errors_in_a_subprocess():
     """The C++ guards behind the Python checks raise ValueError/RuntimeError, never crash.
 
-    Run in a child process so that a crash in the C++ exception path (seen once on a lent GPU
-    machine) fails this test with the child's output instead of killing the whole session.
+    Run in a child process so that a crash in the C++ exception path fails this test with the
+    child's output instead of ending the whole test run.
     """
     code = textwrap.dedent("""
         import torch, kcd_fast._C  # noqa: F401

@@ -105,19 +105,20 @@ def test_zero_and_non_finite_probabilities_follow_kl_div():
             assert math.isnan(want) and math.isnan(got) and math.isnan(twin), i
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda s, t: (s, t[:, :-1], 4.0), "`teacher_logits` must match `student_logits`"),
-    (lambda s, t: (s[0], t[0], 4.0), "`student_logits` must be a 2-D"),
-    (lambda s, t: (s, t.long(), 4.0), "`teacher_logits` must be a 2-D"),
-    (lambda s, t: (s[:0], t[:0], 4.0), "B, C >= 1"),
-    (lambda s, t: (s, t, 0.0), "`temperature` must be a positive finite number"),
-    (lambda s, t: (s, t, float("inf")), "`temperature`"),
-    (lambda s, t: (s, t, True), "`temperature`"),
+@pytest.mark.parametrize("bad,err,match", [
+    (lambda s, t: (s, t[:, :-1], 4.0), ValueError, "`teacher_logits` must match `student_logits`"),
+    (lambda s, t: (s[0], t[0], 4.0), ValueError, "`student_logits` must be a 2-D"),
+    (lambda s, t: (s, t.long(), 4.0), ValueError, "`teacher_logits` must be a 2-D"),
+    (lambda s, t: (s[:0], t[:0], 4.0), ValueError, "B, C >= 1"),
+    (lambda s, t: (s, t, 0.0), ValueError, "`temperature` must be a finite number > 0"),
+    (lambda s, t: (s, t, float("inf")), ValueError, "`temperature`"),
+    (lambda s, t: (s, t, 1e-40), ValueError, "`temperature` must be at least"),  # 1/T overflows float32
+    (lambda s, t: (s, t, True), TypeError, "`temperature`"),
 ])
 @pytest.mark.parametrize("fn", [kl_distill, kl_distill_fused], ids=["kl_distill", "fused"])
-def test_bad_input_is_refused_naming_the_argument(bad, match, fn):
+def test_bad_input_is_refused_naming_the_argument(bad, err, match, fn):
     s, t = make_logits(3, 5, seed=9), make_logits(3, 5, seed=10)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(err, match=match):
         fn(*bad(s, t))
 
 
@@ -373,10 +374,10 @@ def test_kd_loss_from_knowledge_is_the_generic_path_on_the_cpu(monkeypatch):
 def test_kd_loss_from_knowledge_refuses_bad_input_naming_it(bad, err, match, monkeypatch):
     """Checked before the kernel runs, naming the argument. The contents (a label or an index out of
     range) are checked on the CPU, and on CUDA in debug mode (kcd_fast.ops.set_debug), which this turns on."""
-    from kcd_fast import ops
+    from kcd_fast import checks
     from kcd_fast.distill import kd_loss_from_knowledge_fused
 
-    monkeypatch.setattr(ops, "_debug", True)
+    monkeypatch.setattr(checks, "_debug", True)
     kb = _buffer("dense", torch.float16, 4.0, seed=37)
     before = kb.probs.clone()
     s, y, idx = make_logits(4, 37, seed=38).to(TRITON_DEVICE), _labels(4, 37, 39).to(TRITON_DEVICE), torch.tensor([1, 3, 3, 0])

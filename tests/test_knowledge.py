@@ -7,7 +7,8 @@ import torch
 
 import kcd_fast
 from kcd_fast import reference as R
-from kcd_fast.knowledge import HEADER_BYTES, MAGIC, KnowledgeBuffer, KnowledgeFileError, _topk_readback_torch
+from kcd_fast.knowledge import KnowledgeBuffer, KnowledgeFileError, topk_readback_torch
+from kcd_fast.knowledge_file import HEADER_BYTES, MAGIC
 from kcd_fast.ops import vaks_mix_topk_
 from helpers import TRITON_DEVICE
 
@@ -59,14 +60,14 @@ def test_topk_readback_triton_kernel_matches_torch_twin():
     q = torch.tensor([0, 29, 5, 5], dtype=torch.int32)
     dev = TRITON_DEVICE  # the GPU, or Triton's interpreter on the CPU
     got = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), c, buf.filled.to(dev)).cpu()
-    torch.testing.assert_close(got, _topk_readback_torch(buf.values, buf.classes, q, c, buf.filled))
+    torch.testing.assert_close(got, topk_readback_torch(buf.values, buf.classes, q, c, buf.filled))
     # The uniform share is an IEEE division on both sides: bit for bit, over many rows and divisors.
     for c, k, seed in ((13, 3, 9), (1000, 10, 1), (37, 7, 3), (101, 64, 4)):
         buf = KnowledgeBuffer(50, c, storage="topk", k=k, dtype=torch.float16)
         buf.write(torch.arange(50), teacher_logits(50, c, seed=seed))
         q = torch.arange(50)
         got = topk_readback_triton(buf.values.to(dev), buf.classes.to(dev), q.to(dev), c, buf.filled.to(dev)).cpu()
-        assert torch.equal(got, _topk_readback_torch(buf.values, buf.classes, q, c, buf.filled)), (c, k)
+        assert torch.equal(got, topk_readback_torch(buf.values, buf.classes, q, c, buf.filled)), (c, k)
 
 
 def test_buffer_device_is_the_arrays_device(tmp_path):
@@ -266,7 +267,7 @@ def test_save_in_small_pieces_writes_the_same_file(tmp_path, monkeypatch, storag
     """save() copies the arrays out in SAVE_CHUNK_BYTES pieces: pieces that split rows and elements
     (7 bytes) give the very bytes of one piece per array."""
     buf, whole = _saved(tmp_path, storage=storage, name="whole.kcdk", fill=torch.arange(0, 25, 3))
-    monkeypatch.setattr("kcd_fast.knowledge.SAVE_CHUNK_BYTES", 7)
+    monkeypatch.setattr("kcd_fast.knowledge_file.SAVE_CHUNK_BYTES", 7)
     buf.save(tmp_path / "pieces.kcdk", teacher_hash="abc")
     assert (tmp_path / "pieces.kcdk").read_bytes() == whole.read_bytes()
     back = KnowledgeBuffer.load(tmp_path / "pieces.kcdk")
@@ -295,7 +296,7 @@ def test_load_refuses_storage_k_dtype_and_teacher_hash_mismatches(tmp_path):
 
 def _rewrite_header(path, out, **changes):
     import json
-    from kcd_fast.knowledge import HEADER_BYTES, MAGIC
+    from kcd_fast.knowledge_file import HEADER_BYTES, MAGIC
 
     raw = path.read_bytes()
     head = KnowledgeBuffer.read_header(path)
@@ -312,7 +313,7 @@ _DROP = object()
 
 @pytest.mark.parametrize("storage", ["dense", "topk"])
 def test_corrupt_or_mismatched_files_raise_knowledge_file_error(tmp_path, storage):
-    from kcd_fast.knowledge import HEADER_BYTES, MAGIC
+    from kcd_fast.knowledge_file import HEADER_BYTES, MAGIC
 
     _, path = _saved(tmp_path, storage=storage, fill=torch.arange(0, 25, 2))
     raw = path.read_bytes()
@@ -481,7 +482,7 @@ def test_host_memory_check_uses_mem_available(tmp_path, monkeypatch):
     with pytest.raises(MemoryError, match="needs") as info:
         KnowledgeBuffer(2_000_000, 1000, storage="topk", k=64)
     assert "storage='topk'" not in str(info.value)
-    meminfo.write_text("MemTotal: 1 kB\n")  # no MemAvailable (old kernels): sysconf
+    meminfo.write_text("MemTotal: 1 kB\n")  # no MemAvailable (a kernel without it): sysconf
     with pytest.raises(MemoryError, match="needs"):
         KnowledgeBuffer(10_000, 500, storage="dense")
 
@@ -649,7 +650,7 @@ def test_mix_takes_a_number_for_eps_and_names_bad_pairs(storage):
         assert torch.equal(x, y)
 
 
-def test_load_compares_teacher_name_and_samples_and_reads_files_from_before_samples(tmp_path):
+def test_load_compares_teacher_name_and_samples_and_refuses_a_header_without_samples(tmp_path):
     buf = KnowledgeBuffer(6, 5, teacher="resnet32x4", samples="digits, 6 samples, abc")
     buf.write(torch.arange(6), teacher_logits(6, 5))
     path = tmp_path / "k.kcdk"
@@ -661,8 +662,8 @@ def test_load_compares_teacher_name_and_samples_and_reads_files_from_before_samp
         KnowledgeBuffer.load(path, samples="x")
     with pytest.raises(KnowledgeFileError, match="teacher 'resnet32x4', but this run has 'resnet8x4'"):
         KnowledgeBuffer.load(path, teacher="resnet8x4")
-    old = _rewrite_header(path, tmp_path / "old.kcdk", samples=_DROP)  # written before files recorded it
-    assert KnowledgeBuffer.load(old, samples="anything").samples == ""
+    with pytest.raises(KnowledgeFileError, match="is corrupt: its header has no `samples`"):
+        KnowledgeBuffer.load(_rewrite_header(path, tmp_path / "nosamples.kcdk", samples=_DROP))
     with pytest.raises(KnowledgeFileError, match="`samples` = 3, expected a string"):
         KnowledgeBuffer.load(_rewrite_header(path, tmp_path / "bad.kcdk", samples=3))
 

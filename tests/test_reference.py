@@ -144,11 +144,11 @@ def test_linear_schedule_shrinks_small_sets_and_ends_at_rho():
                     assert R.tau(s - 1, rho, s, schedule) == rho  # exactly: the docstring promises it
 
 
-def test_exp_schedule_counts_unchanged():
-    # The paper's schedule keeps floor(rho^((t+1)/S) N), as before kept_count (old slack 1e-9).
+def test_exp_schedule_counts_are_floor_of_tau_n():
+    # The paper's schedule keeps floor(rho^((t+1)/S) N): on these grids, floor with a slack of 1e-9.
     for rho in (0.7, 0.3, 0.55, 0.9):
         for n in list(range(1, 300)) + [1000, 50000, 1281167]:
             for s in (1, 3, 6):
                 for t in range(s):
-                    old = int(math.floor(R.tau(t, rho, s) * n + 1e-9))
-                    assert R.num_kept(n, t, rho, s) == old, (rho, n, s, t)
+                    floor = int(math.floor(R.tau(t, rho, s) * n + 1e-9))
+                    assert R.num_kept(n, t, rho, s) == floor, (rho, n, s, t)

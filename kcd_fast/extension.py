@@ -20,7 +20,7 @@ class ExtensionNotBuiltError(RuntimeError):
 
 
 try:  # pragma: no branch
-    from kcd_fast import _C  # noqa: F401  (registers torch.ops.kcd_fast.*)
+    import kcd_fast._C as _C  # noqa: F401  (registers torch.ops.kcd_fast.*)
 
     LOAD_ERROR: Exception | None = None
 except ImportError as exc:  # not built, or built for another torch
