@@ -1,11 +1,12 @@
 """What the compiler makes of the update_values kernel for a Hopper GPU, on a machine without one.
 
-Target P2 is latency-bound (benchmarks/NOTES.md), so the number of instructions a program issues
-and the block-wide barriers it waits at are what its launch variants change. This script compiles
-each variant ahead of time for sm_90 (H100/H200), exactly as a launch on a contiguous
-[B, C] tensor with int64 indices would specialise it, and counts from the PTX and SASS:
-global loads (scalar and 16-byte), barriers, warp shuffles and instructions. No GPU is needed,
-only Triton's bundled ptxas and cuobjdump.
+At B=256, C=1000 the kernel is latency-bound (one short program per row), so the number of
+instructions a program issues and the block-wide barriers it waits at are what its launch options
+change. This script compiles the kernel ahead of time for sm_90 (H100/H200) with each launch
+option (num_warps, vectorised row loads or not, the one-tile or the chunked path), exactly as a
+launch on a contiguous [B, C] tensor with int64 indices would specialise it, and counts from the
+PTX and SASS: global loads (scalar and 16-byte), barriers, warp shuffles and instructions. No GPU
+is needed, only Triton's bundled ptxas and cuobjdump.
 
     python -m benchmarks.codegen_update_values                  # the table
     python -m benchmarks.codegen_update_values --json out.json
@@ -32,20 +33,20 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kcd_fast.kernels.update_values import REDUCTIONS, _update_values_kernel, launch_config  # noqa: E402
+from kcd_fast.kernels.update_values import _update_values_kernel, launch_config, one_tile  # noqa: E402
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def compile_variant(dtype: torch.dtype = torch.float32, batch: int = 256, num_classes: int = 1000, *,
-                    num_warps: int | None = None, reductions: str | None = None, vectorize: bool = True,
+                    num_warps: int | None = None, tile: bool | None = None, vectorize: bool = True,
                     capability: int = 90):
     """The kernel compiled for ``sm_<capability>`` as :func:`update_values_triton` would launch it on
     contiguous [batch, num_classes] logits of ``dtype`` (its :func:`launch_config`, with the same
     overrides), specialised as Triton would: unit strides become constants, 16-byte-aligned pointers
     are marked so, B, C and N stay runtime values (``do_not_specialize``)."""
     logits = torch.empty(batch, num_classes, dtype=dtype, device="meta")
-    config = launch_config(logits, num_warps=num_warps, reductions=reductions, vectorize=vectorize)
+    config = launch_config(logits, num_warps=num_warps, tile=tile, vectorize=vectorize)
     num_warps = config.pop("num_warps")
     pointers = {"logits_ptr": "*" + TRITON_DTYPE[dtype], "indices_ptr": "*i64", "values_ptr": "*fp32",
                 "counts_ptr": "*i32", "entropy_ptr": "*fp32", "error_ptr": "*i32"}
@@ -116,11 +117,11 @@ def main(argv=None):
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     rows = []
-    for dtype, vectorize, reductions, w in itertools.product((torch.float32, torch.bfloat16), (True, False),
-                                                             REDUCTIONS, args.warps):
-        kernel = compile_variant(dtype, args.batch, args.classes, num_warps=w, reductions=reductions,
-                                 vectorize=vectorize)
-        row = {"dtype": str(dtype)[6:], "num_warps": w, "reductions": reductions, "vectorize": vectorize, **stats(kernel)}
+    paths = (True, False) if one_tile(args.batch, args.classes) else (False,)
+    for dtype, vectorize, tile, w in itertools.product((torch.float32, torch.bfloat16), (True, False), paths,
+                                                       args.warps):
+        kernel = compile_variant(dtype, args.batch, args.classes, num_warps=w, tile=tile, vectorize=vectorize)
+        row = {"dtype": str(dtype)[6:], "num_warps": w, "tile": tile, "vectorize": vectorize, **stats(kernel)}
         rows.append(row)
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.json:

@@ -4,9 +4,9 @@ M-step objective of Eq. 11), and its gradient, in one Triton kernel.
 Installed as ``kcd_fast.kernels.kd_loss``; :mod:`kcd_fast.distill` uses it for CUDA tensors. In eager
 PyTorch this loss is about 35 small kernels a step on [B, C] rows (casts, the division by T, a
 softmax, two log-softmaxes, the KL's terms, the NLL, the weights, the batch means and the backward of
-each): at B = 256, C = 1000 every one of them is launch-bound (benchmarks/NOTES.md). Here one program
-per row reads the student's and the teacher's row once per pass and writes the row's loss and its
-gradient with respect to the student's logits; the backward only scales that gradient.
+each): at B = 256, C = 1000 every one of them is launch-bound. Here one program per row reads the
+student's and the teacher's row once per pass and writes the row's loss and its gradient with
+respect to the student's logits; the backward only scales that gradient.
 
 The teacher's side comes in one of two forms:
 

@@ -6,8 +6,8 @@ here is the raw launcher (no argument checks beyond what the launch needs).
 
 One program handles one row ``b`` of the batch:
 
-1. it computes the entropy of ``softmax(logits[b] / T)`` in fp32 with an online
-   (single pass) max/sum, H = log s - t / s with s = sum e^(z-m),
+1. it computes the entropy of ``softmax(logits[b] / T)`` in fp32,
+   H = log s - t / s with m the row's max, s = sum e^(z-m) and
    t = sum e^(z-m) (z-m), and writes it to ``entropy[b]`` (NaN if a logit is
    not finite);
 2. it scans the batch's indices: the program of the *first* occurrence of an
@@ -16,19 +16,27 @@ One program handles one row ``b`` of the batch:
    F' = F + k and V' = V + (sum_e - k V) / F' for its k finite visits: the
    exact result of k successive Eq. 12 updates. No other program writes the
    sample, so there are no atomics and no races, and the result does not
-   depend on scheduling. Every program reads its sample's (F, V) as soon as
-   it knows idx, with its row (``separate``: after the row's chunks), so that
-   the owner's update waits on no memory round trip of its own after the
-   reductions; the rare duplicate path reads it again after its loop.
+   depend on scheduling.
+
+A launch takes one of two paths, which agree with the float64 reference to fp32 rounding:
+
+* **one tile** (C <= 4096 and B <= 1024, :func:`one_tile`): a single block holds
+  the row and the batch's indices, and two block reductions do everything:
+  (max, duplicates before, duplicates after), then (s, t). On an H200 this
+  takes 2.4 us at B = 256, C = 1000 in fp32 (CUDA-graph replay, launch excluded).
+* **chunked** (any other shape): the row in 4096-wide chunks with an online
+  max and rescaled running sums, then the indices in 1024-wide chunks.
+
+Each program reads its sample's (F, V) together with idx (one tile: with the
+row, before the reductions; chunked: after the row's chunks), so that the
+owner's update waits on no memory round trip of its own after the
+reductions; the rare duplicate path reads it again after its loop.
 
 Rows are read 16 bytes at a time where C and the row stride allow it
-(:func:`row_vector_width`). How a program does its block reductions is a launch
-option (:data:`REDUCTIONS`), timed against each other by
-``benchmarks/sweep_update_values.py``; all are tested against the reference.
-
-No host synchronisation, no allocation but the output, safe under CUDA-graph
-capture. Indices outside [0, N) are not recorded; ``error_flag[0]`` is set to
-1 instead so that a later, synchronising check can report them.
+(:func:`row_vector_width`). No host synchronisation, no allocation but the
+output, safe under CUDA-graph capture. Indices outside [0, N) are not
+recorded; ``error_flag[0]`` is set to 1 instead so that a later,
+synchronising check can report them.
 """
 from __future__ import annotations
 
@@ -40,22 +48,7 @@ import triton.language as tl
 
 from . import pow2_at_least
 
-__all__ = ["update_values_triton", "launch_config", "block_sizes", "row_vector_width", "one_tile",
-           "default_reductions", "REDUCTIONS"]
-
-
-REDUCTIONS = ("separate", "paired", "fused", "online")
-"""How a program does its block reductions (launch variants towards target P2; results agree to fp32 rounding):
-
-* ``separate``: one ``tl.max``/``tl.sum`` each: the row's max, s and t (loops over
-  4096-wide chunks of C), then the ownership counts (over 1024-wide chunks of B).
-* ``paired``: the same, with (s, t) and (before, after) as two-operand reductions.
-* ``fused``: one tile holds both the row and the batch's indices (C <= 4096, B <= 1024), and
-  two reductions do everything: (max, before, after), then (s, t). The default where it applies
-  (:func:`default_reductions`).
-* ``online``: one tile, and a single reduction of (max, s, t, before, after), merging partial
-  softmax sums as it goes (two exponentials per merge instead of one per element).
-"""
+__all__ = ["update_values_triton", "launch_config", "block_sizes", "row_vector_width", "one_tile"]
 
 
 @triton.jit
@@ -69,24 +62,8 @@ def _max_add_add(m0, a0, b0, m1, a1, b1):
 
 
 @triton.jit
-def _merge_softmax_parts(m0, s0, t0, a0, b0, m1, s1, t1, a1, b1):
-    """Merge two parts of a row: (max m, s = sum e^(z-m), t = sum e^(z-m)(z-m)) each, rescaled to the
-    common max (e^(z-m) = e^(z-m_i) e^(m_i-m), z-m = (z-m_i) + (m_i-m)); the counts a, b are added."""
-    m = tl.maximum(m0, m1)
-    # A part without a finite logit (s == 0) adds nothing; s != 0, unlike s > 0, keeps a NaN part.
-    d0 = tl.where(s0 != 0, m0 - m, 0.0)
-    d1 = tl.where(s1 != 0, m1 - m, 0.0)
-    e0 = tl.exp(d0)
-    e1 = tl.exp(d1)
-    # A part rescaled to nothing (e = 0) adds nothing to t either, even where d s overflows to -inf
-    # (0 * -inf would be NaN); e == 0 only for a number s, so a NaN part still poisons the sums.
-    t = tl.where(e0 > 0, e0 * (t0 + d0 * s0), 0.0) + tl.where(e1 > 0, e1 * (t1 + d1 * s1), 0.0)
-    return m, e0 * s0 + e1 * s1, t, a0 + a1, b0 + b1
-
-
-@triton.jit
 def _finish(s, t):
-    """H = log s - t / s (Eq. 7), and whether it is a number: a non-finite logit has made s NaN."""
+    """H = log s - t / s (Eq. 7), and whether it is a number: a non-finite logit makes s NaN."""
     h = tl.log(s) - t / s
     return h, tl.abs(h) < float("inf")
 
@@ -108,14 +85,13 @@ def _poisoned_probs(d, mask, valid):
 
 
 @triton.jit
-def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, PAIRED: tl.constexpr):
-    """Entropy of softmax(row * inv_temperature) in fp32 over 4096-wide chunks, and whether it is a number.
+def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr):
+    """Entropy of softmax(row * inv_temperature) in fp32 over BLOCK_C-wide chunks, and whether it is a number.
 
     row_ptr: pointer to the row's first logit; stride_c: element stride between
     classes; C: number of classes. A non-finite logit makes its p NaN instead of
     being counted, so the sums s and t turn NaN and the row reads as not finite:
-    one block reduction fewer than counting them. PAIRED: the two sums as one
-    two-operand reduction.
+    one block reduction fewer than counting them.
     """
     offs = tl.arange(0, BLOCK_C)
     m = tl.full((), float("-inf"), tl.float32)
@@ -134,19 +110,14 @@ def _row_entropy(row_ptr, stride_c, C, inv_temperature, BLOCK_C: tl.constexpr, P
         s = s * scale
         d = tl.where(valid, z - m_new, 0.0)
         p = _poisoned_probs(d, mask, valid)
-        if PAIRED:
-            ps, pt = tl.reduce((p, p * d), 0, _add_pair)
-        else:
-            ps = tl.sum(p, axis=0)
-            pt = tl.sum(p * d, axis=0)
-        s += ps
-        t += pt
+        s += tl.sum(p, axis=0)
+        t += tl.sum(p * d, axis=0)
         m = m_new
     return _finish(s, t)
 
 
 @triton.jit
-def _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B: tl.constexpr, PAIRED: tl.constexpr):
+def _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B: tl.constexpr):
     """How many of the batch's indices equal idx before position row, and after it."""
     offs_b = tl.arange(0, BLOCK_B)
     n_before = tl.zeros((), tl.int32)
@@ -155,13 +126,8 @@ def _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B: tl.constexpr, PAIRE
         pos = b0 + offs_b
         other = tl.load(indices_ptr + pos.to(tl.int64) * stride_i, mask=pos < B, other=-1).to(tl.int64)
         same = (pos < B) & (other == idx)
-        if PAIRED:
-            nb, na = tl.reduce(((same & (pos < row)).to(tl.int32), (same & (pos > row)).to(tl.int32)), 0, _add_pair)
-        else:
-            nb = tl.sum((same & (pos < row)).to(tl.int32), axis=0)
-            na = tl.sum((same & (pos > row)).to(tl.int32), axis=0)
-        n_before += nb
-        n_after += na
+        n_before += tl.sum((same & (pos < row)).to(tl.int32), axis=0)
+        n_after += tl.sum((same & (pos > row)).to(tl.int32), axis=0)
     return n_before, n_after
 
 
@@ -186,20 +152,15 @@ def _record(counts_ptr, values_ptr, idx, f_old, v_old, k, total):
 
 
 @triton.jit
-def _tile_entropy(row_ptr, stride_c, C, inv_temperature, before, after, TILE: tl.constexpr, ONLINE: tl.constexpr):
+def _tile_entropy(row_ptr, stride_c, C, inv_temperature, before, after, TILE: tl.constexpr):
     """Entropy of a row that fits one tile (C <= TILE), whether it is a number, and the sums of the
-    [TILE] int32 flags ``before`` and ``after``, reduced in the same block reductions as the row."""
+    [TILE] int32 flags ``before`` and ``after``, reduced in the same block reductions as the row:
+    (max, before, after), then (s, t)."""
     z, mask, valid = _scaled_logits(row_ptr, tl.arange(0, TILE), stride_c, C, inv_temperature)
-    if ONLINE:
-        # Each element is a part of its own: (z, 1, 0); a non-finite logit is (-inf, NaN, 0), as in
-        # _poisoned_probs (e^0 = 1, without computing it).
-        s0 = tl.where(valid, 1.0, tl.where(mask, float("nan"), 0.0))
-        m, s, t, n_before, n_after = tl.reduce((z, s0, tl.zeros_like(s0), before, after), 0, _merge_softmax_parts)
-    else:
-        m, n_before, n_after = tl.reduce((z, before, after), 0, _max_add_add)
-        d = tl.where(valid, z - m, 0.0)
-        p = _poisoned_probs(d, mask, valid)
-        s, t = tl.reduce((p, p * d), 0, _add_pair)
+    m, n_before, n_after = tl.reduce((z, before, after), 0, _max_add_add)
+    d = tl.where(valid, z - m, 0.0)
+    p = _poisoned_probs(d, mask, valid)
+    s, t = tl.reduce((p, p * d), 0, _add_pair)
     h, ok = _finish(s, t)
     return h, ok, n_before, n_after
 
@@ -223,8 +184,7 @@ def _update_values_kernel(
     inv_temperature,
     BLOCK_C: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    TILE: tl.constexpr,        # fused/online: the one tile, >= C and >= B (0: chunked, separate/paired)
-    REDUCE: tl.constexpr,      # one of REDUCTIONS
+    TILE: tl.constexpr,        # the one tile, >= C and >= B; 0: the chunked path
     VEC: tl.constexpr,         # the launcher guarantees VEC | C and VEC | stride_lb (1: no promise)
 ):
     # Written so that the compiler can prove every row's VEC-element chunks aligned, and load
@@ -243,14 +203,13 @@ def _update_values_kernel(
         same = (pos < B) & (other == idx)
         h, ok, n_before, n_after = _tile_entropy(
             logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, (same & (pos < row)).to(tl.int32),
-            (same & (pos > row)).to(tl.int32), TILE, REDUCE == "online")
+            (same & (pos > row)).to(tl.int32), TILE)
     else:
-        h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C,
-                             REDUCE == "paired")
+        h, ok = _row_entropy(logits_ptr + row * stride_lb, stride_lc, C, inv_temperature, BLOCK_C)
         # After the row's chunk loop (the compiler would wait for it before the loop), with the indices.
         idx, in_range, f_old, v_old = _load_state(indices_ptr, stride_i, counts_ptr, values_ptr, row, N)
         # Ownership, as above.
-        n_before, n_after = _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B, REDUCE == "paired")
+        n_before, n_after = _count_same(indices_ptr, stride_i, B, idx, row, BLOCK_B)
     tl.store(entropy_ptr + row, tl.where(ok, h, float("nan")))
     tl.store(error_ptr, 1, mask=~in_range)
 
@@ -275,10 +234,9 @@ def _update_values_kernel(
                     if TILE > 0:
                         no_flags = tl.zeros((TILE,), tl.int32)
                         hj, okj, _, _ = _tile_entropy(logits_ptr + j * stride_lb, stride_lc, C, inv_temperature,
-                                                      no_flags, no_flags, TILE, REDUCE == "online")
+                                                      no_flags, no_flags, TILE)
                     else:
-                        hj, okj = _row_entropy(logits_ptr + j * stride_lb, stride_lc, C, inv_temperature, BLOCK_C,
-                                               REDUCE == "paired")
+                        hj, okj = _row_entropy(logits_ptr + j * stride_lb, stride_lc, C, inv_temperature, BLOCK_C)
                     k += okj.to(tl.int32)
                     total += tl.where(okj, hj, 0.0)
                     dup = dup & (pos_b != j)
@@ -321,61 +279,51 @@ def _row_vector_width(num_classes: int, stride_b: int, stride_c: int, element_si
 
 
 def one_tile(batch: int, num_classes: int) -> int:
-    """The tile of the ``fused`` and ``online`` reductions for a [batch, num_classes] launch,
-    max(BLOCK_C, BLOCK_B); 0 if the row and the batch's indices do not both fit (C > 4096 or B > 1024)."""
+    """The one tile for a [batch, num_classes] launch, max(BLOCK_C, BLOCK_B); 0 if the row and the
+    batch's indices do not both fit (C > 4096 or B > 1024), where the kernel takes the chunked path."""
     if num_classes > 4096 or batch > 1024:
         return 0
     block_c, block_b, _ = block_sizes(batch, num_classes)
     return max(block_c, block_b)
 
 
-def default_reductions(batch: int, num_classes: int) -> str:
-    """The reduction scheme a launch uses unless told: ``fused`` where one tile holds the row and the
-    batch's indices, else ``separate``. Chosen from the compiled code (benchmarks/NOTES.md: two
-    block-reduction rounds on the hot path instead of five), to be confirmed by the GPU sweep."""
-    return "fused" if one_tile(batch, num_classes) else "separate"
-
-
-def launch_config(logits: torch.Tensor, *, num_warps: int | None = None, reductions: str | None = None,
+def launch_config(logits: torch.Tensor, *, num_warps: int | None = None, tile: bool | None = None,
                   vectorize: bool = True) -> dict:
     """The launch options and constexprs of the kernel for ``logits`` [B, C] (only its shape, strides
-    and dtype are read): BLOCK_C, BLOCK_B, TILE, REDUCE, VEC and num_warps, with the overrides of
-    :func:`update_values_triton`. Raises ValueError for an unknown or inapplicable ``reductions``.
+    and dtype are read): BLOCK_C, BLOCK_B, TILE, VEC and num_warps, with the overrides of
+    :func:`update_values_triton`. Raises ValueError for ``tile=True`` on a shape without one tile.
 
     Worked out once per shape, strides, dtype and overrides (cached): it runs on every launch."""
     batch, num_classes = logits.shape
     return dict(_launch_config(batch, num_classes, logits.stride(0), logits.stride(1), logits.element_size(),
-                               num_warps, reductions, vectorize))
+                               num_warps, tile, vectorize))
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_config(batch, num_classes, stride_b, stride_c, element_size, num_warps, reductions, vectorize):
-    if reductions is None:
-        reductions = default_reductions(batch, num_classes)
-    if reductions not in REDUCTIONS:
-        raise ValueError(f"update_values_triton: `reductions` must be one of {REDUCTIONS}, got {reductions!r}")
-    tile = one_tile(batch, num_classes) if reductions in ("fused", "online") else 0
-    if reductions in ("fused", "online") and tile == 0:
-        raise ValueError(f"update_values_triton: reductions={reductions!r} needs C <= 4096 and B <= 1024 "
-                         f"(one tile), got logits of shape [{batch}, {num_classes}]")
+def _launch_config(batch, num_classes, stride_b, stride_c, element_size, num_warps, tile, vectorize):
+    size = one_tile(batch, num_classes) if tile is None or tile else 0
+    if tile and size == 0:
+        raise ValueError(f"update_values_triton: tile=True needs C <= 4096 and B <= 1024 (one tile), "
+                         f"got logits of shape [{batch}, {num_classes}]")
     block_c, block_b, default_warps = block_sizes(batch, num_classes)
-    return (("BLOCK_C", block_c), ("BLOCK_B", block_b), ("TILE", tile), ("REDUCE", reductions),
+    return (("BLOCK_C", block_c), ("BLOCK_B", block_b), ("TILE", size),
             ("VEC", _row_vector_width(num_classes, stride_b, stride_c, element_size) if vectorize else 1),
             ("num_warps", default_warps if num_warps is None else num_warps))
 
 
 def update_values_triton(values: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
                          logits: torch.Tensor, temperature: float, error_flag: torch.Tensor, *,
-                         num_warps: int | None = None, reductions: str | None = None,
+                         num_warps: int | None = None, tile: bool | None = None,
                          vectorize: bool = True) -> torch.Tensor:
     """Launch the fused kernel; returns float32 [B] entropies. Inputs must be valid.
 
-    ``num_warps`` overrides :func:`block_sizes`' choice, ``reductions`` picks one of
-    :data:`REDUCTIONS` instead of :func:`default_reductions`', and ``vectorize=False`` withholds
-    :func:`row_vector_width`'s promise (element-wise row loads): launch variants timed by
-    ``benchmarks/sweep_update_values.py`` (target P2). All agree with the float64 reference.
+    The launch options, all with the same results to fp32 rounding: ``num_warps`` overrides
+    :func:`block_sizes`' choice; ``tile`` picks the path (None: one tile where it fits, else
+    chunked; True: one tile, a ValueError where it does not fit; False: chunked); and
+    ``vectorize=False`` withholds :func:`row_vector_width`'s promise (element-wise row loads).
+    ``benchmarks/sweep_update_values.py`` times them.
     """
-    config = launch_config(logits, num_warps=num_warps, reductions=reductions, vectorize=vectorize)
+    config = launch_config(logits, num_warps=num_warps, tile=tile, vectorize=vectorize)
     batch, num_classes = logits.shape
     entropy = torch.empty(batch, dtype=torch.float32, device=logits.device)
     if batch == 0:

@@ -82,48 +82,59 @@ def test_mix_baselines_match():
 
 
 def test_update_values_sweep_checks_every_launch_configuration(tmp_path):
-    """benchmarks/sweep_update_values.py: every launch variant matches the float64 reference (interpreter here)."""
-    import json
-
+    """benchmarks/sweep_update_values.py: every launch configuration matches the float64 reference
+    (interpreter here)."""
     from benchmarks import sweep_update_values
 
     out = tmp_path / "sweep.json"
     assert 0 == sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "5", "--classes",
                                           "40", "--n", "50", "--warps", "1", "4", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    # 2 dtypes x (2 warps x 4 reductions, vectorised, + the default not vectorised)
-    assert len(rows) == 18 and all(r["checked"] for r in rows)
+    # 2 dtypes x (2 warps x 2 paths, vectorised, + the default not vectorised)
+    assert len(rows) == 10 and all(r["checked"] for r in rows)
+    assert {(r["num_warps"], r["tile"], r["vectorize"]) for r in rows} == {
+        (1, True, True), (4, True, True), (1, False, True), (4, False, True), (4, True, False)}
+    assert [r["default"] for r in rows] == [False, True, False, False, False] * 2
     assert {r["row_vector_width"] for r in rows} == {1, 4, 8}  # C = 40: fp32 4, bf16 8, or no promise
 
 
-def test_update_values_sweep_reports_a_variant_that_fails_its_check(tmp_path, monkeypatch):
-    """A wrong variant is reported in its row and by the exit status, and the others still run."""
-    import json
+def test_update_values_sweep_sweeps_only_the_chunked_path_where_one_tile_does_not_fit(tmp_path):
+    """C > 4096: no one-tile configuration to try; the chunked path (with 8 warps) is the default, and
+    the row-sum floor loads the row in chunks as that path does."""
+    from benchmarks import sweep_update_values
 
+    out = tmp_path / "sweep.json"
+    assert 0 == sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "2", "--classes",
+                                          "4100", "--n", "20", "--warps", "8", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tile"], r["vectorize"], r["default"]) for r in rows] == [(False, True, True), (False, False, False)] * 2
+    assert all(r["checked"] for r in rows)
+
+
+def test_update_values_sweep_reports_a_configuration_that_fails_its_check(tmp_path, monkeypatch):
+    """A wrong configuration is reported in its row and by the exit status, and the others still run."""
     from benchmarks import sweep_update_values
 
     real = sweep_update_values.update_values_triton
 
-    def one_variant_off(*args, reductions=None, **kwargs):
-        out = real(*args, reductions=reductions, **kwargs)
-        return out + 1e-3 if reductions == "paired" else out
+    def chunked_off(*args, tile=None, **kwargs):
+        out = real(*args, tile=tile, **kwargs)
+        return out + 1e-3 if tile is False else out
 
-    monkeypatch.setattr(sweep_update_values, "update_values_triton", one_variant_off)
+    monkeypatch.setattr(sweep_update_values, "update_values_triton", chunked_off)
     out = tmp_path / "sweep.json"
     n_failed = sweep_update_values.main(["--device", TRITON_DEVICE, "--check-only", "--batch", "3", "--classes",
                                          "8", "--n", "20", "--warps", "4", "--out", str(out)])
-    assert n_failed == 2  # paired, in fp32 and in bf16; the script then exits with status 1
+    assert n_failed == 2  # chunked, in fp32 and in bf16; the script then exits with status 1
     rows = json.loads(out.read_text())["rows"]
     failed = [r for r in rows if not r["checked"]]
-    assert len(rows) == 10 and {r["reductions"] for r in failed} == {"paired"} and len(failed) == 2
+    assert len(rows) == 6 and len(failed) == 2 and all(r["tile"] is False for r in failed)
     assert all("AssertionError" in r["error"] for r in failed)
 
 
-def test_update_values_sweep_times_without_changing_what_later_variants_are_checked_against(tmp_path, monkeypatch):
-    """The timed calls record into the state too: they must not be the state the next variant's check
-    starts from (on the H200, every variant after the first timed one failed its check that way)."""
-    import json
-
+def test_update_values_sweep_timing_leaves_the_checked_state_alone(tmp_path, monkeypatch):
+    """The timed calls record into state too: that must not be the state the next configuration's
+    check starts from, or every configuration after the first timed one would fail its check."""
     from benchmarks import sweep_update_values
 
     def run_it(fn, reps=30):  # a stand-in for the graph replay: calls fn, as the timing does
@@ -135,8 +146,8 @@ def test_update_values_sweep_times_without_changing_what_later_variants_are_chec
     assert 0 == sweep_update_values.main(["--device", TRITON_DEVICE, "--batch", "3", "--classes", "8", "--n", "20",
                                           "--warps", "4", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    variants = [r for r in rows if r["provider"] == "kcd_fast"]
-    assert len(variants) == 10 and all(r["checked"] and r["device_us"] == 1.0 for r in variants)
+    configs = [r for r in rows if r["provider"] == "kcd_fast"]
+    assert len(configs) == 6 and all(r["checked"] and r["device_us"] == 1.0 for r in configs)
     assert {r["provider"] for r in rows} == {"kcd_fast", "eager", "floor: launch", "floor: row sum"}
 
 

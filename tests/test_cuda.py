@@ -1,7 +1,7 @@
 """The CUDA paths (Triton kernel, CUB rank, CUDA mix) against the reference and the CPU paths.
 
-Skipped without a GPU; run on the lent GPU by benchmarks/gpu_check.sh, which
-commits its results under benchmarks/results/.
+Skipped without a GPU; benchmarks/gpu_check.sh runs them on a GPU machine and writes its results
+under benchmarks/results/.
 """
 import pytest
 import torch
@@ -13,8 +13,9 @@ pytestmark = pytest.mark.cuda
 DEV = "cuda"
 
 
+# The kernel's own path choice: one tile up to C = 4096 and B = 1024, chunked beyond either.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,c", [(1, 1), (3, 3), (127, 1000), (256, 1000), (64, 1001), (8, 32000)])
+@pytest.mark.parametrize("b,c", [(1, 1), (3, 3), (127, 1000), (256, 1000), (64, 1001), (8, 32000), (1030, 100)])
 @pytest.mark.parametrize("duplicates", [False, True])
 @pytest.mark.parametrize("strided", [False, True])
 def test_update_values_triton(dtype, b, c, duplicates, strided):
@@ -197,26 +198,28 @@ def test_condenser_observe_no_sync_and_matches_cpu(ovr):
         torch.testing.assert_close(conds[1].last_values.cpu(), conds[0].last_values, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("reductions", ["separate", "paired", "fused", "online"])
+@pytest.mark.parametrize("tile", [True, False], ids=["one_tile", "chunked"])
 @pytest.mark.parametrize("num_warps", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,c", [(3, 3), (256, 1000), (64, 1001), (256, 100)])
-@pytest.mark.parametrize("strided", [False, True])
-def test_update_values_triton_launch_variants(reductions, num_warps, dtype, b, c, strided):
-    """Every launch variant that sweep_update_values.py times, against the reference too (the default,
-    fused where one tile holds a row, also runs through ops.update_values in the tests above)."""
+@pytest.mark.parametrize("layout", ["contiguous", "contiguous_scalar_loads", "strided"])
+def test_update_values_triton_launch_options(tile, num_warps, dtype, b, c, layout):
+    """Every launch configuration that sweep_update_values.py times, against the reference: both paths
+    on shapes that fit one tile, each num_warps, with and without the 16-byte row loads (a strided
+    row has none to withhold)."""
     from kcd_fast.kernels.update_values import update_values_triton
 
     values, counts = make_state(5000, seed=b)
     idx = make_indices(b, 5000, seed=b, duplicates=True)
-    logits = make_logits(b, c, dtype=dtype, seed=c, strided=strided, device=DEV)
+    logits = make_logits(b, c, dtype=dtype, seed=c, strided=layout == "strided", device=DEV)
     logits[1, 0] = float("nan")
     logits[2, c - 1] = -float("inf")
     ent_ref = R.entropy(logits.cpu().float(), 1.0)
     v_ref, f_ref = R.record_values(values, counts, idx, ent_ref)
     v, f = values.to(DEV), counts.to(DEV)
     flag = torch.zeros(1, dtype=torch.int32, device=DEV)
-    ent = update_values_triton(v, f, idx.to(DEV), logits, 1.0, flag, reductions=reductions, num_warps=num_warps)
+    ent = update_values_triton(v, f, idx.to(DEV), logits, 1.0, flag, tile=tile, num_warps=num_warps,
+                               vectorize=layout != "contiguous_scalar_loads")
     assert torch.equal(torch.isnan(ent.cpu()), torch.isnan(ent_ref))
     torch.testing.assert_close(ent.cpu().double().nan_to_num(), ent_ref.nan_to_num(), atol=2e-5, rtol=2e-5)
     assert torch.equal(f.cpu().long(), f_ref)

@@ -36,20 +36,14 @@ def ops_fn(v, f, idx, x, t):
     return update_values(v, f, idx, x, temperature=t)
 
 
-def torch_twin_fn(v, f, idx, x, t):
-    from kcd_fast.ops import _update_values_torch
-
-    return _update_values_torch(v, f, idx, x, t)
-
-
-def triton_fn(v, f, idx, x, t, reductions=None, vectorize=True):
-    """The raw Triton launcher on TRITON_DEVICE (the GPU, or the interpreter); state copied back."""
+def triton_fn(v, f, idx, x, t, tile=None):
+    """The raw Triton launcher on TRITON_DEVICE (the GPU, or the interpreter); state copied back.
+    ``tile``: the kernel's path (None: its own choice, True: one tile, False: chunked)."""
     from kcd_fast.kernels.update_values import update_values_triton
 
     dv, df = v.to(TRITON_DEVICE), f.to(TRITON_DEVICE)
     flag = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
-    out = update_values_triton(dv, df, idx.to(TRITON_DEVICE), on_triton_device(x), t, flag,
-                               reductions=reductions, vectorize=vectorize)
+    out = update_values_triton(dv, df, idx.to(TRITON_DEVICE), on_triton_device(x), t, flag, tile=tile)
     assert flag.item() == 0
     v.copy_(dv)
     f.copy_(df)
@@ -59,13 +53,12 @@ def triton_fn(v, f, idx, x, t, reductions=None, vectorize=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,c", [(1, 1), (3, 3), (127, 1000), (64, 1001), (256, 100)])
 @pytest.mark.parametrize("duplicates", [False, True])
-@pytest.mark.parametrize("fn", [ops_fn, torch_twin_fn], ids=["cpp", "torch_twin"])
-def test_cpu_matches_reference(dtype, b, c, duplicates, fn):
+def test_cpu_matches_reference(dtype, b, c, duplicates):
     n = 300
     values, counts = make_state(n, seed=b + c)
     idx = make_indices(b, n, seed=b, duplicates=duplicates)
     logits = make_logits(b, c, dtype=dtype, seed=c)
-    check(values, counts, idx, logits, 1.0, fn)
+    check(values, counts, idx, logits, 1.0, ops_fn)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 4.0])
@@ -92,7 +85,6 @@ def test_non_finite_rows_are_not_recorded():
     assert v[1] == values[1] and f[1] == counts[1] and v[3] == values[3] and f[3] == counts[3]
     assert f[2] == counts[2] + 1  # only the finite one of its two visits counts
     check(values, counts, idx, logits, 1.0, ops_fn)
-    check(values, counts, idx, logits, 1.0, torch_twin_fn)
 
 
 def test_many_duplicates_of_one_sample():
@@ -100,7 +92,6 @@ def test_many_duplicates_of_one_sample():
     idx = torch.full((40,), 3)
     logits = make_logits(40, 9, seed=3)
     check(values, counts, idx, logits, 1.0, ops_fn)
-    check(values, counts, idx, logits, 1.0, torch_twin_fn)
 
 
 def test_empty_batch():
@@ -141,7 +132,7 @@ def test_torch_compile_custom_op():
 @pytest.mark.parametrize("c", [32_000, 128_256])
 def test_cpu_long_rows_match_reference(c):
     """A language model's vocabulary: the C++ kernel's float64 sums keep it at fp32 accuracy (a sequential
-    fp32 sum was 5e-5 off at 32,000 classes and 2e-4 at 128,256)."""
+    fp32 sum is 5e-5 off at 32,000 classes and 2e-4 at 128,256)."""
     logits = make_logits(2, c, seed=c) * 3
     values, counts = make_state(4)
     ent = update_values(values, counts, torch.tensor([1, 3]), logits)
@@ -284,12 +275,12 @@ def test_bad_temperature(t, device):
 def test_the_python_temperature_check_guards_the_triton_path():
     """On the CPU the C++ op refuses a temperature whose inverse overflows float32 too; on CUDA the Python
     check is the only guard before the Triton kernel, so it is tested on its own."""
-    from kcd_fast import ops
+    from kcd_fast.checks import check_temperature
 
-    assert ops._check_temperature("update_values", 2.95e-39) == 2.95e-39
+    assert check_temperature("update_values", 2.95e-39) == 2.95e-39
     for t in (1e-39, 2.9e-39):
         with pytest.raises(ValueError, match="update_values: `temperature` must be at least 2.93874e-39"):
-            ops._check_temperature("update_values", t)
+            check_temperature("update_values", t)
 
 
 def test_device_mismatch_message():
@@ -311,24 +302,25 @@ def test_triton_kernel_matches_reference(dtype, b, c):
     check(values, counts, idx, logits, 1.0, triton_fn)
 
 
-# The interpreter runs multi-operand reductions slowly (about 25 s at C = 5000), so the launch variants
-# get small shapes here; tests/test_cuda.py checks them at B = 256, C = 1000 on the GPU.
-VARIANTS = ["separate", "paired", "fused", "online"]
+# Both paths on shapes that fit one tile, where tile=False forces the chunked one. The interpreter
+# runs the one tile's multi-operand reductions slowly, so the shapes are small here;
+# tests/test_cuda.py checks both paths at B = 256, C = 1000 on the GPU.
+PATHS = pytest.mark.parametrize("tile", [True, False], ids=["one_tile", "chunked"])
 
 
-@pytest.mark.parametrize("reductions", VARIANTS)
+@PATHS
 @pytest.mark.parametrize("dtype,b,c", [(torch.float32, 1, 1), (torch.bfloat16, 3, 3), (torch.float16, 6, 40),
                                        (torch.float32, 20, 9), (torch.bfloat16, 5, 1000)])
-def test_triton_kernel_reduction_variants_match_reference(reductions, dtype, b, c):
+def test_triton_kernel_paths_match_reference(tile, dtype, b, c):
     n = 40
     values, counts = make_state(n, seed=c)
     idx = make_indices(b, n, seed=b)
     logits = make_logits(b, c, dtype=dtype, seed=b * c)
-    check(values, counts, idx, logits, 1.0, lambda *a: triton_fn(*a, reductions=reductions))
+    check(values, counts, idx, logits, 1.0, lambda *a: triton_fn(*a, tile=tile))
 
 
-@pytest.mark.parametrize("reductions", VARIANTS)
-def test_triton_kernel_duplicates_strided_nonfinite_temperature(reductions):
+@PATHS
+def test_triton_kernel_duplicates_strided_nonfinite_temperature(tile):
     n = 12
     values, counts = make_state(n, seed=5)
     idx = torch.tensor([4, 7, 4, 4, 1, 7, 11, 4, 0], dtype=torch.int32)
@@ -336,45 +328,75 @@ def test_triton_kernel_duplicates_strided_nonfinite_temperature(reductions):
     logits[2, 3] = float("inf")   # a duplicate visit with a non-finite row
     logits[6, 0] = float("nan")   # a single visit with a non-finite row
     logits[7, 36] = -float("inf")  # the last class of a duplicate's row
-    ent = check(values, counts, idx, logits, 2.0, lambda *a: triton_fn(*a, reductions=reductions))
+    ent = check(values, counts, idx, logits, 2.0, lambda *a: triton_fn(*a, tile=tile))
     assert torch.isnan(ent[[2, 6, 7]]).all()
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("reductions,c", [("separate", 8192), ("paired", 8192), ("online", 100), ("fused", 100)])
-def test_triton_kernel_one_huge_logit_is_a_one_hot_row_not_nan(reductions, c):
-    """A finite logit far above the rest: rescaling the running sums by e^(m - m') = 0 used to give
-    0 * -inf = NaN (4096-wide chunks past the first; the online merge), where the reference and the
-    CPU kernel give the entropy 0 and record the visit."""
+@pytest.mark.parametrize("tile,c", [(False, 8192), (True, 100)], ids=["chunked", "one_tile"])
+def test_triton_kernel_one_huge_logit_is_a_one_hot_row_not_nan(tile, c):
+    """A finite logit far above the rest gives the entropy 0 and records the visit, as the reference
+    and the CPU kernel do. On the chunked path it lies past the first 4096-wide chunk, so the running
+    sums are rescaled by e^(m - m') = 0, where 0 * -inf must not turn them NaN; in one tile every
+    other class's p * (z - m) is 0 * -1e37."""
     x = torch.zeros(2, c)
     x[0, c * 5 // 8] = 1e35 if c > 4096 else 1e37
     x[1, 3] = 50.0
     values, counts = make_state(4, seed=2)
-    ent = check(values, counts, torch.tensor([1, 2]), x, 1.0, lambda *a: triton_fn(*a, reductions=reductions))
+    ent = check(values, counts, torch.tensor([1, 2]), x, 1.0, lambda *a: triton_fn(*a, tile=tile))
     assert ent[0] == 0.0
 
 
-def test_triton_kernel_reduction_variant_arguments():
-    """An unknown variant, or a one-tile variant on a shape without one tile: a clear error, no launch."""
-    from kcd_fast.kernels.update_values import default_reductions, one_tile, update_values_triton
+@pytest.mark.slow
+def test_triton_kernel_batch_beyond_one_tile():
+    """B > 1024: the chunked path, whose ownership counts and duplicate scan cross the 1024-wide
+    chunks of indices (owners in the first chunk with duplicates in the second, and an owner and its
+    duplicate both in the second)."""
+    from kcd_fast.kernels.update_values import launch_config
+
+    b, n = 1030, 2000
+    values, counts = make_state(n, seed=11)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(12))[:b]
+    idx[1025] = idx[3]             # owner in chunk 0, one duplicate in chunk 1
+    idx[1029] = idx[1000]          # owner at the end of chunk 0
+    idx[1027] = idx[1000]          # two duplicates in chunk 1
+    idx[1024] = idx[1026]          # owner and duplicate both in chunk 1
+    logits = make_logits(b, 5, seed=13)
+    logits[1027, 2] = float("nan")  # one of the duplicates is not a number: not recorded
+    assert launch_config(logits)["TILE"] == 0
+    ent = check(values, counts, idx, logits, 1.0, triton_fn)
+    assert torch.isnan(ent[1027]) and torch.isfinite(ent[[3, 1000, 1024, 1025, 1026, 1029]]).all()
+
+
+def test_triton_kernel_path_choice_and_arguments():
+    """One tile where the row and up to 1024 indices fit, else chunked; ``tile=True`` on a shape
+    without one tile is a clear error, with no launch."""
+    from kcd_fast.kernels.update_values import launch_config, one_tile, update_values_triton
 
     # The tile holds the row and up to 1024 indices, whatever the batch (no recompile for a short one).
     assert one_tile(256, 1000) == 1024 and one_tile(256, 100) == 1024 and one_tile(3, 3) == 1024
-    assert one_tile(512, 100) == 1024 and one_tile(256, 4096) == 4096
+    assert one_tile(512, 100) == 1024 and one_tile(256, 4096) == 4096 and one_tile(1024, 10) == 1024
     assert one_tile(256, 4097) == 0 and one_tile(1025, 10) == 0
-    assert default_reductions(256, 1000) == "fused" and default_reductions(256, 32000) == "separate"
+
+    def meta(b, c):
+        return torch.empty(b, c, device="meta")
+
+    assert launch_config(meta(256, 1000))["TILE"] == 1024 and launch_config(meta(256, 4096))["TILE"] == 4096
+    assert launch_config(meta(256, 32000))["TILE"] == 0 and launch_config(meta(1025, 10))["TILE"] == 0
+    assert launch_config(meta(256, 1000), tile=False)["TILE"] == 0
+    assert launch_config(meta(256, 1000), tile=True)["TILE"] == 1024
+    assert launch_config(meta(256, 32000), tile=False)["TILE"] == 0
     values, counts = make_state(6, device=TRITON_DEVICE)
     before = snapshot(values, counts)
     flag = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
     idx = torch.tensor([1, 2], device=TRITON_DEVICE)
-    with pytest.raises(ValueError, match="reductions.*separate.*'twice'"):
-        update_values_triton(values, counts, idx, torch.randn(2, 5, device=TRITON_DEVICE), 1.0, flag,
-                             reductions="twice")
-    with pytest.raises(ValueError, match=r"reductions='fused' needs C <= 4096.*\[2, 4097\]"):
-        update_values_triton(values, counts, idx, torch.randn(2, 4097, device=TRITON_DEVICE), 1.0, flag,
-                             reductions="fused")
+    with pytest.raises(ValueError, match=r"tile=True needs C <= 4096 and B <= 1024.*\[2, 4097\]"):
+        update_values_triton(values, counts, idx, torch.randn(2, 4097, device=TRITON_DEVICE), 1.0, flag, tile=True)
+    with pytest.raises(ValueError, match=r"tile=True needs.*\[1025, 3\]"):
+        launch_config(meta(1025, 3), tile=True)
     assert_unchanged(before, values, counts)
+    assert flag.item() == 0
 
 
 class _Probe:
@@ -423,7 +445,7 @@ def test_launch_config_follows_shape_strides_and_dtype_and_is_not_shared():
     for n in [*range(0, 1100), 4095, 4096, 4097, 2**20 + 3]:
         assert pow2_at_least(n) == (1 if n <= 1 else triton.next_power_of_2(n)), n
     x = torch.empty(256, 1000, device="meta")
-    assert launch_config(x) == dict(BLOCK_C=1024, BLOCK_B=1024, TILE=1024, REDUCE="fused", VEC=4, num_warps=4)
+    assert launch_config(x) == dict(BLOCK_C=1024, BLOCK_B=1024, TILE=1024, VEC=4, num_warps=4)
     # An epoch's short last batch compiles nothing new: 1,281,167 = 2502 x 512 + 143.
     for c in (100, 1000):
         full, last = launch_config(torch.empty(512, c, device="meta")), launch_config(torch.empty(143, c, device="meta"))
@@ -433,8 +455,8 @@ def test_launch_config_follows_shape_strides_and_dtype_and_is_not_shared():
     assert launch_config(torch.empty(1000, 256, device="meta").t())["VEC"] == 1  # class stride 256
     assert launch_config(torch.empty(256, 1002, device="meta"))["VEC"] == 2
     assert launch_config(x, vectorize=False)["VEC"] == 1
-    assert launch_config(x, num_warps=2, reductions="separate") == dict(
-        BLOCK_C=1024, BLOCK_B=1024, TILE=0, REDUCE="separate", VEC=4, num_warps=2)
+    assert launch_config(x, num_warps=2, tile=False) == dict(
+        BLOCK_C=1024, BLOCK_B=1024, TILE=0, VEC=4, num_warps=2)
     launch_config(x).pop("num_warps")
     assert launch_config(x)["num_warps"] == 4
 
@@ -470,8 +492,9 @@ def test_triton_kernel_matches_cpu_path_bitwise_counts():
 @pytest.mark.slow
 def test_kernel_compiles_for_hopper_with_16_byte_row_loads():
     """Compiled ahead of time for sm_90 (no GPU needed; outside the interpreter, so in a subprocess):
-    with the launcher's VEC promise, a [256, 1000] row is read in 16-byte loads; without it, element
-    by element. Guards the P2 work (benchmarks/NOTES.md) against a change that silently loses it."""
+    with the launcher's VEC promise, a [256, 1000] row is read in 16-byte loads on both paths;
+    without it, element by element. Guards the vectorised loads against a change that silently
+    loses them, and the one-tile path's early read of the sample's state."""
     import json
     import os
     import subprocess
@@ -479,8 +502,8 @@ def test_kernel_compiles_for_hopper_with_16_byte_row_loads():
 
     code = ("import json, torch\n"
             "from benchmarks.codegen_update_values import compile_variant, stats\n"
-            "out = {f'{str(d)[6:]}/{v}': stats(compile_variant(d, 256, 1000, num_warps=4, vectorize=v))\n"
-            "       for d in (torch.float32, torch.bfloat16) for v in (True, False)}\n"
+            "out = {f'{str(d)[6:]}/{t}/{v}': stats(compile_variant(d, 256, 1000, num_warps=4, tile=t, vectorize=v))\n"
+            "       for d in (torch.float32, torch.bfloat16) for t in (True, False) for v in (True, False)}\n"
             "print(json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -488,14 +511,15 @@ def test_kernel_compiles_for_hopper_with_16_byte_row_loads():
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     for dtype in ("float32", "bfloat16"):
-        vec, scalar = got[f"{dtype}/True"], got[f"{dtype}/False"]
-        assert scalar["ptx_16_byte_loads"] == 0
-        # 4 warps = 128 threads over a 1024-wide block: 8 fp32 (2 loads) or 8 bf16 (1 load) each,
-        # in the row's entropy and again in a duplicate's.
-        assert vec["ptx_16_byte_loads"] == (4 if dtype == "float32" else 2)
-        assert vec["ptx_global_loads"] < scalar["ptx_global_loads"]
-        # The sample's state (F, V) is read with the row, before the reductions, not after them.
-        assert vec["ptx_b32_loads_before_first_barrier"] == 2
+        for tile in (True, False):
+            vec, scalar = got[f"{dtype}/{tile}/True"], got[f"{dtype}/{tile}/False"]
+            assert scalar["ptx_16_byte_loads"] == 0
+            # 4 warps = 128 threads over a 1024-wide block: 8 fp32 (2 loads) or 8 bf16 (1 load) each,
+            # in the row's entropy and again in a duplicate's.
+            assert vec["ptx_16_byte_loads"] == (4 if dtype == "float32" else 2), (dtype, tile)
+            assert vec["ptx_global_loads"] < scalar["ptx_global_loads"], (dtype, tile)
+        # One tile: the sample's state (F, V) is read with the row, before the reductions, not after them.
+        assert got[f"{dtype}/True/True"]["ptx_b32_loads_before_first_barrier"] == 2
 
 
 def test_duplicates_apply_eq12_in_batch_order_bitwise():

@@ -84,7 +84,7 @@ void radix_sort_pairs(std::vector<uint32_t>& keys, std::vector<int64_t>& idx) {
 // sums s = sum e^(z-m), t = sum e^(z-m)(z-m)); H = log s - t / s. Each term is
 // fp32, as on CUDA; the sums are float64, so that a long row (an LLM's 128k
 // classes) loses no more than the CUDA kernel's tree reduction (about 1e-7),
-// where a sequential fp32 sum lost 1e-4. NaN if any logit is not finite.
+// where a sequential fp32 sum loses 1e-4. NaN if any logit is not finite.
 template <typename scalar_t>
 float row_entropy(const scalar_t* row, int64_t stride, int64_t classes, float inv_temperature) {
   float m = -INFINITY;
@@ -106,8 +106,8 @@ float row_entropy(const scalar_t* row, int64_t stride, int64_t classes, float in
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define KCD_FAST_HAVE_AVX2 1
 // Eq. 7 for a contiguous row, 8 classes at a time (AVX2 + FMA): the scalar loop spends most of its
-// time in std::exp, one element at a time, and made this op slower than the official code's torch
-// softmax at C = 100. The same two passes and float64 sums as row_entropy; e^d is a degree-6
+// time in std::exp, one element at a time, and is slower than the official code's torch softmax
+// at C = 100. The same two passes and float64 sums as row_entropy; e^d is a degree-6
 // polynomial after the usual reduction d = n ln2 + r (|error| about 1 ulp, against std::exp's
 // 0.5), so the two paths agree to about 1e-7, not bit for bit. Chosen at run time where the CPU
 // has AVX2 and FMA; KCD_FAST_NO_AVX2=1 forces the scalar path (the tests compare both).
@@ -241,7 +241,7 @@ at::Tensor update_values_cpu(at::Tensor& values, at::Tensor& counts, const at::T
   // Check every index before anything changes: state stays untouched on error.
   for (int64_t b = 0; b < batch; ++b) {
     // Numbers are formatted with std::to_string, not streamed: a g++ newer than the runtime
-    // libstdc++ instantiates the stream's integer output in this library, which then crashed.
+    // libstdc++ instantiates the stream's integer output in this library, which then crashes.
     TORCH_CHECK_VALUE(ip[b * is] >= 0 && ip[b * is] < n, "update_values: `indices` must lie in [0, ",
                       std::to_string(n), "), found ", std::to_string(ip[b * is]));
   }
@@ -317,7 +317,7 @@ inline void mix_row(scalar_t* out, const scalar_t* other, float keep, float w, i
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define KCD_FAST_HAVE_F16C 1
 // fp16 rows with the F16C conversions, 8 at a time: the scalar c10::Half conversions cost several
-// integer operations per element and made this op slower than eager PyTorch. The result is the
+// integer operations per element and make the scalar path slower than eager PyTorch. The result is the
 // scalar path's bit for bit: the same fp32 products and sum (no FMA), and round-to-nearest-even
 // back to fp16, as c10::Half does. Chosen at run time, where the CPU has F16C (every x86-64 CPU
 // since 2012).
