@@ -1,16 +1,17 @@
-"""Realized savings (target P5): a trainer epoch on the condensed set against a full epoch.
+"""Realized savings: a trainer epoch on the condensed set against a full epoch.
 
 Runs the trainer's own ``train_one_epoch`` over data resident on the device (so the loader hides
 nothing): ``full`` is a --no-kcd epoch over all N samples, ``condensed`` a KCD epoch after a
-condensation to ρ = 0.7 (with the recording and VAKS pairs in place). The target is
-time(condensed) / time(full) <= kept fraction + 0.02. On CUDA: ResNet34 -> ResNet18, 224x224,
-bf16, N = 40 batches of 256; on the CPU: cnn_large -> cnn_small, 28x28, N = 8 batches of 64.
+condensation to ρ = 0.7 (with the recording and VAKS pairs in place). The bound
+(docs/performance.md) is time(condensed) / time(full) <= kept fraction + 0.02. On CUDA:
+ResNet34 -> ResNet18, 224x224, bf16, N = 40 batches of 256; on the CPU: cnn_large -> cnn_small,
+28x28, N = 8 batches of 64.
 """
 import pytest
 import torch
 
 from kcd_fast import KnowledgeCondenser
-from kcd_fast import train as T
+from kcd_fast.train import config, engine
 from kcd_fast.models import build_model
 from benchmarks.conftest import DEVICE, ON_GPU, sync
 
@@ -40,8 +41,9 @@ class DeviceBatches:
 def world():
     torch.manual_seed(0)
     n = CFG["batch"] * CFG["batches"]
-    args = T.get_args_parser().parse_args(["--amp", CFG["amp"], "--no-progress", "--epochs", "1"])
-    args.rank, args.world_size, args.distributed, args.device = 0, 1, False, str(DEVICE)
+    args = config.resolve(config.get_args_parser().parse_args(["--amp", CFG["amp"], "--no-progress", "--epochs", "1",
+                                                               "--stage-epochs", "1"]))
+    args = args.replace(rank=0, world_size=1, local_rank=0, distributed=False, device=str(DEVICE))
     teacher = build_model(CFG["teacher"], CFG["classes"], CFG["channels"]).to(DEVICE).eval()
     student = build_model(CFG["student"], CFG["classes"], CFG["channels"]).to(DEVICE)
     x = torch.randn(n, CFG["channels"], CFG["image"], CFG["image"], device=DEVICE)
@@ -73,7 +75,7 @@ def test_epoch_cost(benchmark, world, provider):
         kept = condenser.kept_indices().numel() / n
 
     def epoch():
-        T.train_one_epoch(w["student"], w["teacher"], loader, w["opt"], None, condenser, w["args"], 0, DEVICE, n)
+        engine.train_one_epoch(w["student"], w["teacher"], loader, w["opt"], None, condenser, w["args"], 0, DEVICE, n)
         sync()
 
     epoch()  # warm-up

@@ -1,11 +1,11 @@
-"""Whole-run wall time of KCD against vanilla KD, on data resident on the device (targets P5 and the
-cached-mode target of the knowledge issue).
+"""Whole-run wall time of KCD and cached KCD against vanilla KD, on data resident on the device.
 
 Three trainer runs of the same length on the same generated data, teacher and seed:
 ``kd`` (``--no-kcd``, the teacher online), ``kcd`` (online) and ``kcd_cached`` (dense fp16 soft
 labels, the teacher run in the first epoch only). It reports each run's training time (the sum of
 the per-epoch M-step + E-step times; evaluation and checkpoint files excluded) and its ratio to
-``kd``, next to the measured C. Targets: ratio(kcd) within 2 points of C; ratio(kcd_cached) <= 0.58.
+``kd``, next to the measured C. Bounds (docs/performance.md): ratio(kcd) within 2 points of C;
+ratio(kcd_cached) <= 0.58 (the JSON's ``targets`` holds both ratios).
 
 With ``--repeats R`` (2 on CUDA) the cached run and KD are measured R times, in the order kd, kcd,
 kcd_cached, then (kcd_cached, kd) again, so that a drift of the machine over the minutes weighs on both
@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
-from kcd_fast import train as T
 from kcd_fast.models import build_model
+from kcd_fast.train import config
+from kcd_fast.train.main import main as run_trainer
+
+parse = config.get_args_parser().parse_args
 
 # On CUDA, the paper's stage structure (S = 6) over 30 short epochs: the online first epoch of the
 # cached run weighs 1/30 of it, as it would in a real run more than it does at I = 90.
@@ -61,31 +64,31 @@ def main(argv=None):
         # Discarded warm-ups first: the process's one-off CUDA, cuDNN and Triton start-up costs would
         # otherwise be charged to whichever run goes first, and each batch shape's one-off costs (cuDNN
         # builds an execution plan per convolution shape the first time it meets it: every condensed
-        # set's last batch is a new shape) to whichever run meets that shape first. The H200 run of
-        # 2026-11-26T22:10 showed the latter: online KCD's first epoch after each condensation took
-        # about one step longer than the rest of its stage (e.g. 0.554 s, then 0.522 s), and the cached
-        # run after it, with the same set sizes, did not. A real run amortises both over thousands of
+        # set's last batch is a new shape) to whichever run meets that shape first. Without this
+        # warm-up, online KCD's first epoch after each condensation takes about one step longer than
+        # the rest of its stage on an H200 (0.554 s, then 0.522 s; 2026-11-26), and the cached run
+        # after it, with the same set sizes, does not. A real run amortises both over thousands of
         # steps per epoch; here each run has 20. So: a 2-epoch cached run (the buffer's one-offs), then
         # a whole online KCD run of the measured schedule, whose set sizes, and so batch shapes, all
         # three measured runs meet (KD's are its full batches).
         warm = [a for a in common]
         warm[warm.index("--epochs") + 1] = "2"
         warm[warm.index("--stage-epochs") + 1] = "1"
-        T.main(T.get_args_parser().parse_args(warm + ["--knowledge", "cached", "--output-dir", f"{tmp}/warm-up"]))
-        T.main(T.get_args_parser().parse_args(common + ["--output-dir", f"{tmp}/warm-up-shapes"]))
+        run_trainer(parse(warm + ["--knowledge", "cached", "--output-dir", f"{tmp}/warm-up"]))
+        run_trainer(parse(common + ["--output-dir", f"{tmp}/warm-up-shapes"]))
         runs = {"kd": ["--no-kcd"], "kcd": [], "kcd_cached": ["--knowledge", "cached"]}
         order = ["kd", "kcd", "kcd_cached"] + ["kcd_cached", "kd"] * (args.repeats - 1)
         measured = {name: [] for name in runs}
         for i, name in enumerate(order):
             out_dir = Path(tmp) / f"{name}-{i}"
-            summary = T.main(T.get_args_parser().parse_args(common + runs[name] + ["--output-dir", str(out_dir)]))
+            summary = run_trainer(parse(common + runs[name] + ["--output-dir", str(out_dir)]))
             rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
             measured[name].append({
                 "train_time_s": sum(r["train_time"] for r in rows), "C": summary["C"],
                 "teacher_passes": summary["teacher_passes"], "per_epoch_s": [r["train_time"] for r in rows],
                 # each epoch's train_time = its training steps + the rest (stage ends, the fill's end)
                 "mstep_s": [r["mstep_time"] for r in rows], "estep_s": [r["estep_time"] for r in rows]})
-        # The first measurement of each run, as before; the repeats beside it.
+        # Each run's first measurement is its record; the repeats go beside it.
         results = {name: dict(m[0], repeats=m[1:]) for name, m in measured.items()}
     kd_times = [m["train_time_s"] for m in measured["kd"]]
     cached_times = [m["train_time_s"] for m in measured["kcd_cached"]]

@@ -5,7 +5,7 @@ a val split. Each split is a map-style dataset whose ``__getitem__(i)`` returns
 ``(x, y)`` with ``x`` a float tensor ``[C, H, W]`` and ``y`` an ``int``.
 
 Nothing here downloads data unless asked to (``download=True`` for CIFAR-100 only).
-Transforms work on tensors, not PIL images.
+Transforms (torchvision.transforms.v2) work on tensors, not PIL images.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 __all__ = [
     "DATASETS",
@@ -99,111 +100,28 @@ class DataBundle:
 
 
 # --------------------------------------------------------------------------------------
-# Tensor transforms (uint8 [C, H, W] in, float [C, H, W] out). Random ones use torch's
-# global RNG, which DataLoader seeds differently in each worker.
+# Transforms: torchvision.transforms.v2 on uint8 [C, H, W] tensors, float32 out. The random ones
+# draw from torch's global RNG, which the trainer seeds per (seed, epoch, rank) and DataLoader per
+# worker.
 # --------------------------------------------------------------------------------------
 
 
-class Compose:
-    """Apply transforms in order."""
-
-    def __init__(self, transforms: Sequence[Callable]):
-        self.transforms = list(transforms)
-
-    def __call__(self, x):
-        for t in self.transforms:
-            x = t(x)
-        return x
-
-    def __repr__(self) -> str:
-        inner = ", ".join(repr(t) for t in self.transforms)
-        return f"Compose([{inner}])"
-
-
-class RandomCrop:
-    """Random ``size`` x ``size`` crop of the image zero-padded by ``padding`` on each side."""
-
-    def __init__(self, size: int, padding: int = 0):
-        self.size = int(size)
-        self.padding = int(padding)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        c, h, w = x.shape
-        p, s = self.padding, self.size
-        if h + 2 * p < s or w + 2 * p < s:
-            raise ValueError(f"RandomCrop({s}, padding={p}) does not fit an image of {h}x{w}")
-        # Top-left corner of the crop in padded coordinates.
-        top = int(torch.randint(0, h + 2 * p - s + 1, ()))
-        left = int(torch.randint(0, w + 2 * p - s + 1, ()))
-        # Copy the overlap of the crop window with the original image into a zero canvas.
-        out = x.new_zeros((c, s, s))
-        y0, x0 = top - p, left - p  # crop origin in image coordinates
-        sy0, sx0 = max(y0, 0), max(x0, 0)
-        sy1, sx1 = min(y0 + s, h), min(x0 + s, w)
-        if sy1 > sy0 and sx1 > sx0:
-            out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = x[:, sy0:sy1, sx0:sx1]
-        return out
-
-    def __repr__(self) -> str:
-        return f"RandomCrop({self.size}, padding={self.padding})"
-
-
-class RandomHorizontalFlip:
-    """Flip the image left-right with probability ``p``."""
-
-    def __init__(self, p: float = 0.5):
-        self.p = float(p)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()).item() < self.p:
-            return x.flip(-1)
-        return x
-
-    def __repr__(self) -> str:
-        return f"RandomHorizontalFlip(p={self.p})"
-
-
-class ToNormalizedFloat:
-    """uint8 [C, H, W] -> float32, scaled to [0, 1] then normalized: ``(x / 255 - mean) / std``.
-
-    The same as ``ToTensor`` followed by ``Normalize(mean, std)``, in one pass.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        m = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        s = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        self._scale = 1.0 / (255.0 * s)
-        self._shift = m / s
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            raise TypeError(f"ToNormalizedFloat expects a uint8 image, got {x.dtype}")
-        return x.to(torch.float32).mul_(self._scale).sub_(self._shift)
-
-    def __repr__(self) -> str:
-        return f"ToNormalizedFloat(mean={self.mean}, std={self.std})"
+def _to_normalized_float(mean, std) -> list:
+    """uint8 -> float32 in [0, 1] -> (x - mean) / std."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
 def _small_image_transforms(size: int, padding: int, mean, std, flip: bool = False):
-    """(train, eval) transforms for small in-memory images: pad+crop [+flip], then normalize."""
-    train = [RandomCrop(size, padding=padding)]
-    if flip:
-        train.append(RandomHorizontalFlip())
-    train.append(ToNormalizedFloat(mean, std))
-    return Compose(train), Compose([ToNormalizedFloat(mean, std)])
+    """(train, eval) transforms for small in-memory images: zero-padded random crop [+ flip], then normalize."""
+    train = [v2.RandomCrop(size, padding=padding)] + ([v2.RandomHorizontalFlip()] if flip else [])
+    return v2.Compose(train + _to_normalized_float(mean, std)), v2.Compose(_to_normalized_float(mean, std))
 
 
 def _imagenet_transforms():
-    """(train, eval) transforms of the usual ImageNet recipe, on uint8 tensors."""
-    from torchvision.transforms import v2
-
-    norm = ToNormalizedFloat(IMAGENET_MEAN, IMAGENET_STD)
-    train = Compose(
-        [v2.RandomResizedCrop(224, antialias=True), RandomHorizontalFlip(), norm]
-    )
-    val = Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), norm])
+    """(train, eval) transforms of the usual ImageNet recipe."""
+    norm = _to_normalized_float(IMAGENET_MEAN, IMAGENET_STD)
+    train = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), *norm])
+    val = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), *norm])
     return train, val
 
 

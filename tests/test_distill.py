@@ -1,5 +1,7 @@
-"""The distillation losses against their definitions, and the one-function extension point."""
+"""The distillation losses against their definitions, their settings, and the one-function extension point."""
 import argparse
+import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kcd_fast import distill
-from kcd_fast import train as T
+from kcd_fast.train import config
 
 
 def cfg(**kw):
@@ -56,8 +58,9 @@ def test_a_new_loss_is_one_function():
         return F.cross_entropy(student_logits, target)
 
     try:
-        args = T.get_args_parser().parse_args(["--distill", "test_only_ce"])
-        assert args.distill == "test_only_ce"
+        cfg_run = config.resolve(config.get_args_parser().parse_args(["--distill", "test_only_ce"]))
+        assert cfg_run.distill == "test_only_ce"
+        assert distill.loss_settings("test_only_ce", cfg_run) is cfg_run  # no settings: the whole config
     finally:
         del distill.LOSSES["test_only_ce"]
 
@@ -88,3 +91,46 @@ def test_dkd_is_finite_for_a_confident_wrong_student():
     s2, t2 = torch.tensor([[60.0, 1.0, 2.0]]), torch.tensor([[0.0, 1.0, 2.0]])
     n1 = distill.dkd_loss(s2, t2, y, cfg(kd_temperature=1.0, ce_weight_dkd=0.0, dkd_alpha=0.0, dkd_warmup=1), 0)
     assert n1.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_settings_are_built_once_from_the_config():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    y = torch.randint(0, 4, (5,), generator=g)
+    config = cfg(kd_temperature=2.0, ce_weight=0.3, lr=0.1)  # the trainer's config has other options too
+    kd = distill.loss_settings("kd", config)
+    assert kd == distill.KDSettings(kd_temperature=2.0, ce_weight=0.3, kd_weight=0.9)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        kd.ce_weight = 1.0
+    assert torch.equal(distill.kd_loss(s, t, y, kd, 0), distill.kd_loss(s, t, y, config, 0))
+    dkd = distill.loss_settings("dkd", config)
+    assert dkd == distill.DKDSettings(kd_temperature=2.0)
+    assert torch.equal(distill.dkd_loss(s, t, y, dkd, 3), distill.dkd_loss(s, t, y, config, 3))
+    assert distill.KDSettings() == distill.loss_settings("kd", SimpleNamespace(kd_temperature=4.0, ce_weight=0.1,
+                                                                              kd_weight=0.9))
+
+
+def test_a_loss_without_settings_gets_the_config_and_bad_settings_are_refused():
+    @distill.register_loss("test_only_plain")
+    def plain(student_logits, teacher_logits, target, cfg, epoch):
+        return F.cross_entropy(student_logits, target) * cfg.my_weight
+
+    try:
+        config = SimpleNamespace(my_weight=2.0)
+        assert distill.loss_settings("test_only_plain", config) is config
+    finally:
+        del distill.LOSSES["test_only_plain"], distill.LOSS_SETTINGS["test_only_plain"]
+    with pytest.raises(ValueError, match="loss_settings: no loss is registered as 'nope'"):
+        distill.loss_settings("nope", cfg())
+    with pytest.raises(ValueError, match="the loss 'kd' reads ce_weight, kd_weight"):
+        distill.loss_settings("kd", SimpleNamespace(kd_temperature=4.0))
+    with pytest.raises(TypeError, match="register_loss: `settings` must be a dataclass type"):
+        distill.register_loss("test_only_bad", settings=dict(kd_temperature=4.0))
+    for kind, kwargs, exc, match in [
+            (distill.KDSettings, dict(kd_temperature=0.0), ValueError, "KDSettings: `kd_temperature` must be"),
+            (distill.KDSettings, dict(kd_temperature=1e-40), ValueError, "`kd_temperature` must be at least"),
+            (distill.KDSettings, dict(ce_weight=-0.1), ValueError, "`ce_weight` must be a finite number >= 0"),
+            (distill.DKDSettings, dict(dkd_warmup=2.5), TypeError, "DKDSettings: `dkd_warmup` must be an int"),
+            (distill.DKDSettings, dict(dkd_beta=float("nan")), ValueError, "`dkd_beta` must be a finite number")]:
+        with pytest.raises(exc, match=match):
+            kind(**kwargs)

@@ -207,7 +207,7 @@ def test_cifar_zoo_names(name):
 def test_zoo_checkpoint_loads_as_teacher(tmp_path):
     """A checkpoint saved the zoo's way ({'model': state_dict, ...}, keys as in ZOO, from a
     DataParallel model) loads through --teacher-weights and gives the same logits."""
-    from kcd_fast.train import load_teacher_weights
+    from kcd_fast.train.teacher import load_weights
 
     torch.manual_seed(0)
     src = build_model("resnet8x4", 100).train()
@@ -217,7 +217,7 @@ def test_zoo_checkpoint_loads_as_teacher(tmp_path):
     assert "module.layer1.0.downsample.0.weight" in state and "module.fc.weight" in state
     torch.save({"model": state, "accuracy": 73.1, "epoch": 240}, tmp_path / "resnet8x4.pth")
     dst = build_model("resnet8x4", 100)
-    load_teacher_weights(dst, str(tmp_path / "resnet8x4.pth"), 100)
+    load_weights(dst, str(tmp_path / "resnet8x4.pth"), 100)
     torch.testing.assert_close(run(dst, (2, 3, 32, 32)), run(src, (2, 3, 32, 32)))
 
 

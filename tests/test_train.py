@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kcd_fast import train as T
+from kcd_fast import KnowledgeCondenser
+from kcd_fast import files
+from kcd_fast.files import file_hash
+from kcd_fast.sampling import NoSingletonBatches
+from kcd_fast.train import checkpoint, config, engine, loaders, progress
+from kcd_fast.train import main as M
+from kcd_fast.train import teacher as teachers
 from kcd_fast.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +25,7 @@ QUICK = ["--no-progress", "--no-plots", "--epochs", "4", "--stage-epochs", "2"]
 
 
 def args_of(*argv):
-    return T.get_args_parser().parse_args(list(argv))
+    return config.get_args_parser().parse_args(list(argv))
 
 
 
@@ -29,14 +35,14 @@ def digits_teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     args = args_of("--dataset", "digits", "--teacher-epochs", "6", "--output-dir", str(out), *QUICK,
                    "--epochs", "1", "--stage-epochs", "1")
-    T.main(args)
+    M.main(args)
     (path,) = out.glob("teacher-*.pth")
     return path
 
 
 def test_default_digits_run_learns_and_writes_its_outputs(tmp_path, digits_teacher):
     out = tmp_path / "run"
-    summary = T.main(args_of("--output-dir", str(out), "--teacher-weights", str(digits_teacher), "--no-progress",
+    summary = M.main(args_of("--output-dir", str(out), "--teacher-weights", str(digits_teacher), "--no-progress",
                              "--epochs", "6", "--stage-epochs", "2"))
     assert summary["final_top1"] > 80.0, "digits has 10 classes: chance is 10%"
     assert summary["kcd"] and summary["epochs"] == 6
@@ -60,11 +66,11 @@ def test_default_digits_run_learns_and_writes_its_outputs(tmp_path, digits_teach
     # student_best.pth is the best epoch's student: evaluated again, it scores summary's best top-1.
     from kcd_fast.data import build_datasets
 
-    args = T.fill_defaults(args_of("--teacher-weights", str(digits_teacher)))
-    args.rank, args.world_size, args.distributed = 0, 1, False
+    args = config.resolve(args_of("--teacher-weights", str(digits_teacher))).replace(rank=0, world_size=1,
+                                                                                      distributed=False)
     model = build_model(args.student, 10, 1)
     model.load_state_dict(torch.load(out / "student_best.pth", weights_only=True))
-    val = T.evaluate(model, build_datasets("digits").val, args, torch.device("cpu"))
+    val = engine.evaluate(model, build_datasets("digits").val, args, torch.device("cpu"))
     assert val["top1"] == pytest.approx(on_disk["best_top1"]) and 0 <= on_disk["best_epoch"] < 6
 
 
@@ -73,7 +79,7 @@ def test_trains_its_own_teacher_and_reuses_it(tmp_path, digits_teacher, capsys):
     out = digits_teacher.parent
     before = digits_teacher.stat().st_mtime_ns
     capsys.readouterr()
-    T.main(args_of("--dataset", "digits", "--teacher-epochs", "6", "--output-dir", str(out), *QUICK,
+    M.main(args_of("--dataset", "digits", "--teacher-epochs", "6", "--output-dir", str(out), *QUICK,
                    "--epochs", "1", "--stage-epochs", "1"))
     assert digits_teacher.stat().st_mtime_ns == before
     assert f"reusing the teacher {digits_teacher}" in capsys.readouterr().out
@@ -86,15 +92,15 @@ def test_a_teacher_trained_with_other_settings_is_not_reused(tmp_path, digits_te
     out = tmp_path / "o"
     out.mkdir()
     (out / digits_teacher.name).write_bytes(digits_teacher.read_bytes())
-    T.main(args_of("--dataset", "digits", "--teacher-epochs", "1", "--lr", "0.2", "--output-dir", str(out), *QUICK,
+    M.main(args_of("--dataset", "digits", "--teacher-epochs", "1", "--lr", "0.2", "--output-dir", str(out), *QUICK,
                    "--epochs", "1", "--stage-epochs", "1"))
     assert len(list(out.glob("teacher-*.pth"))) == 2
 
 
 def test_no_kcd_passes_every_sample_kcd_follows_the_schedule(tmp_path, digits_teacher):
     common = ["--teacher-weights", str(digits_teacher), *QUICK]
-    base = T.main(args_of("--output-dir", str(tmp_path / "kd"), "--no-kcd", *common))
-    kcd = T.main(args_of("--output-dir", str(tmp_path / "kcd"), *common))
+    base = M.main(args_of("--output-dir", str(tmp_path / "kd"), "--no-kcd", *common))
+    kcd = M.main(args_of("--output-dir", str(tmp_path / "kcd"), *common))
     n = base["num_train"]
     rows_kd = [json.loads(x) for x in (tmp_path / "kd/metrics.jsonl").read_text().splitlines()]
     rows_kcd = [json.loads(x) for x in (tmp_path / "kcd/metrics.jsonl").read_text().splitlines()]
@@ -110,13 +116,13 @@ def test_no_kcd_passes_every_sample_kcd_follows_the_schedule(tmp_path, digits_te
 @pytest.mark.parametrize("where", ["between_epochs", "mid_epoch"])
 def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, digits_teacher, monkeypatch, where):
     common = ["--teacher-weights", str(digits_teacher), *QUICK, "--epochs", "6", "--stage-epochs", "2"]
-    full = T.main(args_of("--output-dir", str(tmp_path / "full"), *common))
+    full = M.main(args_of("--output-dir", str(tmp_path / "full"), *common))
 
     class Killed(Exception):
         pass
 
-    real_observe = T.KnowledgeCondenser.observe
-    real_evaluate = T.evaluate
+    real_observe = KnowledgeCondenser.observe
+    real_evaluate = engine.evaluate
     calls = {"observe": 0, "evaluate": 0}
 
     def observe(self, *a, **k):
@@ -131,12 +137,12 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, digits_teacher
             raise Killed
         return real_evaluate(*a, **k)
 
-    monkeypatch.setattr(T.KnowledgeCondenser, "observe", observe)
-    monkeypatch.setattr(T, "evaluate", evaluate)
+    monkeypatch.setattr(KnowledgeCondenser, "observe", observe)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
     with pytest.raises(Killed):
-        T.main(args_of("--output-dir", str(tmp_path / "killed"), *common))
+        M.main(args_of("--output-dir", str(tmp_path / "killed"), *common))
     monkeypatch.undo()
-    resumed = T.main(args_of("--output-dir", str(tmp_path / "killed"), *common, "--resume"))
+    resumed = M.main(args_of("--output-dir", str(tmp_path / "killed"), *common, "--resume"))
     a = torch.load(tmp_path / "full/student.pth")
     b = torch.load(tmp_path / "killed/student.pth")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed student differs"
@@ -171,11 +177,11 @@ def test_imagenet_layout_from_a_tiny_fake_tree(tmp_path):
             "--epochs", "2", "--stage-epochs", "1", "--batch-size", "4", "--workers", "0",
             "--lr-milestones", "1", "--eval-batch-size", "4", "--no-progress", "--no-plots",
             "--output-dir", str(tmp_path / "out")]
-    summary = T.main(args_of(*argv))
+    summary = M.main(args_of(*argv))
     assert summary["num_train"] == 12 and summary["epochs"] == 2
     assert len(summary["stages"]) == 2
     # Each epoch logs the rate it trained at: the milestone at 1 lowers epoch 1's, not epoch 0's.
-    args = T.fill_defaults(args_of(*argv))
+    args = config.resolve(args_of(*argv))
     rows = [json.loads(x) for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([args.lr, args.lr * args.lr_gamma])
 
@@ -193,6 +199,8 @@ def test_torchrun_two_processes_on_gloo(tmp_path, digits_teacher):
     n = summary["num_train"]
     # Both ranks together pass the kept set once per epoch (plus at most one padding sample).
     assert n <= rows[0]["samples"] <= n + 1
+    # One rule for C: the last epoch's C_so_far is summary.json's C (both over the padded epoch, ceil(N/W) W).
+    assert rows[-1]["C_so_far"] == summary["C"] < 1.0
     assert res.stdout.count("epoch 1/2:") == 1, "only rank 0 logs"
 
 
@@ -208,6 +216,8 @@ def test_torchrun_one_off_fill_counts_each_teacher_forward_once(tmp_path, digits
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["teacher_passes"] == summary["num_train"] == 1437
     assert summary["C_a"] == 1438 and summary["C"] == 1.0
+    rows = [json.loads(x) for x in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["C_so_far"] == summary["C"] == 1.0
     assert "knowledge fill step 6: 1437/1437 images" in res.stdout  # 6 batches of 128 per rank, clamped
 
 
@@ -230,8 +240,8 @@ def test_torchrun_lazy_fill_completes_every_replica(tmp_path, digits_teacher):
 
 
 def test_torchrun_trains_the_teacher_on_rank_0_while_the_other_waits(tmp_path):
-    """Rank 0 trains (and evaluates) the teacher alone; before, its evaluation's all_reduce met the other
-    rank's barrier, and the run hung."""
+    """Rank 0 trains (and evaluates) the teacher alone, with no collective in its evaluation: one would
+    meet the other rank's barrier, and the run would hang."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
@@ -259,8 +269,8 @@ def _download_worker(rank, port, out_dir, teacher_path):
                                                                  "download": download}))
         raise DatasetNotFoundError("stop here: only the order of the calls is tested")
 
-    T.build_datasets = fake_build
-    code = T.cli(["--dataset", "cifar100", "--download", "--device", "cpu", "--teacher-weights", teacher_path,
+    M.build_datasets = fake_build
+    code = M.cli(["--dataset", "cifar100", "--download", "--device", "cpu", "--teacher-weights", teacher_path,
                   "--output-dir", str(Path(out_dir) / "o")])
     Path(out_dir, f"rank{rank}.code").write_text(str(code))
 
@@ -278,9 +288,9 @@ def test_download_under_torchrun_is_done_by_rank_0_first(tmp_path):
 
 
 def test_every_rank_and_epoch_gets_its_own_random_streams():
-    """Augmentation (torch) and loader-worker seeds differ across ranks, epochs and streams; before, every
-    rank's workers shared one seed per epoch, so the k-th sample of each rank got the same crop."""
-    seeds = [T.epoch_seed(s, e, r, k) for s in (0, 1, -1) for e in range(40) for r in range(16)
+    """Augmentation (torch) and loader-worker seeds differ across ranks, epochs and streams: with one seed
+    per epoch for every rank's workers, the k-th sample of each rank would get the same crop."""
+    seeds = [loaders.epoch_seed(s, e, r, k) for s in (0, 1, -1) for e in range(40) for r in range(16)
              for k in ("torch", "loader")]
     assert len(set(seeds)) == len(seeds) and all(0 <= x < 2 ** 63 for x in seeds)
 
@@ -290,7 +300,7 @@ def test_each_epoch_reseeds_its_streams_and_reshuffles(tmp_path, digits_teacher,
     workers' seeds) from (seed, epoch, rank), and sets the sampler's epoch, so each epoch draws a new
     order and new augmentations, and a resumed epoch draws the same ones again."""
     seen = []
-    real = T.train_one_epoch
+    real = engine.train_one_epoch
 
     def spy(student, teacher, loader, *a, **k):
         epoch = a[4]  # (optimizer, scaler, condenser, args, epoch, ...)
@@ -298,13 +308,13 @@ def test_each_epoch_reseeds_its_streams_and_reshuffles(tmp_path, digits_teacher,
                      [i for batch in loader.batch_sampler for i in batch]))
         return real(student, teacher, loader, *a, **k)
 
-    monkeypatch.setattr(T, "train_one_epoch", spy)
-    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "r"), "--seed", "7",
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "r"), "--seed", "7",
                    *QUICK, "--epochs", "3", "--stage-epochs", "3"))  # epochs 1 and 2: one condensed set
     assert [e for e, *_ in seen] == [0, 1, 2]
     for epoch, torch_seed, loader_seed, _ in seen:
-        assert torch_seed == T.epoch_seed(7, epoch, 0, "torch")
-        assert loader_seed == T.epoch_seed(7, epoch, 0, "loader")
+        assert torch_seed == loaders.epoch_seed(7, epoch, 0, "torch")
+        assert loader_seed == loaders.epoch_seed(7, epoch, 0, "loader")
     orders = [order for *_, order in seen]
     assert sorted(orders[1]) == sorted(orders[2]) and len(orders[1]) < len(orders[0])
     assert orders[1] != orders[2], "the sampler's epoch must change the shuffle"
@@ -314,8 +324,8 @@ def test_each_epoch_reseeds_its_streams_and_reshuffles(tmp_path, digits_teacher,
 @pytest.mark.parametrize("batch_size", [1, 2, 4, 5])
 def test_no_singleton_batches_pass_every_sample_once(n, batch_size):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
-    batches = list(T.NoSingletonBatches(order, batch_size))
-    assert len(batches) == len(T.NoSingletonBatches(order, batch_size))
+    batches = list(NoSingletonBatches(order, batch_size))
+    assert len(batches) == len(NoSingletonBatches(order, batch_size))
     assert [i for b in batches for i in b] == order
     if batch_size > 1 and n > 1:
         assert all(len(b) > 1 for b in batches)
@@ -324,7 +334,7 @@ def test_no_singleton_batches_pass_every_sample_once(n, batch_size):
 
 def test_a_last_batch_of_one_sample_does_not_crash_batchnorm(tmp_path, digits_teacher):
     """cnn_large ends on 1x1 maps on digits, where BatchNorm cannot train on one sample: 65 = 64 + 1."""
-    summary = T.main(args_of("--student", "cnn_large", "--train-subset", "65", "--batch-size", "64",
+    summary = M.main(args_of("--student", "cnn_large", "--train-subset", "65", "--batch-size", "64",
                              "--teacher-weights", str(digits_teacher), "--no-kcd", "--output-dir", str(tmp_path / "o"),
                              *QUICK, "--epochs", "1", "--stage-epochs", "1"))
     assert summary["epochs"] == 1
@@ -348,31 +358,31 @@ def test_progress_bar_counts_every_rank(monkeypatch):
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     args = argparse.Namespace(progress=True, rank=0, world_size=2)
     batches = [(None, torch.zeros(4)), (None, torch.zeros(4)), (None, torch.zeros(2))]  # rank 0's share of 20
-    assert len(list(T._progress(iter(batches), args, "epoch", 20, ranks=2))) == 3
+    assert len(list(progress.track(iter(batches), args, "epoch", 20, ranks=2))) == 3
     assert seen == {"total": 20, "n": 20}
 
 
 def test_log_every_prints_a_line_every_n_steps_on_rank_0_only(monkeypatch, capsys):
     clock = iter([0.0, 2.0, 4.0, 6.0])  # read at the start and at each line: two seconds every two steps
-    monkeypatch.setattr(T.time, "time", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
     batches = [(None, torch.zeros(4))] * 5 + [(None, torch.zeros(2))]  # rank 0's share of 2 x 22 images
     args = argparse.Namespace(progress=False, log_every=2, rank=0, world_size=2)
-    assert len(list(T._progress(iter(batches), args, "epoch 3/90", 44, ranks=2))) == 6
+    assert len(list(progress.track(iter(batches), args, "epoch 3/90", 44, ranks=2))) == 6
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["epoch 3/90 step 2: 16/44 images, 8 img/s, 0:00:02 elapsed, ETA 0:00:04",
                      "epoch 3/90 step 4: 32/44 images, 8 img/s, 0:00:04 elapsed, ETA 0:00:02",
                      "epoch 3/90 step 6: 44/44 images, 7 img/s, 0:00:06 elapsed, ETA 0:00:00"]
     args.rank = 1
-    assert len(list(T._progress(iter(batches), args, "epoch 3/90", 44, ranks=2))) == 6
+    assert len(list(progress.track(iter(batches), args, "epoch 3/90", 44, ranks=2))) == 6
     assert capsys.readouterr().out == ""
 
 
 def test_resume_with_other_workers_says_so(tmp_path, digits_teacher, capsys):
     common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
               "--epochs", "2", "--stage-epochs", "1"]
-    assert T.cli([*common, "--workers", "0"]) == 0
+    assert M.cli([*common, "--workers", "0"]) == 0
     capsys.readouterr()
-    assert T.cli([*common, "--workers", "1", "--resume"]) == 0
+    assert M.cli([*common, "--workers", "1", "--resume"]) == 0
     assert "resuming with 1 loader workers instead of 0" in capsys.readouterr().out
 
 
@@ -381,7 +391,7 @@ def test_a_corrupt_image_mid_epoch_is_named_in_one_line(tmp_path, capsys):
     bad = tmp_path / "imnet/train/class1/img2.png"
     bad.write_bytes(bad.read_bytes()[:100])
     torch.save({"model": build_model("cnn_small", 3, 3).state_dict()}, tmp_path / "t.pth")
-    code = T.cli(["--dataset", "imagenet", "--data-dir", str(tmp_path / "imnet"), "--teacher", "cnn_small",
+    code = M.cli(["--dataset", "imagenet", "--data-dir", str(tmp_path / "imnet"), "--teacher", "cnn_small",
                   "--student", "cnn_small", "--teacher-weights", str(tmp_path / "t.pth"), "--batch-size", "4",
                   "--eval-batch-size", "4", "--workers", "1", "--output-dir", str(tmp_path / "o"), *QUICK,
                   "--epochs", "1", "--stage-epochs", "1"])
@@ -399,18 +409,18 @@ def test_a_resume_names_a_broken_image_a_removed_one_and_a_broken_checkpoint(tmp
               "--workers", "0", "--output-dir", str(tmp_path / "o"), *QUICK, "--epochs", "3", "--stage-epochs", "1"]
     killed = _killed_at_evaluate(monkeypatch, 2)  # epoch 1 checkpointed, epoch 2 not
     with pytest.raises(killed):
-        T.main(args_of(*common))
+        M.main(args_of(*common))
     monkeypatch.undo()
     bad = tmp_path / "imnet/train/class1/img2.png"
     good = bad.read_bytes()
     bad.write_bytes(good[:100])
-    assert T.cli([*common, "--resume"]) == 2
+    assert M.cli([*common, "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"cannot decode the image {bad}" in err and err.strip().endswith(
         "replace the file, then continue with --resume (removing it renumbers the samples, which a resume refuses: "
         "start a new run then)"), err
     bad.unlink()  # removed instead: every later index names another image
-    assert T.cli([*common, "--resume"]) == 2
+    assert M.cli([*common, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "was trained on other samples (imagenet, 12 samples, " in err and "than this run has (imagenet, 11 " \
         "samples, " in err and "Traceback" not in err, err
@@ -419,16 +429,16 @@ def test_a_resume_names_a_broken_image_a_removed_one_and_a_broken_checkpoint(tmp
     intact = ckpt.read_bytes()
     for broken in (intact[:len(intact) // 2], b"junk"):
         ckpt.write_bytes(broken)
-        assert T.cli([*common, "--resume"]) == 2
+        assert M.cli([*common, "--resume"]) == 2
         err = capsys.readouterr().err
         assert f"--resume: {ckpt} cannot be read (" in err and "Traceback" not in err and \
             err.strip().endswith("restore it, or delete it and start again without --resume"), err
     ckpt.write_bytes(intact)
-    assert T.cli([*common, "--resume"]) == 0  # restored: it finishes
+    assert M.cli([*common, "--resume"]) == 0  # restored: it finishes
     # The same N, other images: a knowledge file or a checkpoint made for the first folder is refused.
-    first = T._samples_id(args_of(*common), T.build_datasets("imagenet", tmp_path / "imnet").train)
+    first = checkpoint.samples_id(args_of(*common), M.build_datasets("imagenet", tmp_path / "imnet").train)
     (tmp_path / "imnet/train/class1/img2.png").rename(tmp_path / "imnet/train/class1/img9.png")
-    again = T._samples_id(args_of(*common), T.build_datasets("imagenet", tmp_path / "imnet").train)
+    again = checkpoint.samples_id(args_of(*common), M.build_datasets("imagenet", tmp_path / "imnet").train)
     assert first.split(", ")[:2] == again.split(", ")[:2] and first != again
 
 
@@ -436,7 +446,7 @@ def test_a_resume_names_a_broken_image_a_removed_one_and_a_broken_checkpoint(tmp
 
 
 def test_help_describes_every_option_and_its_real_default():
-    parser = T.get_args_parser()
+    parser = config.get_args_parser()
     undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert undocumented == []
     text = " ".join(parser.format_help().split())
@@ -447,14 +457,14 @@ def test_help_describes_every_option_and_its_real_default():
 
 def test_unknown_dataset_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
-        T.cli(["--dataset", "mnist"])
+        M.cli(["--dataset", "mnist"])
     assert exc.value.code == 2
     assert "invalid choice: 'mnist'" in capsys.readouterr().err
 
 
 def test_missing_folder_names_the_path(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    code = T.cli(["--dataset", "fashion-mnist", "--data-dir", str(missing), "--output-dir", str(tmp_path / "o"),
+    code = M.cli(["--dataset", "fashion-mnist", "--data-dir", str(missing), "--output-dir", str(tmp_path / "o"),
                   "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and str(missing) in err and "dataset-fashion-mnist" in err and "Traceback" not in err
@@ -463,7 +473,7 @@ def test_missing_folder_names_the_path(tmp_path, capsys):
 def test_teacher_with_other_class_count_is_refused(tmp_path, capsys):
     wrong = build_model("cnn_large", 5, 1)
     torch.save(wrong.state_dict(), tmp_path / "t5.pth")
-    code = T.cli(["--teacher-weights", str(tmp_path / "t5.pth"), "--output-dir", str(tmp_path / "o"), *QUICK])
+    code = M.cli(["--teacher-weights", str(tmp_path / "t5.pth"), "--output-dir", str(tmp_path / "o"), *QUICK])
     err = capsys.readouterr().err
     assert code == 2 and "5 classes" in err and "10" in err and "Traceback" not in err
 
@@ -508,7 +518,7 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
 ])
 def test_bad_settings_exit_2_before_any_work(tmp_path, capsys, argv, named):
     """Checked before any data is read, any teacher trained or any file written: one line, exit 2."""
-    code = T.cli([*argv, "--output-dir", str(tmp_path / "o"), "--no-progress", "--no-plots"])
+    code = M.cli([*argv, "--output-dir", str(tmp_path / "o"), "--no-progress", "--no-plots"])
     err = capsys.readouterr().err
     assert code == 2 and named in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
@@ -517,15 +527,15 @@ def test_bad_settings_exit_2_before_any_work(tmp_path, capsys, argv, named):
 def test_resume_with_other_settings_is_refused(tmp_path, digits_teacher, capsys):
     common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
               "--epochs", "2", "--stage-epochs", "1"]
-    T.main(args_of(*common))
-    assert T.cli([*common, "--resume", "--lr", "0.2", "--no-kcd"]) == 2
+    M.main(args_of(*common))
+    assert M.cli([*common, "--resume", "--lr", "0.2", "--no-kcd"]) == 2
     err = capsys.readouterr().err
     assert "--lr 0.05 there, 0.2 here" in err and "--kcd True there, False here" in err
 
 
 def test_unreadable_inputs_and_an_output_file_exit_2_without_a_traceback(tmp_path, digits_teacher, capsys):
     """A --teacher-weights or --condensed file that torch cannot load, and an --output-dir that is a
-    file, are one-line errors naming the flag (they were tracebacks)."""
+    file, are one-line errors naming the flag, not tracebacks."""
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\xff\xd8\xff\xe0 not a checkpoint" * 10)
     afile = tmp_path / "afile"
@@ -539,15 +549,15 @@ def test_unreadable_inputs_and_an_output_file_exit_2_without_a_traceback(tmp_pat
         (["--teacher-weights", str(digits_teacher), "--output-dir", str(afile)],
          f"--output-dir {afile} is a file, not a folder"),
     ]:
-        code = T.cli([*QUICK, "--output-dir", str(tmp_path / "o"), *argv])
+        code = M.cli([*QUICK, "--output-dir", str(tmp_path / "o"), *argv])
         err = capsys.readouterr().err
         assert code == 2 and named in err and "Traceback" not in err, err
 
 
 def test_resume_without_checkpoint_and_bad_stage(tmp_path, capsys):
-    assert T.cli(["--resume", "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert M.cli(["--resume", "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert T.cli(["--epochs", "5", "--stage-epochs", "2", "--output-dir", str(tmp_path / "o")]) == 2
+    assert M.cli(["--epochs", "5", "--stage-epochs", "2", "--output-dir", str(tmp_path / "o")]) == 2
     assert "must divide" in capsys.readouterr().err
 
 
@@ -575,20 +585,20 @@ class CountingTeacher(torch.nn.Module):
 
 def _count_teacher(monkeypatch, teacher_name="cnn_large"):
     counter = {"samples": 0}
-    real = T.build_model
+    real = teachers.build_model
 
     def build(name, *a, **k):
         model = real(name, *a, **k)
         return CountingTeacher(model, counter) if name == teacher_name else model
 
-    monkeypatch.setattr(T, "build_model", build)
+    monkeypatch.setattr(teachers, "build_model", build)
     return counter
 
 
 @pytest.mark.parametrize("storage", ["dense", "topk"])
 def test_cached_mode_runs_the_teacher_exactly_one_epoch(tmp_path, digits_teacher, monkeypatch, storage):
     counter = _count_teacher(monkeypatch)
-    summary = T.main(args_of("--knowledge", "cached", "--storage", storage, "--teacher-weights", str(digits_teacher),
+    summary = M.main(args_of("--knowledge", "cached", "--storage", storage, "--teacher-weights", str(digits_teacher),
                              "--output-dir", str(tmp_path / "c"), *QUICK))
     n = summary["num_train"]
     assert counter["samples"] == n, "the teacher must see each sample once, in the first epoch only"
@@ -618,12 +628,12 @@ def test_cached_steps_read_the_buffer_through_the_losss_own_variant(tmp_path, di
     monkeypatch.setitem(D.LOSSES, "kd", counted("logits", logits_loss))
     common = ["--knowledge", "cached", "--storage", storage, "--teacher-weights", str(digits_teacher),
               "--batch-size", "64", *QUICK]
-    T.main(args_of(*common, "--output-dir", str(tmp_path / "variant")))
+    M.main(args_of(*common, "--output-dir", str(tmp_path / "variant")))
     history = [json.loads(x) for x in (tmp_path / "variant" / "metrics.jsonl").read_text().splitlines()]
     steps = [-(-r["samples"] // 64) for r in history]
     assert calls == {"logits": steps[0], "buffer": sum(steps[1:])}
     monkeypatch.delitem(D.KNOWLEDGE_LOSSES, "kd")
-    T.main(args_of(*common, "--output-dir", str(tmp_path / "generic")))
+    M.main(args_of(*common, "--output-dir", str(tmp_path / "generic")))
     generic = [json.loads(x) for x in (tmp_path / "generic" / "metrics.jsonl").read_text().splitlines()]
     assert calls["logits"] == steps[0] + sum(steps)
     assert [r["train_loss"] for r in generic] == [r["train_loss"] for r in history]
@@ -636,35 +646,35 @@ def test_cached_mode_lets_the_teacher_go_once_the_buffer_is_filled(tmp_path, dig
     import gc
     import weakref
 
-    teachers, alive = [], []
-    real_build, real_epoch = T.build_model, T.train_one_epoch
+    built, alive = [], []
+    real_build, real_epoch = teachers.build_model, engine.train_one_epoch
 
     def build(name, *a, **k):
         model = real_build(name, *a, **k)
         if name == "cnn_large":
-            teachers.append(weakref.ref(model))
+            built.append(weakref.ref(model))
         return model
 
     def epoch(student, teacher, *a, **k):
         gc.collect()
-        alive.append(teacher is not None or any(t() is not None for t in teachers))
+        alive.append(teacher is not None or any(t() is not None for t in built))
         return real_epoch(student, teacher, *a, **k)
 
-    monkeypatch.setattr(T, "build_model", build)
-    monkeypatch.setattr(T, "train_one_epoch", epoch)
-    T.main(args_of("--knowledge", "cached", "--knowledge-fill", fill, "--teacher-weights", str(digits_teacher),
+    monkeypatch.setattr(teachers, "build_model", build)
+    monkeypatch.setattr(engine, "train_one_epoch", epoch)
+    M.main(args_of("--knowledge", "cached", "--knowledge-fill", fill, "--teacher-weights", str(digits_teacher),
                    "--output-dir", str(tmp_path / fill), *QUICK))
-    assert len(teachers) == 1
+    assert len(built) == 1
     assert alive == ([True, False, False, False] if fill == "lazy" else [False] * 4)
 
 
 def test_knowledge_file_is_computed_once_and_reused(tmp_path, digits_teacher, monkeypatch):
     kfile = tmp_path / "digits.kcdk"
     common = ["--knowledge", "cached", "--knowledge-file", str(kfile), *QUICK]
-    T.main(args_of(*common, "--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "a")))
+    M.main(args_of(*common, "--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "a")))
     assert kfile.is_file()
     counter = _count_teacher(monkeypatch)
-    again = T.main(args_of(*common, "--output-dir", str(tmp_path / "b")))  # no --teacher-weights
+    again = M.main(args_of(*common, "--output-dir", str(tmp_path / "b")))  # no --teacher-weights
     assert counter["samples"] == 0 and again["teacher_passes"] == 0, "a knowledge file needs no teacher"
     assert again["final_top1"] > 50.0
 
@@ -673,7 +683,7 @@ def test_knowledge_file_of_another_dataset_is_refused(tmp_path, capsys):
     from kcd_fast.knowledge import KnowledgeBuffer
 
     KnowledgeBuffer(100, 10, temperature=4.0).save(tmp_path / "other.kcdk")
-    code = T.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "other.kcdk"),
+    code = M.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "other.kcdk"),
                   "--output-dir", str(tmp_path / "o"), *QUICK])
     err = capsys.readouterr().err
     assert code == 2 and "100 samples" in err and "1437" in err and "Traceback" not in err
@@ -684,14 +694,14 @@ def test_knowledge_file_of_another_teacher_is_refused(tmp_path, digits_teacher, 
     --teacher-weights when the file was filled by a teacher trained here (it records no hash)."""
     from kcd_fast.knowledge import KnowledgeBuffer
 
-    teacher = T.fill_defaults(args_of()).teacher
+    teacher = config.resolve(args_of()).teacher
     KnowledgeBuffer(1437, 10, temperature=4.0, teacher="resnet8x4").save(tmp_path / "other.kcdk")
-    code = T.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "other.kcdk"),
+    code = M.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "other.kcdk"),
                   "--output-dir", str(tmp_path / "o"), *QUICK])
     err = capsys.readouterr().err
     assert code == 2 and f"teacher 'resnet8x4', but this run has '{teacher}'" in err and "Traceback" not in err
     KnowledgeBuffer(1437, 10, temperature=4.0, teacher=teacher).save(tmp_path / "here.kcdk")
-    code = T.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "here.kcdk"), "--teacher-weights",
+    code = M.cli(["--knowledge", "cached", "--knowledge-file", str(tmp_path / "here.kcdk"), "--teacher-weights",
                   str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK])
     err = capsys.readouterr().err
     assert code == 2 and "made by a teacher trained here" in err and "Traceback" not in err
@@ -699,7 +709,7 @@ def test_knowledge_file_of_another_teacher_is_refused(tmp_path, digits_teacher, 
 
 def test_cached_mode_one_off_pass(tmp_path, digits_teacher, monkeypatch, capsys):
     counter = _count_teacher(monkeypatch)
-    summary = T.main(args_of("--knowledge", "cached", "--knowledge-fill", "pass", "--teacher-weights",
+    summary = M.main(args_of("--knowledge", "cached", "--knowledge-fill", "pass", "--teacher-weights",
                              str(digits_teacher), "--output-dir", str(tmp_path / "p"), *QUICK, "--log-every", "3"))
     assert counter["samples"] == summary["num_train"] == summary["teacher_passes"]
     # The pass logs its progress like an epoch: 1437 images at --eval-batch-size 256 are 6 batches.
@@ -717,7 +727,7 @@ def _killed_at_evaluate(monkeypatch, call: int) -> type:
     class Killed(Exception):
         pass
 
-    real_evaluate, calls = T.evaluate, {"n": 0}
+    real_evaluate, calls = engine.evaluate, {"n": 0}
 
     def evaluate(model, *a, **k):
         if any(p.requires_grad for p in model.parameters()):
@@ -726,7 +736,7 @@ def _killed_at_evaluate(monkeypatch, call: int) -> type:
                 raise Killed
         return real_evaluate(model, *a, **k)
 
-    monkeypatch.setattr(T, "evaluate", evaluate)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
     return Killed
 
 
@@ -734,13 +744,13 @@ def _killed_at_evaluate(monkeypatch, call: int) -> type:
 def test_resume_in_cached_mode(tmp_path, digits_teacher, monkeypatch, fill):
     common = ["--knowledge", "cached", "--storage", "topk", "--topk", "3", "--teacher-weights",
               str(digits_teacher), *QUICK, "--epochs", "6", "--stage-epochs", "2", "--knowledge-fill", fill]
-    T.main(args_of("--output-dir", str(tmp_path / "full"), *common))
+    M.main(args_of("--output-dir", str(tmp_path / "full"), *common))
     killed = _killed_at_evaluate(monkeypatch, 4)  # epoch 3 done; the buffer was mixed at the end of epoch 2
     with pytest.raises(killed):
-        T.main(args_of("--output-dir", str(tmp_path / "killed"), *common))
+        M.main(args_of("--output-dir", str(tmp_path / "killed"), *common))
     monkeypatch.undo()
     counter = _count_teacher(monkeypatch)
-    resumed = T.main(args_of("--output-dir", str(tmp_path / "killed"), *common, "--resume"))
+    resumed = M.main(args_of("--output-dir", str(tmp_path / "killed"), *common, "--resume"))
     assert counter["samples"] == 0, "the resumed run reads the buffer's saved state"
     a = torch.load(tmp_path / "full/student.pth")
     b = torch.load(tmp_path / "killed/student.pth")
@@ -757,7 +767,7 @@ def test_cached_mode_mixes_the_buffer_with_each_plans_pairs(tmp_path, digits_tea
     from kcd_fast.knowledge import KnowledgeBuffer
 
     plans, mixes = [], []
-    real_end, real_mix = T.KnowledgeCondenser.end_epoch, KnowledgeBuffer.mix_
+    real_end, real_mix = KnowledgeCondenser.end_epoch, KnowledgeBuffer.mix_
 
     def end_epoch(self, epoch):
         plan = real_end(self, epoch)
@@ -771,9 +781,9 @@ def test_cached_mode_mixes_the_buffer_with_each_plans_pairs(tmp_path, digits_tea
         after = self.state_dict()["arrays"]
         mixes.append((k1l.clone(), k0.clone(), eps.clone(), before, after, self.num_classes))
 
-    monkeypatch.setattr(T.KnowledgeCondenser, "end_epoch", end_epoch)
+    monkeypatch.setattr(KnowledgeCondenser, "end_epoch", end_epoch)
     monkeypatch.setattr(KnowledgeBuffer, "mix_", mix_)
-    T.main(args_of("--knowledge", "cached", "--storage", storage, "--topk", "3", "--teacher-weights",
+    M.main(args_of("--knowledge", "cached", "--storage", storage, "--topk", "3", "--teacher-weights",
                    str(digits_teacher), "--output-dir", str(tmp_path / "m"), *QUICK))
     assert len(plans) == len(mixes) == 2
     for plan, (k1l, k0, eps, before, after, c) in zip(plans, mixes):
@@ -793,13 +803,13 @@ def test_fake_on_device_one_off_pass_reads_the_images_the_student_trains_on(tmp_
     from kcd_fast.knowledge import KnowledgeBuffer
 
     kfile, out = tmp_path / "f.kcdk", tmp_path / "o"
-    T.main(args_of("--dataset", "fake", "--fake-on-device", "--fake-size", "96", "--fake-val-size", "32",
+    M.main(args_of("--dataset", "fake", "--fake-on-device", "--fake-size", "96", "--fake-val-size", "32",
                    "--fake-image-size", "8", "--teacher", "cnn_small", "--student", "cnn_small", "--teacher-epochs",
                    "1", "--knowledge", "cached", "--knowledge-fill", "pass", "--knowledge-file", str(kfile),
                    "--output-dir", str(out), *QUICK, "--epochs", "1", "--stage-epochs", "1"))
     (tpath,) = out.glob("teacher-*.pth")
     teacher = build_model("cnn_small", 10, 3)
-    T.load_teacher_weights(teacher, str(tpath), 10)
+    teachers.load_weights(teacher, str(tpath), 10)
     x, _ = build_datasets("fake", fake_size=96, fake_val_size=32, fake_image_size=8, fake_num_classes=10,
                           seed=0).train.materialize("cpu")
     expected = KnowledgeBuffer(96, 10, temperature=4.0)
@@ -809,11 +819,11 @@ def test_fake_on_device_one_off_pass_reads_the_images_the_student_trains_on(tmp_
 
 
 def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
-    summary = T.main(args_of("--dataset", "fake", "--fake-on-device", "--fake-size", "512", "--fake-image-size", "8",
+    summary = M.main(args_of("--dataset", "fake", "--fake-on-device", "--fake-size", "512", "--fake-image-size", "8",
                              "--teacher", "cnn_small", "--student", "cnn_small", "--teacher-epochs", "1",
                              "--output-dir", str(tmp_path / "f"), *QUICK))
     assert summary["num_train"] == 512 and summary["C"] < 1.0
-    # The condenser's own measured cost counts the device loader's batches too (it read 0 before).
+    # The condenser's own measured cost counts the device loader's batches too.
     assert summary["stages"] and all(st["C_so_far"] > 0.5 for st in summary["stages"])
     # The device loader mixes K1L inputs with their partners like KCDDataset does.
     from kcd_fast import KnowledgeCondenser, vaks_mix_
@@ -823,7 +833,7 @@ def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
     cond.counts.fill_(1)
     cond.end_epoch(0)
     x = torch.rand(20, 1, 2, 2)
-    batches = T.DeviceBatches(x, torch.zeros(20, dtype=torch.long), cond.sampler(shuffle=False), 7, cond)
+    batches = loaders.DeviceBatches(x, torch.zeros(20, dtype=torch.long), cond.sampler(shuffle=False), 7, cond)
     mixed = x.clone()
     vaks_mix_(mixed.view(20, -1), *cond.pairs)
     for xb, _, i in batches:
@@ -833,7 +843,7 @@ def test_fake_on_device_runs_and_mixes_on_the_device(tmp_path):
     x_cl = torch.rand(20, 3, 2, 2)
     mixed = x_cl.clone()
     vaks_mix_(mixed.view(20, -1), *cond.pairs)
-    batches = T.DeviceBatches(x_cl.contiguous(memory_format=torch.channels_last), torch.zeros(20, dtype=torch.long),
+    batches = loaders.DeviceBatches(x_cl.contiguous(memory_format=torch.channels_last), torch.zeros(20, dtype=torch.long),
                               cond.sampler(shuffle=False), 7, cond)
     for xb, _, i in batches:
         assert xb.is_contiguous(memory_format=torch.channels_last) and not xb.is_contiguous()
@@ -846,20 +856,20 @@ def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, 
     from kcd_fast.knowledge import KnowledgeBuffer
 
     kfile = tmp_path / "sub.kcdk"
-    T.main(args_of("--knowledge", "cached", "--knowledge-fill", "pass", "--knowledge-file", str(kfile),
+    M.main(args_of("--knowledge", "cached", "--knowledge-fill", "pass", "--knowledge-file", str(kfile),
                    "--train-subset", "300", "--teacher-weights", str(digits_teacher),
                    "--output-dir", str(tmp_path / "o"), *QUICK))
     teacher = build_model("cnn_large", 10, 1)
-    T.load_teacher_weights(teacher, str(digits_teacher), 10)
+    teachers.load_weights(teacher, str(digits_teacher), 10)
     expected = KnowledgeBuffer(300, 10, temperature=4.0)
-    expected.fill(teacher.eval(), T._subset(eval_view(build_datasets("digits")), 300, 0), batch_size=64)
+    expected.fill(teacher.eval(), loaders.subset(eval_view(build_datasets("digits")), 300, 0), batch_size=64)
     got = KnowledgeBuffer.load(kfile)
     torch.testing.assert_close(got.probs.float(), expected.probs.float(), atol=1e-3, rtol=1e-3)
     # The subset drawn with another --seed is other samples: the file is refused for it, not reused.
     assert got.samples.startswith("digits, 300 samples, ")
     reuse = ["--knowledge", "cached", "--knowledge-file", str(kfile), "--train-subset", "300",
              "--output-dir", str(tmp_path / "r"), *QUICK]
-    assert T.cli([*reuse, "--seed", "1"]) == 2
+    assert M.cli([*reuse, "--seed", "1"]) == 2
     err = capsys.readouterr().err
     assert "another dataset, subset or seed" in err and "Traceback" not in err
     assert not (tmp_path / "r" / "summary.json").exists()
@@ -907,11 +917,11 @@ def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, 
       "--no-kcd: it applies to training, which --test-only skips"]),
 ])
 def test_options_that_do_not_apply_are_named(argv, expected):
-    assert T._ignored_options(args_of(*argv)) == expected
+    assert config.ignored_options(args_of(*argv)) == expected
 
 
 def test_a_run_says_which_options_it_ignores_and_lists_them(tmp_path, digits_teacher, capsys):
-    summary = T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
+    summary = M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
                              "--no-kcd", "--rho", "0.5", "--storage", "topk"))
     out = capsys.readouterr().out
     assert "kcd_fast: note: ignoring --rho 0.5: it applies to KCD, which --no-kcd turns off" in out
@@ -919,7 +929,7 @@ def test_a_run_says_which_options_it_ignores_and_lists_them(tmp_path, digits_tea
     on_disk = json.loads((tmp_path / "o/summary.json").read_text())
     assert on_disk["ignored_options"] == summary["ignored_options"] and len(summary["ignored_options"]) == 3
     # What the defaults fill in (--stage-epochs here) is not the user's setting: nothing to say.
-    assert T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "p"),
+    assert M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "p"),
                           "--no-progress", "--no-plots", "--epochs", "1", "--no-kcd"))["ignored_options"] == []
 
 
@@ -934,13 +944,13 @@ def test_test_only_evaluates_the_given_models_and_writes_nothing(tmp_path, digit
     torch.save({"model": {f"module.{k}": v for k, v in student.state_dict().items()}, "epoch": 3},
                tmp_path / "s.pth")
     capsys.readouterr()
-    res = T.main(args_of("--test-only", "--student-weights", str(tmp_path / "s.pth"), "--teacher-weights",
+    res = M.main(args_of("--test-only", "--student-weights", str(tmp_path / "s.pth"), "--teacher-weights",
                          str(digits_teacher), "--output-dir", str(tmp_path / "o")))
     out = capsys.readouterr().out
     assert not (tmp_path / "o").exists()
     val = build_datasets("digits").val
     cfg = argparse.Namespace(eval_batch_size=100, workers=0, amp="off", device="cpu")  # another batching, same numbers
-    expected = T.evaluate(student, val, cfg, torch.device("cpu"), local=True)
+    expected = engine.evaluate(student, val, cfg, torch.device("cpu"), local=True)
     assert res["student"]["top1"] == pytest.approx(expected["top1"])
     assert res["student"]["loss"] == pytest.approx(expected["loss"])
     # The teacher's top-1 is the one recorded when it was trained (same data, same transform).
@@ -957,7 +967,7 @@ def test_test_only_evaluates_the_given_models_and_writes_nothing(tmp_path, digit
     (["--student-weights", "s.pth"], "--student-weights applies to --test-only"),
 ])
 def test_test_only_bad_input_exits_2(tmp_path, capsys, argv, named):
-    code = T.cli([*argv, "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    code = M.cli([*argv, "--output-dir", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and named in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
@@ -965,7 +975,7 @@ def test_test_only_bad_input_exits_2(tmp_path, capsys, argv, named):
 
 def test_test_only_refuses_weights_of_another_architecture(tmp_path, capsys):
     torch.save(build_model("cnn_large", 10, 1).state_dict(), tmp_path / "big.pth")
-    code = T.cli(["--test-only", "--student-weights", str(tmp_path / "big.pth"), "--output-dir", str(tmp_path / "o")])
+    code = M.cli(["--test-only", "--student-weights", str(tmp_path / "big.pth"), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and f"--student-weights {tmp_path / 'big.pth'} does not fit --student cnn_small" in err
     assert "missing features.9.weight, features.9.bias, features.9.running_mean and 2 more" in err
@@ -974,10 +984,10 @@ def test_test_only_refuses_weights_of_another_architecture(tmp_path, capsys):
 
 def test_test_only_names_the_architecture_a_trained_teacher_file_holds(tmp_path, digits_teacher, capsys):
     # A teacher the trainer trained records its architecture: a wrong --student is told which one it holds.
-    code = T.cli(["--test-only", "--student-weights", str(digits_teacher), "--epochs", "7"])
+    code = M.cli(["--test-only", "--student-weights", str(digits_teacher), "--epochs", "7"])
     err = capsys.readouterr().err
     assert code == 2 and "(the file says it holds a cnn_large: pass --student cnn_large)" in err
-    assert T.cli(["--test-only", "--student-weights", str(digits_teacher), "--student", "cnn_large", "--epochs",
+    assert M.cli(["--test-only", "--student-weights", str(digits_teacher), "--student", "cnn_large", "--epochs",
                   "7"]) == 0, "--epochs 7 (with T = 5) is a training setting: not checked by --test-only"
 
 
@@ -988,24 +998,24 @@ def test_a_new_run_refuses_a_folder_holding_an_unfinished_run(tmp_path, digits_t
     common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK]
     killed = _killed_at_evaluate(monkeypatch, 3)  # epochs 1 and 2 checkpointed, epoch 3 trained and not
     with pytest.raises(killed):
-        T.main(args_of(*common))
+        M.main(args_of(*common))
     monkeypatch.undo()
     ckpt = tmp_path / "o/checkpoint.pth"
     before = ckpt.read_bytes()
     capsys.readouterr()
-    assert T.cli(common) == 2  # forgot --resume: two epochs of work would be overwritten
+    assert M.cli(common) == 2  # forgot --resume: two epochs of work would be overwritten
     err = capsys.readouterr().err
     assert f"--output-dir {tmp_path / 'o'} holds an unfinished run (checkpoint.pth after epoch 2 of 4): continue it " \
            f"with --resume" in err
     assert ckpt.read_bytes() == before
-    assert T.cli([*common, "--resume"]) == 0
+    assert M.cli([*common, "--resume"]) == 0
 
 
 def test_a_new_run_replaces_a_finished_runs_outputs_and_keeps_its_inputs(tmp_path, digits_teacher, capsys):
     out = tmp_path / "o"
     common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(out), "--no-progress", "--epochs", "4",
               "--stage-epochs", "2"]
-    T.main(args_of(*common))
+    M.main(args_of(*common))
     assert (out / "plots/accuracy_kept.png").is_file() and (out / "condensed.pt").is_file()
     (out / "teacher-0123456789.pth").write_bytes(b"a cached teacher")
     (out / "notes.txt").write_text("the user's own file")
@@ -1013,12 +1023,12 @@ def test_a_new_run_replaces_a_finished_runs_outputs_and_keeps_its_inputs(tmp_pat
     finished = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
     capsys.readouterr()
     # A new run that fails its checks (a teacher file that does not fit) leaves the folder as it was.
-    assert T.cli([*common, "--teacher-weights", str(out / "student.pth")]) == 2
+    assert M.cli([*common, "--teacher-weights", str(out / "student.pth")]) == 2
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == finished
     capsys.readouterr()
     # Fig. 4 in the same folder: train on the condensed set the first run left there, without plots.
     before = torch.load(out / "condensed.pt")
-    T.main(args_of(*common, "--condensed", str(out / "condensed.pt"), "--no-plots"))
+    M.main(args_of(*common, "--condensed", str(out / "condensed.pt"), "--no-plots"))
     assert re.search(r"held a finished run; its \d+ output file\(s\) are replaced by this run's \(the teacher "
                      r"trained there is kept\)", capsys.readouterr().out)
     assert not (out / "plots/accuracy_kept.png").exists(), "the old run's plot would sit beside the new run"
@@ -1039,7 +1049,7 @@ def test_a_new_run_replaces_a_finished_runs_outputs_and_keeps_its_inputs(tmp_pat
 def _lrs(args, epochs, state=None, start=0):
     """The learning rate each epoch trains at, from build_scheduler, optionally resumed at ``start``."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-    sched = T.build_scheduler(opt, args)
+    sched = engine.build_scheduler(opt, args)
     if state is not None:
         opt.load_state_dict(state[0])
         sched.load_state_dict(state[1])
@@ -1063,7 +1073,7 @@ def _lrs(args, epochs, state=None, start=0):
 def test_lr_schedules_follow_their_closed_form_and_resume(argv):
     import math
 
-    args = T.fill_defaults(args_of("--epochs", "10", "--stage-epochs", "5", "--lr", "0.1", "--lr-milestones", "4", "7",
+    args = config.resolve(args_of("--epochs", "10", "--stage-epochs", "5", "--lr", "0.1", "--lr-milestones", "4", "7",
                                    *argv))
     warm, decay, lr = args.lr_warmup_epochs, args.lr_warmup_decay, args.lr
 
@@ -1088,14 +1098,14 @@ def test_lr_schedules_follow_their_closed_form_and_resume(argv):
     (["--lr-warmup-epochs", "3", "--lr-milestones", "2", "3"], "--lr-milestones must be after the warm-up"),
 ])
 def test_bad_lr_schedules_exit_2_before_any_work(tmp_path, capsys, argv, named):
-    code = T.cli([*QUICK, *argv, "--output-dir", str(tmp_path / "o")])
+    code = M.cli([*QUICK, *argv, "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and named in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
 
 
 def test_a_cosine_run_logs_the_rates_it_trained_at(tmp_path, digits_teacher):
-    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
+    M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
                    "--lr-scheduler", "cosine", "--lr-warmup-epochs", "1", "--lr", "0.1"))
     rows = [json.loads(x) for x in (tmp_path / "o/metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([0.001, 0.1, 0.075, 0.025])
@@ -1123,7 +1133,7 @@ def _fake_hub(monkeypatch, tmp_path, fail=None):
     data, digest = _fake_weights()
     calls = []
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(T, "_expected_sha256_prefix", lambda path: digest)
+    monkeypatch.setattr(teachers, "expected_sha256_prefix", lambda path: digest)
 
     def download(url, dst, hash_prefix=None, progress=True):
         calls.append((url, dst, hash_prefix))
@@ -1136,28 +1146,31 @@ def _fake_hub(monkeypatch, tmp_path, fail=None):
 
 
 def test_the_expected_hash_is_read_from_torch_hubs_file_name():
-    assert T._expected_sha256_prefix("/x/checkpoints/resnet18-f37072fd.pth") == "f37072fd"
-    assert T._expected_sha256_prefix("/x/mine.pth") is None
+    assert teachers.expected_sha256_prefix("/x/checkpoints/resnet18-f37072fd.pth") == "f37072fd"
+    assert teachers.expected_sha256_prefix("/x/mine.pth") is None
 
 
 def test_imagenet_teachers_default_to_torchvisions_weights(tmp_path, monkeypatch):
     _fake_hub(monkeypatch, tmp_path)
-    args = T.fill_defaults(args_of("--dataset", "imagenet"))
+    args = config.resolve(args_of("--dataset", "imagenet"))
     assert args.teacher == "resnet34" and args.teacher_weights == str(tmp_path / "hub/checkpoints/resnet34-b627a593.pth")
     assert args.torchvision_weights == {"name": "ResNet34_Weights.IMAGENET1K_V1",
                                         "url": "https://download.pytorch.org/models/resnet34-b627a593.pth",
                                         "path": args.teacher_weights, "top1": 73.314}
-    assert T.fill_defaults(args_of("--dataset", "imagenet", "--teacher-weights", "torchvision", "--teacher",
+    assert config.resolve(args_of("--dataset", "imagenet", "--teacher-weights", "torchvision", "--teacher",
                                    "resnet50")).teacher_weights.endswith("resnet50-0676ba61.pth")
     # Only ImageNet defaults to them, and a file given is used as it is.
-    assert T.fill_defaults(args_of("--dataset", "fake")).teacher_weights is None
+    assert config.resolve(args_of("--dataset", "fake")).teacher_weights is None
     t = tmp_path / "t.pth"
     t.write_bytes(b"")
-    assert T.fill_defaults(args_of("--dataset", "imagenet", "--teacher-weights", str(t))).teacher_weights == str(t)
-    # A caller that changes the path after fill_defaults gets that file, not torchvision's under its name.
-    args.teacher_weights = str(tmp_path / "typo.pth")
-    with pytest.raises(T.UserError, match="typo.pth: no such file"):
-        T.fill_defaults(args)
+    assert config.resolve(args_of("--dataset", "imagenet", "--teacher-weights", str(t))).teacher_weights == str(t)
+    # A file that is not there is named, whatever its name.
+    with pytest.raises(config.UserError, match="typo.pth: no such file"):
+        config.resolve(args_of("--dataset", "imagenet", "--teacher-weights", str(tmp_path / "typo.pth")))
+    # The config is read-only: a changed setting is a new config.
+    with pytest.raises(AttributeError, match="read-only"):
+        args.teacher_weights = str(t)
+    assert args.replace(teacher_weights=str(t)).teacher_weights == str(t) != args.teacher_weights
 
 
 def test_torchvision_weights_are_downloaded_once_and_scored(tmp_path, monkeypatch, capsys):
@@ -1165,11 +1178,12 @@ def test_torchvision_weights_are_downloaded_once_and_scored(tmp_path, monkeypatc
     argv = ["--dataset", "fake", "--fake-num-classes", "1000", "--fake-size", "8", "--fake-val-size", "12",
             "--fake-image-size", "32", "--teacher", "resnet18", "--teacher-weights", "torchvision", "--test-only",
             "--no-progress", "--output-dir", str(tmp_path / "o")]
-    first = T.main(args_of(*argv))
+    first = M.main(args_of(*argv))
     path = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"
-    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", str(path), _fake_weights()[1])]
+    # torch.hub.load_state_dict_from_url(check_hash=True) passes the prefix of the file's name to the download.
+    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", str(path), "f37072fd")]
     assert "downloading torchvision's ResNet18_Weights.IMAGENET1K_V1 (69.758% top-1)" in capsys.readouterr().out
-    assert T.main(args_of(*argv)) == first and len(calls) == 1, "the cached file is used"
+    assert M.main(args_of(*argv)) == first and len(calls) == 1, "the cached file is used"
     assert first["teacher"]["weights"] == str(path)
     model = build_model("resnet18", 1000, 3)
     model.load_state_dict(torch.load(path))
@@ -1177,7 +1191,7 @@ def test_torchvision_weights_are_downloaded_once_and_scored(tmp_path, monkeypatc
 
     val = build_datasets("fake", fake_size=8, fake_val_size=12, fake_image_size=32, fake_num_classes=1000).val
     cfg = argparse.Namespace(eval_batch_size=5, workers=0, amp="off", device="cpu")
-    assert first["teacher"]["loss"] == pytest.approx(T.evaluate(model, val, cfg, torch.device("cpu"),
+    assert first["teacher"]["loss"] == pytest.approx(engine.evaluate(model, val, cfg, torch.device("cpu"),
                                                                  local=True)["loss"])
 
 
@@ -1185,7 +1199,7 @@ def test_a_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch, cap
     import urllib.error
 
     _fake_hub(monkeypatch, tmp_path, fail=urllib.error.URLError("no network"))
-    code = T.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--teacher", "resnet18", "--teacher-weights",
+    code = M.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--teacher", "resnet18", "--teacher-weights",
                   "torchvision", "--test-only", "--no-progress"])
     err = capsys.readouterr().err
     path = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"
@@ -1201,7 +1215,7 @@ def test_a_new_run_in_a_folder_without_a_checkpoint_deletes_nothing(tmp_path, di
     mine = {out / "summary.json": b"{}", out / "student.pth": b"mine", out / "plots/accuracy_kept.png": b"mine"}
     for f, data in mine.items():
         f.write_bytes(data)
-    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(out), *QUICK, "--epochs", "1",
+    M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(out), *QUICK, "--epochs", "1",
                    "--stage-epochs", "1", "--no-kcd"))
     assert "held a finished run" not in capsys.readouterr().out
     assert (out / "plots/accuracy_kept.png").read_bytes() == b"mine"  # --no-plots: not replaced either
@@ -1209,32 +1223,48 @@ def test_a_new_run_in_a_folder_without_a_checkpoint_deletes_nothing(tmp_path, di
 
 def test_condensed_needs_no_stage_length(tmp_path, digits_teacher, capsys):
     out = tmp_path / "a"
-    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(out), *QUICK))
+    M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(out), *QUICK))
     # digits' T = 5 does not divide 4 epochs; a fixed condensed set has no stages, so that is fine.
-    summary = T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "b"),
+    summary = M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "b"),
                              "--no-progress", "--no-plots", "--epochs", "4", "--condensed", str(out / "condensed.pt")))
     assert summary["ignored_options"] == [] and summary["C_predicted"] is None
     assert "ignoring" not in capsys.readouterr().out
 
 
-def test_resuming_a_checkpoint_older_than_the_lr_options_compares_them_too(tmp_path, digits_teacher, monkeypatch,
-                                                                           capsys):
+def test_a_checkpoint_another_version_wrote_is_refused_in_one_line(tmp_path, digits_teacher, monkeypatch, capsys):
     common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK,
               "--epochs", "4", "--stage-epochs", "2"]
     killed = _killed_at_evaluate(monkeypatch, 3)
     with pytest.raises(killed):
-        T.main(args_of(*common))
+        M.main(args_of(*common))
     monkeypatch.undo()
+    intact = (tmp_path / "o/checkpoint.pth").read_bytes()
     ckpt = torch.load(tmp_path / "o/checkpoint.pth", weights_only=False)
-    for key in T.RESUME_KEYS_ADDED:  # as a checkpoint written before these options existed
-        del ckpt["args"][key]
+    del ckpt["args"]["lr_scheduler"], ckpt["samples"]  # as a checkpoint of a version without these options
     torch.save(ckpt, tmp_path / "o/checkpoint.pth")
     capsys.readouterr()
-    assert T.cli([*common, "--resume", "--lr-scheduler", "cosine"]) == 2
-    assert "--lr-scheduler 'multistep' there, 'cosine' here" in capsys.readouterr().err
-    assert T.cli([*common, "--resume", "--lr-warmup-epochs", "1"]) == 2
-    assert "--lr-warmup-epochs 0 there, 1 here" in capsys.readouterr().err
-    assert T.cli([*common, "--resume"]) == 0
+    assert M.cli([*common, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("lacks samples, args.lr_scheduler: it was written by another version of kcd_fast; start a "
+                        "new run without --resume") and len(err.splitlines()) == 1, err
+    (tmp_path / "o/checkpoint.pth").write_bytes(intact)
+    assert M.cli([*common, "--resume"]) == 0
+
+
+def test_an_unfinished_run_of_kcd_fast_0_1_0_resumes(tmp_path):
+    """tests/data/unfinished-run holds a digits run of kcd_fast 0.1.0 stopped after its first epoch
+    (checkpoint.pth, the teacher it trained, metrics.jsonl), written by the single-file trainer this
+    package replaced: it resumes, keeps that epoch's record, and finishes the schedule."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data/unfinished-run", out)
+    before = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = M.main(args_of("--teacher", "cnn_small", "--teacher-epochs", "1", "--epochs", "4", "--stage-epochs",
+                             "2", "--no-progress", "--no-plots", "--output-dir", str(out), "--resume"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and rows[0] == before[0]
+    assert summary["epochs"] == 4 and len(summary["stages"]) == 2 and summary["C"] < 1.0
 
 
 def _torchvision_worker(rank, port, out_dir, fail):
@@ -1246,7 +1276,7 @@ def _torchvision_worker(rank, port, out_dir, fail):
                       LOCAL_RANK=str(rank))
     torch.hub.get_dir = lambda: str(Path(out_dir) / "hub")
     data, digest = _fake_weights()
-    T._expected_sha256_prefix = lambda path: digest
+    teachers.expected_sha256_prefix = lambda path: digest
 
     def download(url, dst, hash_prefix=None, progress=True):
         time.sleep(1.0)
@@ -1256,14 +1286,14 @@ def _torchvision_worker(rank, port, out_dir, fail):
         Path(out_dir, "downloaded").write_text(f"{rank} {time.time()}")
 
     torch.hub.download_url_to_file = download
-    real_load = T.load_weights
+    real_load = teachers.load_weights
 
     def load(*a, **k):  # when each rank reads the file
         Path(out_dir, f"load{rank}").write_text(str(time.time()))
         return real_load(*a, **k)
 
-    T.load_weights = load
-    code = T.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--fake-size", "8", "--fake-val-size", "10",
+    teachers.load_weights = load
+    code = M.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--fake-size", "8", "--fake-val-size", "10",
                   "--teacher", "resnet18", "--teacher-weights", "torchvision", "--test-only", "--device", "cpu",
                   "--no-progress"])
     Path(out_dir, f"rank{rank}.code").write_text(str(code))
@@ -1287,7 +1317,7 @@ def test_a_cached_file_that_is_not_torchvisions_is_named(tmp_path, monkeypatch, 
     path = tmp_path / "hub/checkpoints/resnet18-f37072fd.pth"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"truncated")
-    code = T.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--teacher", "resnet18", "--teacher-weights",
+    code = M.cli(["--dataset", "fake", "--fake-num-classes", "1000", "--teacher", "resnet18", "--teacher-weights",
                   "torchvision", "--test-only", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and calls == [] and f"{path} is not torchvision's file (its sha256 does not start with " \
@@ -1308,10 +1338,10 @@ def test_torchvisions_teacher_needs_imagenets_classes(tmp_path, monkeypatch, cap
     from kcd_fast.data import DataBundle
 
     calls = _fake_hub(monkeypatch, tmp_path)
-    monkeypatch.setattr(T, "build_datasets", lambda *a, **k: DataBundle(
+    monkeypatch.setattr(M, "build_datasets", lambda *a, **k: DataBundle(
         train=None, val=type("Folder", (), {"classes": classes, "__len__": lambda self: 1})(),
         num_classes=len(classes), in_channels=3, image_size=224, name="imagenet"))
-    code = T.cli(["--dataset", "imagenet", "--test-only", "--teacher-weights", "torchvision", "--no-progress"])
+    code = M.cli(["--dataset", "imagenet", "--test-only", "--teacher-weights", "torchvision", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and named in err and calls == [], "refused before any download"
 
@@ -1319,44 +1349,42 @@ def test_torchvisions_teacher_needs_imagenets_classes(tmp_path, monkeypatch, cap
 def test_imagenet1ks_own_wnids_pass_the_class_check(tmp_path, monkeypatch):
     assert len(set(IMAGENET1K_WNIDS)) == 1000 and IMAGENET1K_WNIDS[0] == "n01440764"
     calls = _fake_hub(monkeypatch, tmp_path)
-    args = args_of("--dataset", "imagenet", "--teacher", "resnet18", "--teacher-weights", "torchvision",
-                   "--no-progress")
-    args.local_rank, args.distributed = 0, False
-    T._torchvision_teacher(args)
-    T.fetch_torchvision_weights(args, IMAGENET1K_WNIDS[::-1])  # any order: ImageFolder sorts them
-    assert len(calls) == 1 and os.path.isfile(args.teacher_weights)
+    cfg = config.resolve(args_of("--dataset", "imagenet", "--teacher", "resnet18", "--teacher-weights", "torchvision",
+                                 "--no-progress")).replace(local_rank=0, rank=0, world_size=1, distributed=False)
+    teachers.fetch_torchvision_weights(cfg, IMAGENET1K_WNIDS[::-1])  # any order: ImageFolder sorts them
+    assert len(calls) == 1 and os.path.isfile(cfg.teacher_weights)
 
 
 def test_resuming_with_another_teacher_is_refused(tmp_path, digits_teacher, monkeypatch, capsys):
     common = ["--output-dir", str(tmp_path / "o"), *QUICK]
     killed = _killed_at_evaluate(monkeypatch, 3)
     with pytest.raises(killed):
-        T.main(args_of("--teacher-weights", str(digits_teacher), *common))
+        M.main(args_of("--teacher-weights", str(digits_teacher), *common))
     monkeypatch.undo()
     other = tmp_path / "other.pth"
     blob = torch.load(digits_teacher, weights_only=False)
     blob["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in blob["model"].items()}
     torch.save(blob, other)
     capsys.readouterr()
-    assert T.cli([*common, "--resume", "--teacher-weights", str(other)]) == 2
+    assert M.cli([*common, "--resume", "--teacher-weights", str(other)]) == 2
     err = capsys.readouterr().err
     assert f"distilled {digits_teacher} (sha256 " in err and "resume with the same teacher" in err
     same = tmp_path / "same.pth"  # the same teacher under another path (another TORCH_HOME, say): fine
     same.write_bytes(digits_teacher.read_bytes())
-    assert T.cli([*common, "--resume", "--teacher-weights", str(same)]) == 0
+    assert M.cli([*common, "--resume", "--teacher-weights", str(same)]) == 0
 
 
 def test_a_teacher_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     path = tmp_path / "teacher.pth"
     path.write_bytes(b"a" * 1000)
     opened = []
-    monkeypatch.setattr(T, "open", lambda *a, **k: opened.append(a[0]) or open(*a, **k), raising=False)
+    monkeypatch.setattr(files, "open", lambda *a, **k: opened.append(a[0]) or open(*a, **k), raising=False)
     full = hashlib.sha256(b"a" * 1000).hexdigest()
-    assert T._file_hash(path, length=None) == full and T._file_hash(path) == full[:16] and len(opened) == 1
+    assert file_hash(path, length=None) == full and file_hash(path) == full[:16] and len(opened) == 1
     path.write_bytes(b"b" * 1000)  # the same size: its modification time tells it apart
     os.utime(path, ns=(1, 1))
-    assert T._file_hash(path) == hashlib.sha256(b"b" * 1000).hexdigest()[:16] and len(opened) == 2
-    assert T._file_hash(tmp_path / "missing.pth") == "" and T._file_hash(None) == ""
+    assert file_hash(path) == hashlib.sha256(b"b" * 1000).hexdigest()[:16] and len(opened) == 2
+    assert file_hash(tmp_path / "missing.pth") == "" and file_hash(None) == ""
 
 
 def test_a_run_that_stops_before_writing_leaves_no_new_output_dir(tmp_path, capsys):
@@ -1365,7 +1393,7 @@ def test_a_run_that_stops_before_writing_leaves_no_new_output_dir(tmp_path, caps
         out = tmp_path / f"new{existed}" / "run"
         if existed:
             out.mkdir(parents=True)  # the user's own empty folder stays
-        code = T.cli(["--teacher-weights", str(tmp_path / "seven.pth"), "--output-dir", str(out), *QUICK])
+        code = M.cli(["--teacher-weights", str(tmp_path / "seven.pth"), "--output-dir", str(out), *QUICK])
         err = capsys.readouterr().err
         assert code == 2 and "--teacher-weights" in err and "Traceback" not in err, err
         assert out.is_dir() == existed and out.parent.is_dir() == existed
@@ -1376,14 +1404,14 @@ def test_evaluation_shows_progress_like_an_epoch(capsys):
     data = torch.utils.data.TensorDataset(torch.randn(10, 4), torch.arange(10) % 3)
     args = argparse.Namespace(eval_batch_size=3, workers=0, rank=0, world_size=1, amp="off", progress=False,
                               log_every=2, distributed=False, device="cpu")
-    T.evaluate(model, data, args, torch.device("cpu"))
+    engine.evaluate(model, data, args, torch.device("cpu"))
     lines = [ln.split(" images")[0] for ln in capsys.readouterr().out.splitlines()]
     assert lines == ["eval step 2: 6/10", "eval step 4: 10/10"]
 
 
 def test_a_knowledge_file_may_go_in_the_output_dir_the_run_creates(tmp_path, digits_teacher):
     out = tmp_path / "new"
-    summary = T.main(args_of("--knowledge", "cached", "--knowledge-file", str(out / "teacher.kcdk"),
+    summary = M.main(args_of("--knowledge", "cached", "--knowledge-file", str(out / "teacher.kcdk"),
                              "--teacher-weights", str(digits_teacher), "--output-dir", str(out), *QUICK))
     assert (out / "teacher.kcdk").is_file() and summary["teacher_passes"] == summary["num_train"]
     assert summary["teacher_score"] is None and summary["knowledge_fill_time_s"] == 0.0  # cached: no teacher scoring
@@ -1391,15 +1419,15 @@ def test_a_knowledge_file_may_go_in_the_output_dir_the_run_creates(tmp_path, dig
 
 def test_shortened_runs_and_options_get_a_note_or_an_error_naming_the_option(tmp_path, digits_teacher, capsys):
     common = ["--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"), *QUICK]
-    assert T.cli([*common, "--train-subset", "5000"]) == 2
+    assert M.cli([*common, "--train-subset", "5000"]) == 2
     assert "--train-subset 5000: the digits training set has only 1437 samples (0: all of them)" in \
         capsys.readouterr().err
-    assert T.cli([*common, "--student", "resnet9"]) == 2
+    assert M.cli([*common, "--student", "resnet9"]) == 2
     assert "--student resnet9: unknown model; choose one of" in capsys.readouterr().err
-    assert T.cli([*common, "--train-subset", "1", "--epochs", "2", "--stage-epochs", "1"]) == 2
+    assert M.cli([*common, "--train-subset", "1", "--epochs", "2", "--stage-epochs", "1"]) == 2
     assert "KCD with --rho 0.7, --epochs 2, --stage-epochs 1 on 1 training samples (--train-subset): " \
            "KnowledgeCondenser: `num_samples`=1" in capsys.readouterr().err
-    assert T.cli([*common, "--lr-milestones", "3", "9", "--amp", "bf16", "--device", "cpu", "--epochs", "2",
+    assert M.cli([*common, "--lr-milestones", "3", "9", "--amp", "bf16", "--device", "cpu", "--epochs", "2",
                   "--stage-epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "note: --lr-milestones 3 9 lie at or past --epochs 2: the learning rate drops 2 time(s) fewer" in out
@@ -1411,8 +1439,8 @@ def test_shortened_runs_and_options_get_a_note_or_an_error_naming_the_option(tmp
 
 
 def test_resume_accepts_the_same_condensed_file_by_another_path(tmp_path, digits_teacher, monkeypatch, capsys):
-    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "a"), *QUICK))
-    T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "b"), *QUICK,
+    M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "a"), *QUICK))
+    M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "b"), *QUICK,
                    "--rho", "0.5"))
     (tmp_path / "sets").mkdir()
     given = tmp_path / "sets/c.pt"
@@ -1420,12 +1448,12 @@ def test_resume_accepts_the_same_condensed_file_by_another_path(tmp_path, digits
     for out in ("o", "o2"):
         killed = _killed_at_evaluate(monkeypatch, 2)  # epoch 1 checkpointed
         with pytest.raises(killed):
-            T.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / out), *QUICK,
+            M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / out), *QUICK,
                            "--condensed", str(given)))
         monkeypatch.undo()
     monkeypatch.chdir(tmp_path / "sets")
     common = ["--teacher-weights", str(digits_teacher), *QUICK, "--resume"]
-    assert T.cli([*common, "--output-dir", str(tmp_path / "o"), "--condensed", "c.pt"]) == 0, capsys.readouterr().err
+    assert M.cli([*common, "--output-dir", str(tmp_path / "o"), "--condensed", "c.pt"]) == 0, capsys.readouterr().err
     given.write_bytes((tmp_path / "b/condensed.pt").read_bytes())  # another set under the same name
-    assert T.cli([*common, "--output-dir", str(tmp_path / "o2"), "--condensed", str(given)]) == 2
+    assert M.cli([*common, "--output-dir", str(tmp_path / "o2"), "--condensed", str(given)]) == 2
     assert "was made with other settings (--condensed" in capsys.readouterr().err
