@@ -7,7 +7,7 @@
   mixing one pair at a time in a Python loop.
 
 They are used by the benchmarks and checked against kcd_fast in
-benchmarks/test_baselines.py, so every ratio compares equal work.
+tests/test_baselines.py, so every ratio compares equal work.
 """
 from __future__ import annotations
 

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# The one device script: build, check correctness on the GPU first, then time. Run it in ONE call of
-# the lent GPU, from the repository root, e.g. (device tool):
-#     run(command="bash benchmarks/gpu_check.sh", timeout_s=470)
-# What it writes under $OUT (default benchmarks/results/<date>-<gpu>) is what gets committed under
-# benchmarks/results/: the GPU and versions, the build log, the correctness tests' log, the
-# pytest-benchmark JSON, the rendered table and the whole-run ratios.
+# The GPU check: build, check correctness on the GPU first, then time. Run it from the repository root
+# on a machine with a CUDA GPU (docs/development.md):
+#     bash benchmarks/gpu_check.sh                  # all: about 6 min on an H200
+#     bash benchmarks/gpu_check.sh update-values    # about 2 min: build, update_values' tests, its benchmarks and the sweep
+#     bash benchmarks/gpu_check.sh wall-ratio       # about 5 min: build, all the GPU tests, the whole runs
+# `update-values` re-times update_values alone, e.g. after a change of its default launch configuration;
+# `wall-ratio` re-establishes the tests' verdict and measures the whole runs, without the op-by-op
+# profile and the benchmarks, e.g. after a change that touches only tests.
 #
-# Every phase runs under a share of one deadline (KCD_GPU_CHECK_DEADLINE seconds, default 440), so
-# the script always ends, and returns what it measured, inside the call's limit. The verdict of the
-# correctness phase is the last line of $OUT/tests.log; the timings of a failed run are not evidence.
-# The tests run under pytest-xdist where it is installed, so that a crashing test is reported as
-# such and the rest still run; a crash of the C++ error path is then traced with cuda-gdb.
+# Everything lands in $OUT (default benchmarks/results/<date>T<time>-<gpu>, with -update-values or
+# -wall-ratio after it for those modes): device.txt (the GPU, the versions, the compiler), tests.log
+# (the correctness tests; its last line is the verdict), bench.json and report.md (the benchmarks),
+# wall_ratio.json, stage_end_profile.json and, when run, sweep_update_values.json. build.log is there to
+# diagnose a failed build; benchmarks/results/ keeps the rest. The timings of a build whose tests fail
+# are not evidence.
 #
-#     bash benchmarks/gpu_check.sh p2      # about 2 min: build, update_values' tests, P2 and the sweep
-# is the short second call for target P2: after the full check's sweep names a faster launch
-# configuration and it becomes the default, it re-times only that (results in <date>-<gpu>-p2).
-#
-#     bash benchmarks/gpu_check.sh runs    # about 5 min: build, all the correctness tests, the whole runs
-# is the short second call when only tests changed after a full check: it re-establishes the verdict
-# and re-measures the whole runs, and skips the op-by-op profile and the benchmarks (results in <date>-<gpu>-runs).
+# Every phase runs under a share of one deadline (KCD_GPU_CHECK_DEADLINE seconds, default 440), so the
+# script always ends, and leaves what it measured, within that time. The tests run under pytest-xdist
+# where it is installed, so that a crashing test is reported as such and the rest still run; a crash of
+# the C++ error path is then traced with cuda-gdb.
 set -uo pipefail
 MODE=${1:-all}
-case "$MODE" in all|p2|runs) ;; *) echo "usage: bash benchmarks/gpu_check.sh [all|p2|runs]" >&2; exit 2 ;; esac
+case "$MODE" in all|update-values|wall-ratio) ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [all|update-values|wall-ratio]" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 KCD_FAST_EXPECT_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 t0=$(date +%s)
@@ -31,7 +32,7 @@ left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
 cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(share, time left)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | tr ' ' '_')
 suffix=""; [ "$MODE" != all ] && suffix="-$MODE"
-OUT=${OUT:-benchmarks/results/$(date +%Y-%m-%d)-${gpu}${suffix}}
+OUT=${OUT:-benchmarks/results/$(date +%Y-%m-%dT%H%M)-${gpu}${suffix}}
 mkdir -p "$OUT"
 {
   echo "date: $(date -Iseconds)"
@@ -42,9 +43,9 @@ mkdir -p "$OUT"
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
-# Record the compiler and the libstdc++ it links: on the lent H200 the extension is built by
-# /opt/gcc's g++ against the system's libstdc++ (/lib/x86_64-linux-gnu), and an integer streamed into a C++ error
-# message crashed (fixed in csrc by std::to_string; tests/test_build.py checks the error path).
+# Record the compiler and the libstdc++ it links: a g++ installed apart (e.g. in /opt/gcc) may build the
+# extension against the system's libstdc++, and the C++ error path depends on the pair (csrc formats
+# numbers with std::to_string; tests/test_build.py checks the error path in a subprocess).
 echo "c++: $(${CXX:-g++} --version | head -n1), libstdc++: $(${CXX:-g++} -print-file-name=libstdc++.so.6)" \
   | tee -a "$OUT/device.txt"
 stamp "build (MAX_JOBS=$MAX_JOBS)"
@@ -52,14 +53,14 @@ if ! timeout "$(cap 240)" python3 -m pip install -v --no-build-isolation --no-de
   tail -n 60 "$OUT/build.log"; stamp "build failed"; exit 1
 fi
 grep -E "kcd_fast: |Successfully" "$OUT/build.log"
-python3 -c "import kcd_fast._ext as e; assert e.has_cuda_kernels(), 'no CUDA kernels in the build'" || exit 1
+python3 -c "import kcd_fast.extension as e; assert e.has_cuda_kernels(), 'no CUDA kernels in the build'" || exit 1
 
 stamp "correctness on the GPU (against the float64 reference, fresh random inputs)"
 xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 tests=(tests/test_cuda.py tests/test_update_values.py tests/test_rank.py tests/test_condense.py tests/test_vaks_mix.py
        tests/test_build.py tests/test_knowledge.py tests/test_condenser.py tests/test_kd_loss.py
        benchmarks/test_step.py::test_observe_has_no_host_sync)
-[ "$MODE" = p2 ] && tests=(tests/test_update_values.py benchmarks/test_step.py::test_observe_has_no_host_sync)
+[ "$MODE" = update-values ] && tests=(tests/test_update_values.py benchmarks/test_step.py::test_observe_has_no_host_sync)
 timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" "${tests[@]}" \
   > "$OUT/tests.log" 2>&1
 status=$?
@@ -78,27 +79,28 @@ else
   echo "VERDICT: correctness passed" >> "$OUT/tests.log"
 fi
 
-# The whole runs first: of all the targets, their cached ratio (issue 6) sits closest to its line.
-if [ "$MODE" != p2 ]; then
+# The whole runs before the benchmarks, so that a deadline reached early cuts the benchmarks instead:
+# the cached run's ratio to KD is the measurement closest to its bound (<= 0.58x, docs/performance.md).
+if [ "$MODE" != update-values ]; then
   stamp "whole runs: KD vs KCD vs cached KCD on device-resident data ($(left)s left)"
   timeout "$(cap 200)" python3 benchmarks/wall_ratio.py --out "$OUT/wall_ratio.json" 2>&1 | tail -n 40
 fi
-[ "$MODE" = runs ] && { stamp "done: results in $OUT"; exit 0; }
+[ "$MODE" = wall-ratio ] && { stamp "done: results in $OUT"; exit 0; }
 if [ "$MODE" = all ]; then
   stamp "a stage end of the cached run, op by op"
   timeout "$(cap 60)" python3 benchmarks/stage_end_profile.py --out "$OUT/stage_end_profile.json" 2>&1 | tail -n 36
 fi
 
 stamp "timing"
-select=(benchmarks/); [ "$MODE" = p2 ] && select=(benchmarks/test_ops.py -k update_values)
+select=(benchmarks/); [ "$MODE" = update-values ] && select=(benchmarks/test_ops.py -k update_values)
 timeout "$(cap 200)" python3 -m pytest -q -p no:cacheprovider "${select[@]}" --benchmark-only \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 70
 [ -s "$OUT/bench.json" ] && python3 benchmarks/report.py --strip-data "$OUT/bench.json" | tee "$OUT/report.md"
 
-# The launch-configuration sweep chose update_values' default (target P2, met and resolved on the H200 on
-# 2026-11-26); the full check skips it unless KCD_GPU_CHECK_SWEEP=1, to leave the time to the whole runs.
-if [ "$MODE" = p2 ] || [ "${KCD_GPU_CHECK_SWEEP:-0}" = 1 ]; then
-  stamp "update_values launch configurations, device time (target P2: 10x eager)"
+# The launch-configuration sweep of update_values (the measurement its default launch rests on,
+# docs/performance.md) runs in update-values mode, and in the full check with KCD_GPU_CHECK_SWEEP=1.
+if [ "$MODE" = update-values ] || [ "${KCD_GPU_CHECK_SWEEP:-0}" = 1 ]; then
+  stamp "update_values launch configurations, device time against eager"
   timeout "$(cap 120)" python3 -m benchmarks.sweep_update_values --out "$OUT/sweep_update_values.json" 2>&1 | tail -n 45
 fi
 stamp "done: results in $OUT"

@@ -1,11 +1,11 @@
-"""Turn a pytest-benchmark JSON into the performance table of the README.
+"""Turn a pytest-benchmark JSON into a performance table (docs/performance.md).
 
     pytest benchmarks/ --benchmark-only --benchmark-json=bench.json
     python benchmarks/report.py bench.json > report.md
 
-For each benchmark group (a row of the performance issue: update_values, the E-step, rank,
-vaks_mix_, the KD step), it lists each provider's median, the ratio to kcd_fast, and where the
-case carries its bytes, the effective bandwidth. The header names the device, the versions and
+For each benchmark group (what is measured: update_values, the E-step, rank, vaks_mix_, the KD
+loss, the KD step, a trainer epoch), it lists each provider's median, the ratio to kcd_fast, and
+where the case carries its bytes, the effective bandwidth. The header names the device, the versions and
 the date the JSON was measured on.
 """
 from __future__ import annotations

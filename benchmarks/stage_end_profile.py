@@ -1,10 +1,9 @@
 """Where a stage end's time goes: the cached run's E-step (``end_epoch`` at a boundary, then VAKS in the
 knowledge buffer) at ``wall_ratio``'s size, timed and then profiled op by op.
 
-On the H200 (2026-11-26) each such stage end took 3.5-4.4 ms of ``wall_ratio``'s cached run at
-N = 5,120, while it launches about 84 aten ops and synchronises about 6 times; on a 2-core CPU the
-same code takes about 2.2 ms, 1.5 of it the sort. This script says which ops and syncs hold the GPU
-host's time. It builds the condenser and buffer as the trainer does (30 epochs, T = 5, random
+A stage end in ``wall_ratio``'s cached run at N = 5,120 takes a few ms, far more than its GPU work
+(docs/performance.md: on an H200, 2026-11-27, 2.5-4.6 ms in the trainer, of which about 0.22 ms is
+device time). This script says which ops and syncs hold the host's time. It builds the condenser and buffer as the trainer does (30 epochs, T = 5, random
 entropies recorded in batches of 256), ends every epoch, and reports:
 
 * ``stage_end_ms``: the wall time of each stage end (end_epoch + mix_, then a device sync), as the

@@ -1,4 +1,5 @@
-"""First benchmark per op, each against the alternatives (see benchmarks/baselines.py).
+"""Each op against the alternatives (see benchmarks/baselines.py): wall time with launch, and on CUDA
+device time by CUDA-graph replay.
 
 Group names are the rows of the report (benchmarks/report.py); the
 ``provider`` parameter is its columns.
@@ -71,7 +72,7 @@ def test_update_values_device_time(benchmark, sizes, device, provider, dtype):
         from kcd_fast.kernels.update_values import launch_config
 
         config = launch_config(logits)
-        benchmark.extra_info.update(reductions=config["REDUCE"], num_warps=config["num_warps"],
+        benchmark.extra_info.update(one_tile=config["TILE"] > 0, num_warps=config["num_warps"],
                                     row_vector_width=config["VEC"])
     _time_replays(benchmark, graph)
 
@@ -132,8 +133,8 @@ def test_vaks_mix(benchmark, run, sizes, device, provider):
 def test_knowledge_buffer_vaks(benchmark, run, sizes, device, storage):
     """VAKS inside the cached-knowledge buffer (KnowledgeBuffer.mix_): the ImageNet-sized buffer
     (1,281,167 x 1000 fp16 dense, 2.56 GB, or top-10) with 74,000 pairs on CUDA; on the CPU,
-    50,000 x 100 with 2,000 pairs. Target (dense, CUDA): >= 2.5 TB/s effective, two rows read and
-    one written per pair."""
+    50,000 x 100 with 2,000 pairs. Bound (dense, CUDA; docs/performance.md): >= 2.5 TB/s effective,
+    two rows read and one written per pair."""
     from kcd_fast.knowledge import KnowledgeBuffer
 
     n, c, pairs = sizes["N"], sizes["C"], sizes["PAIRS"]
@@ -155,7 +156,7 @@ def test_knowledge_buffer_vaks(benchmark, run, sizes, device, storage):
 @pytest.mark.skipif(not ON_GPU, reason="CUDA-graph replay needs a GPU")
 @pytest.mark.parametrize("case", ["vaks_mix_", "KnowledgeBuffer.mix_"])
 def test_vaks_device_time(benchmark, sizes, device, case):
-    """Device time of the VAKS mix (target P4, and cached knowledge's in-buffer VAKS): ``calls`` calls
+    """Device time of the VAKS mix (``vaks_mix_``, and cached knowledge's in-buffer VAKS): ``calls`` calls
     captured in one CUDA graph and replayed, so the host's argument checks and the launch are excluded.
     The same shapes and effective bytes (two rows read, one written per pair) as the wall-time cases
     above, which also pay the host side once per call. Replaying mixes the same pairs again: the

@@ -6,12 +6,14 @@ the GPU (the loader cannot hide anything). On the CPU (CI): cnn_large -> cnn_sma
 
 * ``kd step + recording``: the online KD step with no recording (``none``), with
   ``condenser.observe`` (``kcd_fast``), with eager PyTorch recording (``eager``) and with the
-  official code's ``.cpu()`` + numpy write (``official``). Target P1: kcd_fast within 0.1% of none.
+  official code's ``.cpu()`` + numpy write (``official``). Bound: kcd_fast within 0.1% of none.
 * ``knowledge source``: the step with the teacher online, with targets read from a dense fp16
   buffer (the trainer's path: the ``kd`` loss reads the rows in place; ``cached_dense_logits`` is the
   generic path that any other loss takes, ``teacher_logits`` then the loss), and from top-10 storage;
-  and the student alone (CE only). Targets: cached <= 0.70x online; read-back + KD loss <= 2% over
+  and the student alone (CE only). Bounds: cached <= 0.70x online; read-back + KD loss <= 2% over
   the student-only step.
+
+The bounds and the latest measurements are in docs/performance.md.
 
 The losses are the trainer's own (``kcd_fast.distill``: ``--distill kd`` with its defaults, 0.1 CE +
 0.9 KL at T = 4).

@@ -19,7 +19,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
 
 
-def pytest_sessionstart(session):
+def pytest_sessionstart():
     """Under the interpreter, stop at once with one clear message if it cannot run the kernels
     (kcd_fast.kernels.check_interpreter), rather than fail every Triton test with a TypeError."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -32,7 +32,8 @@ def pytest_sessionstart(session):
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the lent GPU (see benchmarks/gpu_check.sh)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; on a GPU machine, bash benchmarks/gpu_check.sh runs it "
+                                   "(see docs/development.md)")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

@@ -1,6 +1,9 @@
-"""The README's quick start is what CI runs, and its API examples name things that exist."""
+"""The README's quick start is what CI runs, the library names that the README and docs/ write exist, and
+the cached-knowledge loop of docs/cached-knowledge.md runs."""
 import re
 from pathlib import Path
+
+import pytest
 
 import kcd_fast
 
@@ -23,12 +26,18 @@ def test_quick_start_is_two_commands_and_ci_runs_them_verbatim():
         assert c in ci, f"CI does not run the README command: {c}"
 
 
-def test_every_kcd_fast_name_in_the_readme_resolves():
-    """``kcd_fast.X.Y`` anywhere in the README (code, prose) is a module or attribute that exists."""
+DOCUMENTS = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_kcd_fast_name_in_the_documents_resolves(document):
+    """``kcd_fast.X.Y`` anywhere in the README or a page of docs/ (code, prose) is a module or attribute
+    that exists."""
     import importlib
 
-    names = sorted(set(re.findall(r"\bkcd_fast(?:\.[A-Za-z_]\w*)+", (ROOT / "README.md").read_text())))
-    assert "kcd_fast.KnowledgeBuffer" in names
+    names = sorted(set(re.findall(r"\bkcd_fast(?:\.[A-Za-z_]\w*)+", (ROOT / document).read_text())))
+    if document == "README.md":
+        assert "kcd_fast.KnowledgeBuffer" in names
     for name in names:
         parts = name.split(".")
         for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
@@ -38,7 +47,7 @@ def test_every_kcd_fast_name_in_the_readme_resolves():
             except ImportError:
                 continue
         for attr in parts[cut:]:
-            assert hasattr(obj, attr), f"README names {name}, but {attr!r} is not in {obj!r}"
+            assert hasattr(obj, attr), f"{document} names {name}, but {attr!r} is not in {obj!r}"
             obj = getattr(obj, attr)
 
 
@@ -52,9 +61,9 @@ def test_documented_api_exists():
         assert callable(getattr(c, name)), name
 
 
-def test_readme_cached_knowledge_loop_runs_on_digits():
-    """The README's "Cached knowledge in your own loop" block, run as written on the CPU (the .cuda()
-    calls dropped, 4 epochs instead of 240): the teacher runs in epoch 0 only and the buffer is full."""
+def test_docs_cached_knowledge_loop_runs_on_digits():
+    """docs/cached-knowledge.md's "Cached knowledge in your own loop" block, run as written on the CPU (the
+    .cuda() calls dropped, 4 epochs instead of 240): the teacher runs in epoch 0 only and the buffer is full."""
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
@@ -62,7 +71,7 @@ def test_readme_cached_knowledge_loop_runs_on_digits():
     from kcd_fast.data import build_datasets
     from kcd_fast.models import build_model
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "cached-knowledge.md").read_text()
     section = text.split("Cached knowledge in your own loop", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     for cuda, cpu in ((".cuda(non_blocking=True)", ""), (".cuda()", ""), ('device="cuda"', 'device="cpu"'),
@@ -79,6 +88,6 @@ def test_readme_cached_knowledge_loop_runs_on_digits():
                opt=torch.optim.SGD(student.parameters(), lr=0.05),
                condenser=kcd_fast.KnowledgeCondenser(len(bundle.train), epochs=4, stage_epochs=2),
                kd_loss=lambda s, t, y: F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1), reduction="batchmean"))
-    exec(compile(code, "README cached loop", "exec"), env)
+    exec(compile(code, "docs/cached-knowledge.md loop", "exec"), env)
     assert env["buf"].fully_filled() and env["buf"].storage == "topk"
     assert len(runs) == -(-len(bundle.train) // 64), "the teacher ran in the first epoch only"
