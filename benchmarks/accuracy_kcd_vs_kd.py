@@ -1,6 +1,7 @@
 """KCD against vanilla KD on real data: the same student, teacher, seed and epochs, with and without
 condensation, plus the paper's two selection ablations (Table 4: a random ranking instead of the
-knowledge value, and direct selection without VAKS). CPU-sized; writes a JSON summary and prints
+knowledge value, and direct selection without VAKS) and the official code's selection
+(``--protocol official``). CPU-sized; writes a JSON summary and prints
 a Markdown table.
 
     python benchmarks/accuracy_kcd_vs_kd.py --dataset digits --seeds 0 1 2 3 4 --out digits.json
@@ -17,6 +18,7 @@ import argparse
 import datetime
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,12 +28,15 @@ import torch
 from kcd_fast.train import config
 from kcd_fast.train.main import main as run_trainer
 
+HERE = Path(__file__).resolve().parent
+
 # variant name -> the trainer options that make it
 VARIANTS = {
     "kd": ["--no-kcd"],                      # vanilla KD on the full set every epoch: the baseline
     "kcd": [],                               # KCD as the paper has it
     "kcd_random": ["--selection", "random"],  # Table 4 "OGVE w/ random": a random ranking, same schedule
     "kcd_no_vaks": ["--no-vaks"],            # Table 4 "direct selection": K^ = K1, no augmentation
+    "kcd_official": ["--protocol", "official"],  # the official code's selection (docs/paper-notes.md)
 }
 
 
@@ -71,6 +76,15 @@ def table(rows: list[dict], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def source_commit():
+    """The checkout's commit, "-dirty" when tracked files differ from it; None outside git."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=HERE,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -97,6 +111,7 @@ def main(argv=None):
         summary = {"dataset": args.dataset, "trainer_options": extra, "seeds": args.seeds,
                    "teacher_top1": torch.load(teacher, weights_only=False).get("top1") if teacher else None,
                    "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": "cpu",
+                   "commit": source_commit(),
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": rows,
                    "table": table(rows, args.variants)}
     Path(args.out).write_text(json.dumps(summary, indent=2))

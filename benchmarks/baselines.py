@@ -113,10 +113,9 @@ def eager_vaks_mix_(buffer, dst, src, eps):
 
 
 def official_vaks_mix_(buffer, dst, src, eps):
-    """One pair at a time in a Python loop, as the official MIXUPNet does."""
+    """One pair at a time in a Python loop, as the official MIXUPNet does: float32, and uint8 rows
+    truncated toward zero (its ``torch.tensor(m, dtype=torch.uint8)``), not rounded."""
     for d, s, e in zip(dst.tolist(), src.tolist(), eps.tolist()):
         row = (1.0 - e) * buffer[d].float() + e * buffer[s].float()
-        if buffer.dtype == torch.uint8:
-            row = row.round()
-        buffer[d] = row.to(buffer.dtype)
+        buffer[d] = row.to(buffer.dtype)  # float -> uint8 truncates
     return buffer

@@ -25,7 +25,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from kcd_fast import ops
+from kcd_fast import official, ops
 from kcd_fast import reference as R
 from kcd_fast.checks import check_choice, check_flag, check_int, check_real, check_temperature, check_tensor
 from kcd_fast.condenser_state import CONDENSED_KIND, STATE_VERSION, checked_state, pair_arrays, read_condensed
@@ -36,6 +36,9 @@ __all__ = ["KnowledgeCondenser", "measured_cost"]
 
 _SCHEDULES = ("exp", "linear")
 _SELECTIONS = ("kcd", "random")
+PROTOCOLS = ("paper", "official")
+# What protocol="official" decides itself (its record, schedule, pairs and eps), at their defaults.
+_OFFICIAL_FIXED = {"schedule": "exp", "k0": "dropped", "online_recording": True, "adaptive_eps": True}
 TRAJECTORY_POINTS = 256  # points whose rank likelihood (Eq. 8) is recorded at each stage, for Fig. 3(b)
 _OP = "KnowledgeCondenser"
 
@@ -54,32 +57,6 @@ def measured_cost(samples_passed: int, num_samples: int, epochs: int, world_size
     return samples_passed / full if full else float("nan")
 
 
-def _record_last_visit_(last_values: torch.Tensor, indices: torch.Tensor, entropy: torch.Tensor) -> None:
-    """The "w/o OVR" ablation's record: ``last_values[i]`` becomes the entropy of i's LAST finite visit.
-
-    Deterministic on every device, with no host sync: where an index occurs more than once in the
-    batch (a sampler with replacement), a plain ``index_put_`` has no defined winner on CUDA. Here
-    each batch position's key (index, finite, position) is sorted; the last key of an index's run
-    is its latest finite visit, or a non-finite one if it has none (then the old value stays). Every
-    position then writes the value of its run's last key, so duplicates write the same number.
-    An index outside [0, N) (flagged by :func:`ops.update_values`) records nothing.
-    """
-    n, b = last_values.numel(), indices.numel()
-    if b == 0:
-        return
-    idx = indices.to(last_values.device).long()
-    in_range = (idx >= 0) & (idx < n)
-    idx = torch.where(in_range, idx, 0)
-    fresh = torch.isfinite(entropy) & in_range
-    pos = torch.arange(b, device=idx.device)
-    keys, order = torch.sort(idx * (2 * b) + fresh.long() * b + pos)
-    run = keys // (2 * b)                                   # the sorted indices
-    last = torch.searchsorted(run, run, right=True) - 1     # each position's run end
-    winner = order[last]
-    value = torch.where(fresh[winner], entropy[winner].float(), last_values[run])
-    last_values.index_put_((run,), value)
-
-
 class KnowledgeCondenser:
     """The knowledge space of KCD and its EM stage loop (Alg. 1).
 
@@ -90,8 +67,8 @@ class KnowledgeCondenser:
         rho: ρ, the final kept fraction, in (0, 1].
         alpha: α of the cost-aware ranking (Eq. 13); 0 is the "w/o CAR" ablation.
         eps_max: ε_m of Eq. 15, in (0, 1].
-        schedule: ``"exp"`` (the paper, τ^t = ρ^((t+1)/S)) or ``"linear"`` (the official code).
-        k0: ``"dropped"`` (official code) or ``"all"`` (paper text); see :func:`kcd_fast.ops.condense`.
+        schedule: ``"exp"`` (the paper, τ^t = ρ^((t+1)/S)) or ``"linear"`` (τ^t falls linearly to ρ).
+        k0: ``"dropped"``, ``"all"`` (paper text) or ``"window"``; see :func:`kcd_fast.ops.condense`.
         selection: ``"kcd"`` or ``"random"`` (the "OGVE w/ random" ablation: a random ranking).
         online_recording: False is the "w/o OVR" ablation: a point's value is the entropy of its
             last visit instead of the running mean of Eq. 12. Under DDP the ranks' records merge
@@ -105,6 +82,10 @@ class KnowledgeCondenser:
         seed: seeds the sampler's shuffles and the random ranking (reproducible, and
             independent of the global RNG).
         rank, world_size: the DDP position; taken from torch.distributed when None.
+        protocol: ``"paper"`` (Alg. 1 as the paper states it; the options above) or ``"official"``
+            (the official code's selection, :mod:`kcd_fast.official`: its record, schedule, drop
+            size, K0 window and eps; ``schedule``, ``k0``, ``online_recording`` and ``adaptive_eps``
+            must stay at their defaults, and it runs in one process, as the official code does).
 
     State (all O(N) on ``device``, see :meth:`bytes_per_sample`): ``values`` (V^F),
     ``counts`` (F), ``keep`` (the condensed set), ``partner`` and ``eps`` (the VAKS pair of
@@ -116,7 +97,7 @@ class KnowledgeCondenser:
                  alpha: float = 0.03, eps_max: float = 0.3, schedule: str = "exp", k0: str = "dropped",
                  selection: str = "kcd", online_recording: bool = True, vaks: bool = True,
                  adaptive_eps: bool = True, temperature: float = 1.0, device: torch.device | str = "cpu",
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None):
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None, protocol: str = "paper"):
         self.num_samples = check_int(_OP, "num_samples", num_samples, 1)
         self.epochs = check_int(_OP, "epochs", epochs, 1)
         self.stage_epochs = check_int(_OP, "stage_epochs", stage_epochs, 1)
@@ -140,6 +121,9 @@ class KnowledgeCondenser:
         self.seed = check_int(_OP, "seed", seed, 0)
         self.device = torch.device(device)
         self._set_world(rank, world_size)
+        self.protocol = check_choice(_OP, "protocol", protocol, PROTOCOLS)
+        if self.protocol == "official":
+            self._check_official()
         self.num_stages = self.epochs // self.stage_epochs
         smallest = min(self.num_kept(t) for t in range(self.num_stages))
         if smallest < 1:
@@ -147,6 +131,15 @@ class KnowledgeCondenser:
                              f"{smallest} points at the last stage (floor(tau^t N), Eq. 8); every stage must keep "
                              f"at least one: raise rho or num_samples")
         self._make_state()
+
+    def _check_official(self) -> None:
+        set_here = [f"{k}={getattr(self, k)!r}" for k, v in _OFFICIAL_FIXED.items() if getattr(self, k) != v]
+        if set_here:
+            raise ValueError(f"KnowledgeCondenser: protocol='official' makes its own record, schedule, pairs and eps; "
+                             f"leave {', '.join(set_here)} at their defaults")
+        if self.world_size > 1:
+            raise ValueError("KnowledgeCondenser: protocol='official' runs in one process, as the official code "
+                             f"does; got world_size={self.world_size}")
 
     def _set_world(self, rank, world_size) -> None:
         """The DDP position, from the arguments or else the process group (rank 0 of 1 without one)."""
@@ -175,6 +168,13 @@ class KnowledgeCondenser:
         self.eps = torch.zeros(n, dtype=torch.float32, device=dev)
         # The "w/o OVR" ablation ranks by the last visit's entropy.
         self.last_values = None if self.online_recording else torch.zeros(n, dtype=torch.float32, device=dev)
+        # protocol="official": this epoch's entropies (-1: not visited), the sum of the positive ones of
+        # every epoch (float64) and their count, and the epochs folded into them.
+        self.official_record = None
+        if self.protocol == "official":
+            self.official_record = {"epoch_entropy": torch.full((n,), -1.0, device=dev),
+                                    "sum": torch.zeros(n, dtype=torch.float64, device=dev),
+                                    "count": torch.zeros(n, dtype=torch.int32, device=dev), "epochs": 0}
         # DDP: the state at the last merge, to send only this stage's deltas.
         self._synced = None
         if self.world_size > 1:
@@ -217,6 +217,8 @@ class KnowledgeCondenser:
             device += 4
         if self._synced is not None:
             device += 8 + (4 if self.last_values is not None else 0)
+        if self.official_record is not None:
+            device += 4 + 8 + 4
         return {"device": device, "host": 8 + 4 + 4}  # kept index list (at most), partner, eps
 
     def kept_indices(self) -> torch.Tensor:
@@ -224,23 +226,37 @@ class KnowledgeCondenser:
         return self._kept_cpu
 
     def tau(self, stage: int) -> float:
-        """τ^t of the schedule."""
+        """τ^t of the schedule (the kept fraction after condensation t)."""
+        if self.protocol == "official":
+            return self.num_kept(stage) / self.num_samples
         return R.tau(stage, self.rho, self.num_stages, self.schedule)
 
     def num_kept(self, stage: int) -> int:
         """|K1| at stage t."""
+        if self.protocol == "official":
+            kept = self.num_samples
+            for _ in range(stage + 1):
+                kept = official.kept_count(self.num_samples, self.rho, kept)
+            return kept
         return R.num_kept(self.num_samples, stage, self.rho, self.num_stages, self.schedule)
 
     def is_boundary(self, epoch: int) -> bool:
-        """Alg. 1 line 8: condensation at the end of epoch i when i % T == 0."""
+        """Alg. 1 line 8: condensation at the end of epoch i when i % T == 0; with protocol="official",
+        when the 1-based epoch i + 1 is a multiple of T (the last epoch too)."""
+        if self.protocol == "official":
+            return (epoch + 1) % self.stage_epochs == 0
         return epoch % self.stage_epochs == 0
+
+    def stage_before(self, epoch: int) -> int:
+        """The last stage condensed before ``epoch`` begins (-1: none yet)."""
+        if self.protocol == "official":
+            return min(epoch // self.stage_epochs, self.num_stages) - 1
+        return -1 if epoch == 0 else min((epoch - 1) // self.stage_epochs, self.num_stages - 1)
 
     def planned_samples(self, epoch: int) -> int:
         """Samples the schedule plans for ``epoch`` (all ranks together, before DDP padding)."""
-        if epoch == 0:
-            return self.num_samples
-        stage = min((epoch - 1) // self.stage_epochs, self.num_stages - 1)
-        return self.num_kept(stage)
+        stage = self.stage_before(epoch)
+        return self.num_samples if stage < 0 else self.num_kept(stage)
 
     def predicted_cost(self) -> dict:
         """C predicted from the schedule: by Eq. 16, and by the exact per-epoch counts. A frozen set
@@ -250,8 +266,9 @@ class KnowledgeCondenser:
             return {"eq16": None, "schedule": int(self._kept_cpu.numel()) / self.num_samples}
         taus = [self.tau(t) for t in range(self.num_stages)]
         planned = sum(self.planned_samples(e) for e in range(self.epochs))
-        return {"eq16": R.relative_cost(taus, self.stage_epochs, self.epochs),
-                "schedule": planned / (self.num_samples * self.epochs)}
+        # Eq. 16 describes the paper's schedule; the official one trains T epochs on every sample first.
+        eq16 = R.relative_cost(taus, self.stage_epochs, self.epochs) if self.protocol == "paper" else None
+        return {"eq16": eq16, "schedule": planned / (self.num_samples * self.epochs)}
 
     def measured_cost(self) -> dict:
         """C_a and C measured from what the samplers yielded (all ranks), over the epochs run so far.
@@ -287,7 +304,9 @@ class KnowledgeCondenser:
             indices = indices.to(self.device, non_blocking=True)
         entropy = ops.update_values(self.values, self.counts, indices, logits, temperature=self.temperature)
         if self.last_values is not None:
-            _record_last_visit_(self.last_values, indices, entropy)
+            ops.record_last_visit_(self.last_values, indices, entropy)
+        if self.official_record is not None:  # one entropy per sample and epoch: the last visit's
+            ops.record_last_visit_(self.official_record["epoch_entropy"], indices, entropy)
         return entropy
 
     def count_yielded(self, epoch: int, count: int) -> None:
@@ -315,6 +334,10 @@ class KnowledgeCondenser:
         if epoch >= self.epochs:
             raise ValueError(f"end_epoch: epoch {epoch} is past the last epoch ({self.epochs - 1})")
         self._check_world("end_epoch")
+        record = self.official_record
+        if record is not None and record["epochs"] == epoch:  # once, also when a stage end raised before
+            official.fold_epoch_(record["sum"], record["count"], record["epoch_entropy"])
+            record["epochs"] = epoch + 1
         plan = None
         if not self.frozen and self.is_boundary(epoch):
             flagged = self._merge_ranks()  # under DDP, with every rank's error flag
@@ -323,7 +346,7 @@ class KnowledgeCondenser:
             ops.check_errors(self.device)
             if flagged:
                 raise ops.out_of_range_error("another rank")
-            plan = self._condense(epoch // self.stage_epochs, epoch)
+            plan = self._condense(self.stage_before(epoch + 1), epoch)
         # Only now that the stage end succeeded does the epoch close.
         self.samples_yielded.setdefault(epoch, 0)
         self.next_epoch = epoch + 1
@@ -366,12 +389,19 @@ class KnowledgeCondenser:
     def _condense(self, stage: int, epoch: int) -> ops.CondensePlan:
         values = self.values if self.last_values is None else self.last_values
         order = None
+        if self.official_record is not None:  # ranked by the official record, in float64
+            record = self.official_record
+            order = official.ranking(official.scores(record["sum"], record["count"], self.alpha))
+            values = (record["sum"] / record["count"].clamp_min(1)).float()  # V, for the stage's statistics
         if self.selection == "random":
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + stage)
             order = torch.randperm(self.num_samples, generator=g).to(self.device)
         plan = ops.condense(values, self.counts, keep=self.num_kept(stage), alpha=self.alpha,
-                            eps_max=self.eps_max, previous_keep=self.keep, k0=self.k0,
+                            eps_max=self.eps_max, previous_keep=self.keep,
+                            k0="window" if self.protocol == "official" else self.k0,
                             adaptive_eps=self.adaptive_eps, order=order)
+        if self.protocol == "official":
+            plan = self._official_pairs(plan)
         if not self.vaks:
             empty = plan.k1l[:0]
             plan = ops.CondensePlan(plan.keep, plan.order, empty, empty, plan.eps[:0], plan.num_kept, plan.num_k0)
@@ -380,6 +410,16 @@ class KnowledgeCondenser:
         self.stage = stage
         self.history.append(summary)
         return plan
+
+    def _official_pairs(self, plan: ops.CondensePlan) -> ops.CondensePlan:
+        """The official eps of the window's pairs; an empty window (the count at its floor) makes no
+        pairs, where the official code raises IndexError."""
+        pairs = plan.k1l.numel()
+        if not pairs and self.vaks:
+            official.warn_once("the kept count is at its floor, so the K0 window is empty: this stage mixes no "
+                               "pairs (the official code raises IndexError here)")
+        eps = official.pair_eps(pairs, self.eps_max).to(self.device)
+        return ops.CondensePlan(plan.keep, plan.order, plan.k1l, plan.k0, eps, plan.num_kept, plan.num_k0)
 
     def _apply(self, keep, k1l, k0, eps) -> None:
         """Make (keep, K1L, K0, eps) the condensed set, with the per-point partner and eps they imply."""
@@ -413,8 +453,9 @@ class KnowledgeCondenser:
     def mix_buffer_(self, buffer: torch.Tensor) -> torch.Tensor:
         """Apply the current plan's pairs to an in-memory [N, ...] buffer, in place (Eq. 14).
 
-        Persistent, as the official code does for CIFAR pixels: call it once
-        after each condensation, and the mixes compound across stages.
+        Persistent: call it once after each condensation, and the mixes compound across stages, as
+        the official code's pixel mixing does (uint8 rows round to nearest here; the official code
+        truncates: :func:`kcd_fast.official.mix_pixels_`).
         """
         check_tensor("mix_buffer_", "buffer", buffer)
         if buffer.dim() < 1 or buffer.shape[0] != self.num_samples:
@@ -450,10 +491,14 @@ class KnowledgeCondenser:
     # ------------------------------------------------------------------ state
 
     def config(self) -> dict:
-        """The configuration, as a state_dict and a condensed-set file record it (and their loaders compare)."""
-        return {k: getattr(self, k) for k in (
+        """The configuration, as a state_dict and a condensed-set file record it (and their loaders compare).
+        ``protocol`` is recorded where it is not "paper", so paper-protocol states keep kcd_fast 0.1.0's form."""
+        config = {k: getattr(self, k) for k in (
             "num_samples", "epochs", "stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0", "selection",
             "online_recording", "vaks", "adaptive_eps", "temperature", "seed")}
+        if self.protocol != "paper":
+            config["protocol"] = self.protocol
+        return config
 
     def state_dict(self) -> dict:
         """Everything needed to continue the run exactly: config, progress and host copies of the state.
@@ -483,6 +528,8 @@ class KnowledgeCondenser:
             "loaded": self._loaded, "loaded_stage": self._loaded_stage,
             "samples_yielded": dict(self.samples_yielded),
             "history": list(self.history),
+            **({} if self.official_record is None else {"official_record": {
+                k: host(v) if isinstance(v, torch.Tensor) else v for k, v in self.official_record.items()}}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -506,6 +553,10 @@ class KnowledgeCondenser:
         self._apply(c["keep"].to(dev), *new_pairs)  # partner and eps: checked to be the ones the pairs imply
         if self.last_values is not None:
             self.last_values.copy_(c["last_values"])
+        if self.official_record is not None:
+            for key in ("epoch_entropy", "sum", "count"):
+                self.official_record[key].copy_(c["official_record"][key])
+            self.official_record["epochs"] = c["official_record"]["epochs"]
         if self.world_size > 1:
             self._synced = new_synced
         self.next_epoch, self.stage, self.frozen = c["next_epoch"], c["stage"], c["frozen"]

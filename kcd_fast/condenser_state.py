@@ -4,8 +4,8 @@
 :meth:`~kcd_fast.KnowledgeCondenser.load_condensed` check everything here first, on the host (types,
 dtypes, shapes, ranges, finiteness, the VAKS pairs of Eq. 14 against the keep mask), and change the
 condenser only once all of it passed. These functions only read; the condenser is taken duck-typed
-(``num_samples``, ``epochs``, ``stage_epochs``, ``num_stages``, ``num_kept()``, ``world_size``,
-``last_values``, ``config()``).
+(``num_samples``, ``epochs``, ``stage_epochs``, ``num_stages``, ``num_kept()``, ``stage_before()``,
+``world_size``, ``last_values``, ``official_record``, ``config()``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def checked_state(cond, state) -> dict:
     if state["version"] != STATE_VERSION:
         raise ValueError(f"{where}: state version {state['version']} is not this kcd_fast's "
                          f"{STATE_VERSION}")
-    missing = [k for k in STATE_KEYS if k not in state]
+    required = STATE_KEYS + (("official_record",) if cond.official_record is not None else ())
+    missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"{where}: the state has no {', '.join(f'`{k}`' for k in missing)}")
     cfg, mine = state["config"], cond.config()
@@ -47,6 +48,8 @@ def checked_state(cond, state) -> dict:
         raise ValueError(f"{where}: the state was made with another configuration: " + "; ".join(diff))
     checked = _checked_tensors(cond, where, state)
     checked.update(_checked_progress(cond, where, state, checked["keep"]))
+    if cond.official_record is not None:
+        checked["official_record"] = _checked_official_record(cond, where, state["official_record"])
     if cond.world_size > 1 and checked["synced"] is None:  # a single-process state: nothing to merge yet
         checked["synced"] = (checked["values"], checked["counts"], checked["last_values"])
     return checked
@@ -96,7 +99,7 @@ def _checked_progress(cond, where: str, state: dict, keep: torch.Tensor) -> dict
                              f"got {state['loaded_stage']!r}")
     if not frozen:
         # The schedule's own set: the stage is the last boundary's, and it keeps that stage's |K1|.
-        want_stage = -1 if next_epoch == 0 else min((next_epoch - 1) // cond.stage_epochs, cond.num_stages - 1)
+        want_stage = cond.stage_before(next_epoch)
         if stage != want_stage:
             raise ValueError(f"{where}: `stage` {stage} does not follow `next_epoch` {next_epoch} "
                              f"(T={cond.stage_epochs}: stage {want_stage})")
@@ -113,6 +116,22 @@ def _checked_progress(cond, where: str, state: dict, keep: torch.Tensor) -> dict
     return {"next_epoch": next_epoch, "stage": stage, "frozen": frozen, "loaded": loaded,
             "loaded_stage": loaded_stage, "samples_yielded": {int(e): int(c) for e, c in yielded.items()},
             "history": list(state["history"])}
+
+
+def _checked_official_record(cond, where: str, record) -> dict:
+    """protocol="official"'s record: this epoch's entropies (-1 or finite), the float64 sums of the
+    positive ones (finite, >= 0), their counts (>= 0), and how many epochs it holds."""
+    n = cond.num_samples
+    if not isinstance(record, dict) or set(record) != {"epoch_entropy", "sum", "count", "epochs"}:
+        raise ValueError(f"{where}: `official_record` must be a dict of epoch_entropy, sum, count and epochs")
+    out = {"epoch_entropy": _host_vector(where, "official_record.epoch_entropy", record["epoch_entropy"],
+                                         torch.float32, n, finite=True),
+           "sum": _host_vector(where, "official_record.sum", record["sum"], torch.float64, n, finite=True),
+           "count": _host_vector(where, "official_record.count", record["count"], torch.int32, n),
+           "epochs": check_int(where, "official_record.epochs", record["epochs"], 0, cond.epochs)}
+    if bool((out["sum"] < 0).any()) or bool((out["count"] < 0).any()):
+        raise ValueError(f"{where}: `official_record` sums and counts must be >= 0")
+    return out
 
 
 def read_condensed(path, num_samples: int) -> tuple:

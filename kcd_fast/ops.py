@@ -43,6 +43,7 @@ __all__ = [
     "condense",
     "CondensePlan",
     "K0_POLICIES",
+    "record_last_visit_",
     "vaks_mix_",
     "vaks_mix_topk_",
     "set_debug",
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 _BUFFER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
-K0_POLICIES = ("dropped", "all")  # the partners of the augmentation: see condense()
+K0_POLICIES = ("dropped", "all", "window")  # the partners of the augmentation: see condense()
 
 
 def _check_state(op: str, values, counts) -> None:
@@ -185,6 +186,33 @@ def update_values(values: torch.Tensor, counts: torch.Tensor, indices: torch.Ten
     return entropy
 
 
+def record_last_visit_(last_values: torch.Tensor, indices: torch.Tensor, entropy: torch.Tensor) -> None:
+    """A record of each sample's last visit: ``last_values[i]`` becomes the entropy of i's LAST finite
+    visit in the batch (the "w/o OVR" ablation's value, and the official code's per-epoch entry).
+
+    Deterministic on every device, with no host sync: where an index occurs more than once in the
+    batch (a sampler with replacement), a plain ``index_put_`` has no defined winner on CUDA. Here
+    each batch position's key (index, finite, position) is sorted; the last key of an index's run
+    is its latest finite visit, or a non-finite one if it has none (then the old value stays). Every
+    position then writes the value of its run's last key, so duplicates write the same number.
+    An index outside [0, N) (flagged by :func:`update_values`) records nothing.
+    """
+    n, b = last_values.numel(), indices.numel()
+    if b == 0:
+        return
+    idx = indices.to(last_values.device).long()
+    in_range = (idx >= 0) & (idx < n)
+    idx = torch.where(in_range, idx, 0)
+    fresh = torch.isfinite(entropy) & in_range
+    pos = torch.arange(b, device=idx.device)
+    keys, order = torch.sort(idx * (2 * b) + fresh.long() * b + pos)
+    run = keys // (2 * b)                                   # the sorted indices
+    last = torch.searchsorted(run, run, right=True) - 1     # each position's run end
+    winner = order[last]
+    value = torch.where(fresh[winner], entropy[winner].float(), last_values[run])
+    last_values.index_put_((run,), value)
+
+
 # --------------------------------------------------------------------------- rank (Eq. 13)
 
 
@@ -277,13 +305,17 @@ def condense(values: torch.Tensor, counts: torch.Tensor, *, keep, alpha: float, 
         previous_keep: bool [N], the condensed set in force until now (None: all points).
         k0: which points form K0, the partners of the augmentation:
 
-            * ``"dropped"`` (the official code): the points in ``previous_keep``
-              that are not kept now. Only knowledge that just left the set is
-              mixed in, so the augmentation follows the condensation step by step.
+            * ``"dropped"``: the points in ``previous_keep`` that are not kept now.
+              Only knowledge that just left the set is mixed in, so the augmentation
+              follows the condensation step by step.
             * ``"all"`` (the paper's text, Sec. 3.4): every point with y = 0,
               most valuable first.
+            * ``"window"`` (the official code's pairing): the rank positions
+              [|K1|, |previous_keep|) of this ranking, the points ranked just below
+              the new cut, whether or not they were kept before.
 
-            Both pair |K1L| = min(|K0|, |K1|) points: the lowest-ranked kept ones.
+            Each pairs |K1L| = min(|K0|, |K1|) points, the lowest-ranked kept ones, in rank
+            order with K0's: the best K1L point with the best K0 point.
         adaptive_eps: True for Eq. 15's linear ramp; False is the ablation eps = eps_m.
         order: a precomputed ranking to use instead of :func:`rank` (e.g. a
             random permutation for the "OGVE w/ random" ablation).
@@ -315,6 +347,9 @@ def condense(values: torch.Tensor, counts: torch.Tensor, *, keep, alpha: float, 
     rest = order[n_keep:]
     if k0 == "dropped" and previous_keep is not None:
         k0_set = rest[previous_keep[rest]]
+    elif k0 == "window":
+        previous = n if previous_keep is None else int(previous_keep.sum())  # a stage end: one sync is cheap
+        k0_set = rest[: max(previous - n_keep, 0)]
     else:  # "all", or "dropped" with everything kept before
         k0_set = rest
     pairs = min(k0_set.numel(), n_keep)

@@ -125,8 +125,9 @@ def tau(stage: int, rho: float, num_stages: int, schedule: str = "exp") -> float
 
     ``"exp"``: tau^t = rho^((t+1)/S), S = I/T stages; tau^0 = 0.9423 and
     tau^{S-1} = rho for rho = 0.7, S = 6.
-    ``"linear"`` (the official code's linear decay): tau^t = 1 - (t+1)(1-rho)/S, and exactly
-    rho from the last stage t = S-1 on.
+    ``"linear"``: tau^t = 1 - (t+1)(1-rho)/S, and exactly rho from the last stage t = S-1 on
+    (a linear decay; the official code's own steps, a fixed drop of int(N (1-rho) / 6) points,
+    are :func:`kcd_fast.official.kept_count`).
     """
     if schedule == "exp":
         return float(rho) ** ((stage + 1) / num_stages)
@@ -140,10 +141,10 @@ def tau(stage: int, rho: float, num_stages: int, schedule: str = "exp") -> float
 def num_kept(n: int, stage: int, rho: float, num_stages: int, schedule: str = "exp") -> int:
     """|K1| at stage t: the number of points with y = 1 (Eq. 8 with tau^t), floor(tau^t N).
 
-    Both schedules reach floor(rho N) at the last stage. For ``"linear"`` this equals the
-    official code's integer steps N - (t+1) floor((1-rho) N / S) whenever (1-rho) N / S is
-    a whole number; otherwise it rounds the cumulative decay instead of each step, so a
-    small N still shrinks (and ends at floor(rho N)) instead of keeping every point.
+    Both schedules reach floor(rho N) at the last stage. For ``"linear"`` this equals integer
+    steps N - (t+1) floor((1-rho) N / S) whenever (1-rho) N / S is a whole number; otherwise it
+    rounds the cumulative decay instead of each step, so a small N still shrinks (and ends at
+    floor(rho N)) instead of keeping every point.
     """
     return kept_count(tau(stage, rho, num_stages, schedule), n)
 
@@ -181,9 +182,11 @@ def partition(order: torch.Tensor, n_keep: int, previous_keep: torch.Tensor | No
 
     K1 is the top ``n_keep`` of ``order``. K0 is, by policy:
 
-    * ``"dropped"`` (official code): points kept before (``previous_keep``,
-      all points if None) and not kept now;
-    * ``"all"`` (paper text): every point with y = 0.
+    * ``"dropped"``: points kept before (``previous_keep``, all points if None) and
+      not kept now;
+    * ``"all"`` (paper text): every point with y = 0;
+    * ``"window"`` (the official code): the rank positions [n_keep, |previous_keep|),
+      kept before or not.
 
     |K1L| = min(|K0|, |K1|): K1L is that many of the lowest-ranked kept points,
     paired in rank order with the most valuable points of K0 (Eq. 14).
@@ -199,8 +202,11 @@ def partition(order: torch.Tensor, n_keep: int, previous_keep: torch.Tensor | No
         k0_set = rest[prev[rest]]
     elif k0 == "all":
         k0_set = rest
+    elif k0 == "window":
+        previous = n if previous_keep is None else int(previous_keep.sum())
+        k0_set = rest[: max(previous - n_keep, 0)]
     else:
-        raise ValueError(f"k0 must be 'dropped' or 'all', got {k0!r}")
+        raise ValueError(f"k0 must be 'dropped', 'all' or 'window', got {k0!r}")
     pairs = min(k0_set.numel(), n_keep)
     k1l = k1[n_keep - pairs:]
     k1h = k1[: n_keep - pairs]
@@ -213,7 +219,8 @@ def vaks_eps(num_pairs: int, eps_max: float, adaptive: bool = True) -> torch.Ten
     With 0-based rank positions x' in K1 and |K1L| = |K0| = L,
     eps(x') = eps_m / L (x' - |K1|) + eps_m = eps_m j / L for the j-th K1L
     point: it rises linearly from 0 to eps_m (exclusive), as in the official
-    code. ``adaptive=False`` is the ablation with eps = eps_m for all pairs.
+    code (which computes it in float32: :func:`kcd_fast.official.pair_eps`, within 6e-8 of this).
+    ``adaptive=False`` is the ablation with eps = eps_m for all pairs.
     Returns float64 [L].
     """
     if not adaptive:

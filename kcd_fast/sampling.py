@@ -107,8 +107,9 @@ class KCDDataset(Dataset):
     ``(1 - ε) x + ε x_j``, each transformed first, with the point's own label.
     It runs in the loader workers, so the GPU does no extra pass and the
     teacher sees the same mixed input as the student. Each stage mixes the original inputs, so the
-    mixes do not compound (for the official code's persistent pixel mixing, see
-    :meth:`KnowledgeCondenser.mix_buffer_`). ``mix=False`` returns
+    mixes do not compound (mixes that do, in a buffer held in memory:
+    :meth:`KnowledgeCondenser.mix_buffer_`, or the official code's truncating pixel mixing,
+    :func:`kcd_fast.official.mix_pixels_`). ``mix=False`` returns
     plain (x, y, index) (the VAKS then lives elsewhere, e.g. in a soft-label buffer).
     """
 

@@ -478,7 +478,7 @@ def _last_visit_loop(last, indices, entropy):
 def test_last_visit_record_is_the_last_finite_visit_with_duplicates(device, seed):
     """w/o OVR with a sampler with replacement: duplicates in a batch. CUDA's index_put_ has no defined
     winner among them; the record must be the last finite visit, the same on every device."""
-    from kcd_fast.condenser import _record_last_visit_
+    from kcd_fast.ops import record_last_visit_
     g = torch.Generator().manual_seed(seed)
     n, b = 37, 301
     last = torch.randn(n, generator=g)
@@ -490,9 +490,9 @@ def test_last_visit_record_is_the_last_finite_visit_with_duplicates(device, seed
     entropy[39] = float("nan")  # the long run's last visit is not finite: an earlier one counts
     expected = _last_visit_loop(last, indices, entropy)
     got = last.to(device)
-    _record_last_visit_(got, indices.to(device, torch.int32), entropy.to(device))
+    record_last_visit_(got, indices.to(device, torch.int32), entropy.to(device))
     assert torch.equal(got.cpu(), expected)
-    _record_last_visit_(got, indices[:0].to(device), entropy[:0].to(device))  # an empty batch: no change
+    record_last_visit_(got, indices[:0].to(device), entropy[:0].to(device))  # an empty batch: no change
     assert torch.equal(got.cpu(), expected)
 
 

@@ -896,6 +896,12 @@ def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, 
     (["--storage", "topk", "--knowledge-fill", "pass"],
      ["--storage topk: it applies to --knowledge cached", "--knowledge-fill pass: it applies to --knowledge cached"]),
     (["--knowledge", "cached", "--topk", "5"], ["--topk 5: it applies to --storage topk"]),
+    (["--protocol", "official", "--schedule", "linear", "--k0", "all", "--rho", "0.5"],
+     ["--schedule linear: it applies to --protocol paper (the official protocol makes its own schedule, record, "
+      "pairs and eps)",
+      "--k0 all: it applies to --protocol paper (the official protocol makes its own schedule, record, pairs and "
+      "eps)"]),
+    (["--no-kcd", "--protocol", "official"], ["--protocol official: it applies to KCD, which --no-kcd turns off"]),
     (["--knowledge", "cached", "--storage", "topk", "--topk", "5"], []),
     (["--dkd-beta", "4", "--kd-weight", "0.5"], ["--dkd-beta 4.0: it applies to --distill dkd"]),
     (["--distill", "dkd", "--dkd-beta", "4", "--kd-weight", "0.5"], ["--kd-weight 0.5: it applies to --distill kd"]),
@@ -1457,3 +1463,64 @@ def test_resume_accepts_the_same_condensed_file_by_another_path(tmp_path, digits
     given.write_bytes((tmp_path / "b/condensed.pt").read_bytes())  # another set under the same name
     assert M.cli([*common, "--output-dir", str(tmp_path / "o2"), "--condensed", str(given)]) == 2
     assert "was made with other settings (--condensed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- --protocol official
+
+
+def test_official_protocol_condenses_after_each_stage_and_mixes_the_pixels(tmp_path, digits_teacher, monkeypatch,
+                                                                           capsys):
+    """--protocol official: condensations after the 1-based epochs T, 2T, ..., I (the last one's set is
+    never trained on), the official drop size, and the plan's pairs mixed into the in-memory pixels
+    (not by the loader), persistently."""
+    from kcd_fast import official
+    from kcd_fast.sampling import KCDDataset
+
+    mixes, datasets = [], []
+    real_mix, real_init = official.mix_pixels_, KCDDataset.__init__
+    monkeypatch.setattr(official, "mix_pixels_", lambda *a: mixes.append([t.clone() for t in a[1:]]) or real_mix(*a))
+
+    def init(self, dataset, condenser, mix=True):
+        datasets.append(mix)
+        real_init(self, dataset, condenser, mix)
+
+    monkeypatch.setattr(KCDDataset, "__init__", init)
+    summary = M.main(args_of("--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "o"),
+                             "--protocol", "official", "--k0", "all", *QUICK, "--epochs", "6", "--stage-epochs", "2"))
+    assert "ignoring --k0 all: it applies to --protocol paper" in capsys.readouterr().out
+    n, drop = 1437, int(1437 * 0.3 / 6)
+    rows = [json.loads(x) for x in (tmp_path / "o/metrics.jsonl").read_text().splitlines()]
+    assert [r["condensed"] for r in rows] == [False, True] * 3
+    assert [r["samples"] for r in rows] == [n, n, n - drop, n - drop, n - 2 * drop, n - 2 * drop]
+    assert [st["kept"] for st in summary["stages"]] == [n - drop, n - 2 * drop, n - 3 * drop]
+    assert summary["C"] == pytest.approx(sum(r["samples"] for r in rows) / (6 * n))
+    assert datasets == [False], "the loader must not mix again what the pixels hold"
+    assert len(mixes) == 3 and all(len(dst) == drop for dst, _, _ in mixes)
+    assert all(torch.equal(eps, official.pair_eps(drop)) for _, _, eps in mixes)
+    assert len(list((tmp_path / "o").glob("pixels-state-e*.pt"))) == 1
+
+
+def test_official_protocol_resumes_like_an_uninterrupted_run(tmp_path, digits_teacher, monkeypatch):
+    """The official record (one entropy per epoch, float64 sums) and the mixed pixels are part of the
+    checkpoint: a run killed after a condensation ends as the uninterrupted one."""
+    common = ["--teacher-weights", str(digits_teacher), "--protocol", "official", *QUICK, "--epochs", "6",
+              "--stage-epochs", "2"]
+    M.main(args_of("--output-dir", str(tmp_path / "full"), *common))
+    killed = _killed_at_evaluate(monkeypatch, 4)  # epochs 0-2 checkpointed: after the first condensation
+    with pytest.raises(killed):
+        M.main(args_of("--output-dir", str(tmp_path / "killed"), *common))
+    monkeypatch.undo()
+    M.main(args_of("--output-dir", str(tmp_path / "killed"), *common, "--resume"))
+    a, b = (torch.load(tmp_path / f"{d}/student.pth") for d in ("full", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(*(torch.load(next((tmp_path / d).glob("pixels-state-e*.pt"))) for d in ("full", "killed")))
+
+
+def test_official_protocol_runs_in_one_process(tmp_path, digits_teacher):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "kcd_fast.train", "--teacher-weights", str(digits_teacher), "--output-dir", str(tmp_path / "ddp"),
+           "--epochs", "2", "--stage-epochs", "1", "--no-progress", "--no-plots", "--device", "cpu",
+           "--protocol", "official"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "protocol='official' runs in one process" in res.stderr, res.stderr[-2000:]

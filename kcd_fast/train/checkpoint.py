@@ -22,16 +22,20 @@ RESUME_KEYS = (
     "weight_decay", "amp", "seed", "distill", "kd_temperature", "ce_weight", "kd_weight", "ce_weight_dkd",
     "dkd_alpha", "dkd_beta", "dkd_warmup", "kcd", "stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0",
     "selection", "online_recording", "vaks", "adaptive_eps", "entropy_temperature", "condensed", "knowledge",
-    "storage", "topk", "knowledge_dtype", "knowledge_fill")
+    "storage", "topk", "knowledge_dtype", "knowledge_fill", "protocol")
+# Options added after kcd_fast 0.1.0, with the behaviour its checkpoints' runs had.
+ADDED_OPTIONS = {"protocol": "paper"}
 # Keys of a checkpoint this trainer writes, and of its run identity ("args").
 CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "condenser", "epoch", "history", "best", "args",
                    "knowledge_state", "fill_forwards", "fill_time_s", "teacher_score", "samples", "wall_time_s")
-IDENTITY_KEYS = (*RESUME_KEYS, "world_size", "workers", "teacher_hash", "condensed_hash")
+IDENTITY_KEYS = (*(k for k in RESUME_KEYS if k not in ADDED_OPTIONS), "world_size", "workers", "teacher_hash",
+                 "condensed_hash")
+OPTIONAL_KEYS = {"pixels_state": None}  # protocol="official": the mixed pixels as of the checkpoint
 
 # A run's own outputs in --output-dir (a teacher trained here, teacher-*.pth, is a cache and stays).
 RUN_OUTPUTS = ("checkpoint.pth", "student.pth", "student_best.pth", "condensed.pt", "summary.json", "metrics.jsonl",
-               "knowledge-state-e*.kcdk", "plots/accuracy_kept.png", "plots/value_distribution.png",
-               "plots/rank_likelihood.png", "tb/events.out.tfevents.*")
+               "knowledge-state-e*.kcdk", "pixels-state-e*.pt", "plots/accuracy_kept.png",
+               "plots/value_distribution.png", "plots/rank_likelihood.png", "tb/events.out.tfevents.*")
 
 
 def identity(cfg, teacher_hash: str) -> dict:
@@ -68,8 +72,8 @@ def read_for_resume(cfg) -> dict:
     if missing:
         raise UserError(f"--resume: {path} lacks {', '.join(missing[:4])}{' and more' if len(missing) > 4 else ''}: "
                         f"it was written by another version of kcd_fast; start a new run without --resume")
-    _check_same_settings(cfg, ckpt["args"], path)
-    return ckpt
+    _check_same_settings(cfg, {**ADDED_OPTIONS, **ckpt["args"]}, path)
+    return {**OPTIONAL_KEYS, **ckpt}
 
 
 def _check_same_settings(cfg, before: dict, path: Path) -> None:
@@ -176,9 +180,10 @@ def clear_previous_run(cfg) -> None:
               f"run's{kept}", flush=True)
 
 
-def drop_stale_states(out: Path, keep: str | None, inputs=None) -> None:
-    """Remove the knowledge-state files of earlier epochs (all but ``keep`` and a --knowledge-file)."""
+def drop_stale_states(out: Path, keep, inputs=None) -> None:
+    """Remove the state files of earlier epochs (knowledge buffers, mixed pixels): all but the names
+    in ``keep`` and a --knowledge-file."""
     given = Path(inputs) if inputs and os.path.isfile(inputs) else None
-    for f in out.glob("knowledge-state-e*.kcdk"):
-        if f.name != keep and not (given is not None and f.samefile(given)):
+    for f in [*out.glob("knowledge-state-e*.kcdk"), *out.glob("pixels-state-e*.pt")]:
+        if f.name not in keep and not (given is not None and f.samefile(given)):
             f.unlink(missing_ok=True)

@@ -183,9 +183,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     c.add_argument("--eps-max", type=float, default=0.3, help="eps_m of Eq. 15")
     c.add_argument("--schedule", default="exp", choices=["exp", "linear"],
                    help="how the kept fraction tau^t falls to rho over the stages")
-    c.add_argument("--k0", default="dropped", choices=["dropped", "all"],
-                   help="VAKS partners: the points dropped at this stage (the official code) or every dropped "
-                        "point (the paper's text)")
+    c.add_argument("--k0", default="dropped", choices=["dropped", "all", "window"],
+                   help="VAKS partners: dropped, the points kept before and dropped at this stage; all, every "
+                        "dropped point (the paper's text); window, the rank positions just below the cut, kept "
+                        "before or not (the official code's pairing)")
     c.add_argument("--selection", default="kcd", choices=["kcd", "random"], help="random: OGVE w/ random")
     c.add_argument("--online-recording", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-online-recording: w/o OVR (value = last visit's entropy)")
@@ -195,6 +196,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="--no-adaptive-eps: eps = eps_m for all pairs")
     c.add_argument("--entropy-temperature", type=float, default=1.0, help="temperature of the recorded entropy")
     c.add_argument("--condensed", default=None, help="train on a condensed set saved by another run (Fig. 4)")
+    c.add_argument("--protocol", default="paper", choices=["paper", "official"],
+                   help="paper: Alg. 1 as the paper states it (the options above); official: the official code's "
+                        "selection (its record, schedule, drop size, K0 window and eps, truncating pixel mixing "
+                        "that compounds; docs/paper-notes.md), in one process")
 
     q = p.add_argument_group("knowledge source")
     q.add_argument("--knowledge", default="online", choices=["online", "cached"],
@@ -461,10 +466,13 @@ def _unused_options(args, defaults: dict) -> list[tuple[str, str]]:
     if args.fake_on_device and (args.teacher_weights or file_given):
         off(("workers",), "data loaders, which --fake-on-device does without")
     if not args.kcd:
-        off(KCD_OPTIONS, "KCD, which --no-kcd turns off")
+        off(KCD_OPTIONS + ("protocol",), "KCD, which --no-kcd turns off")
     elif args.condensed:
-        off(KCD_OPTIONS, "condensing, which --condensed replaces by the file's fixed set and pairs")
+        off(KCD_OPTIONS + ("protocol",), "condensing, which --condensed replaces by the file's fixed set and pairs")
     else:
+        if args.protocol == "official":
+            off(("schedule", "k0", "online_recording", "adaptive_eps"),
+                "--protocol paper (the official protocol makes its own schedule, record, pairs and eps)")
         if not args.vaks:
             off(("k0", "eps_max", "adaptive_eps"), "VAKS, which --no-vaks turns off")
         if args.selection == "random":

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from kcd_fast.data import eval_view
+from kcd_fast.data import InMemoryImageDataset, eval_view
 from kcd_fast.sampling import KCDDataset, NoSingletonBatches, mix_inputs
 from kcd_fast.train.config import UserError
 
@@ -60,6 +60,19 @@ def train_data(cfg, bundle) -> TrainData:
         # __getitem__'s); device tensors are read in this process, without loader workers.
         data.train_eval = torch.utils.data.TensorDataset(x, y)
     return data
+
+
+def pixel_buffer(train_set):
+    """The uint8 images a training set holds in memory, and each of its samples' row in them
+    (``--protocol official`` mixes those pixels in place, as the official code mixes CIFAR's), or
+    None for a set that reads its images from files or makes them (ImageNet folders, fake data)."""
+    base, rows = train_set, None
+    if isinstance(train_set, Subset):
+        base, rows = train_set.dataset, torch.as_tensor(train_set.indices, dtype=torch.int64)
+    images = getattr(base, "images", None)
+    if not isinstance(base, InMemoryImageDataset) or not isinstance(images, torch.Tensor):
+        return None
+    return images, rows if rows is not None else torch.arange(len(base))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int, stream: str) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from kcd_fast import official
 from kcd_fast.condenser import KnowledgeCondenser, measured_cost
 from kcd_fast.data import CorruptImageError, DatasetNotFoundError, build_datasets
 from kcd_fast.files import file_hash
@@ -48,6 +49,8 @@ class Run:
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": -1})
     knowledge_state: str | None = None  # the buffer's state file as of the last checkpoint (cached mode)
+    pixels: tuple | None = None  # --protocol official: (uint8 images, each sample's row), mixed in place
+    pixels_state: str | None = None  # their state file as of the last checkpoint
     fill_forwards: int = 0
     fill_time: float = 0.0
     wall_before: float = 0.0
@@ -104,11 +107,14 @@ def build_condenser(cfg, n: int) -> KnowledgeCondenser | None:
     if not cfg.kcd:
         return None
     try:
+        settings = dict(schedule=cfg.schedule, k0=cfg.k0, online_recording=cfg.online_recording,
+                        adaptive_eps=cfg.adaptive_eps, protocol="paper")
+        if cfg.protocol == "official" and not cfg.condensed:
+            settings = _OFFICIAL_DEFAULTS
         condenser = KnowledgeCondenser(
             n, epochs=cfg.epochs, stage_epochs=cfg.epochs if cfg.condensed else cfg.stage_epochs, rho=cfg.rho,
-            alpha=cfg.alpha, eps_max=cfg.eps_max, schedule=cfg.schedule, k0=cfg.k0, selection=cfg.selection,
-            online_recording=cfg.online_recording, vaks=cfg.vaks, adaptive_eps=cfg.adaptive_eps,
-            temperature=cfg.entropy_temperature, device=cfg.device, seed=cfg.seed)
+            alpha=cfg.alpha, eps_max=cfg.eps_max, selection=cfg.selection, vaks=cfg.vaks,
+            temperature=cfg.entropy_temperature, device=cfg.device, seed=cfg.seed, **settings)
         if cfg.condensed:
             condenser.load_condensed(cfg.condensed)
     except (ValueError, TypeError) as exc:
@@ -117,6 +123,10 @@ def build_condenser(cfg, n: int) -> KnowledgeCondenser | None:
                  f"training samples{' (--train-subset)' if cfg.train_subset else ''}")
         raise UserError(f"{where}: {exc}") from None
     return condenser
+
+
+# --protocol official makes its own schedule, record, pairs and eps (the options are named as ignored).
+_OFFICIAL_DEFAULTS = dict(protocol="official", schedule="exp", k0="dropped", online_recording=True, adaptive_eps=True)
 
 
 def open_knowledge(run: Run, ckpt) -> None:
@@ -175,8 +185,14 @@ def setup_student(run: Run) -> None:
                                     weight_decay=cfg.weight_decay)
     run.scheduler = engine.build_scheduler(run.optimizer, cfg)
     run.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    run.loader, run.sampler, run.loader_gen = loaders.train_loader(cfg, run.data, run.condenser,
-                                                                   mix=cfg.knowledge != "cached")
+    online_official = cfg.protocol == "official" and cfg.knowledge == "online" and cfg.kcd and not cfg.condensed
+    run.pixels = loaders.pixel_buffer(run.data.train) if online_official else None
+    if online_official and run.pixels is None and distributed.is_main(cfg):
+        print(f"kcd_fast: note: --protocol official mixes pixels in place for the datasets held in memory; "
+              f"{cfg.dataset}'s inputs are mixed per sample as with --protocol paper", flush=True)
+    # VAKS on the inputs in the loader, unless the soft labels are cached or the official protocol mixes pixels.
+    run.loader, run.sampler, run.loader_gen = loaders.train_loader(
+        cfg, run.data, run.condenser, mix=cfg.knowledge != "cached" and run.pixels is None)
 
 
 def restore(run: Run, ckpt) -> None:
@@ -192,6 +208,9 @@ def restore(run: Run, ckpt) -> None:
         run.condenser.load_state_dict(ckpt["condenser"])
     run.start_epoch, run.history, run.best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
     run.fill_forwards, run.fill_time, run.wall_before = ckpt["fill_forwards"], ckpt["fill_time_s"], ckpt["wall_time_s"]
+    run.pixels_state = ckpt["pixels_state"]
+    if run.pixels is not None and run.pixels_state:  # the pixels as mixed so far: the mixes compound
+        run.pixels[0].copy_(torch.load(run.out / run.pixels_state, weights_only=True))
     run.status.checkpointed = True
     if distributed.is_main(run.cfg):
         print(f"kcd_fast: resumed from {run.out / 'checkpoint.pth'} after epoch {run.start_epoch}/{run.cfg.epochs}",
@@ -255,6 +274,10 @@ def run_epoch(run: Run, epoch: int) -> None:
         run.knowledge_state = f"knowledge-state-e{epoch}.kcdk"
         if distributed.is_main(cfg):
             run.knowledge.save(run.out / run.knowledge_state)
+    if run.pixels is not None and plan is not None and cfg.vaks:
+        run.pixels_state = f"pixels-state-e{epoch}.pt"
+        if distributed.is_main(cfg):
+            checkpoint.save(run.pixels[0], run.out / run.pixels_state)
     val = engine.evaluate(run.student, run.data.val, cfg, run.device)
     run.forwards_total += stats["teacher_forwards"]
     passed = sum(h["samples"] for h in run.history) + stats["samples"]
@@ -270,8 +293,13 @@ def end_stage(run: Run, epoch: int):
     """Alg. 1 lines 8-14 at a stage boundary (the condenser's E-step); with cached knowledge, VAKS then
     mixes the buffer's soft labels with the plan's pairs (Eq. 14). Returns the plan, or None."""
     plan = run.condenser.end_epoch(epoch) if run.condenser is not None else None
-    if run.knowledge is not None and plan is not None and run.cfg.vaks and plan.k1l.numel():
+    if plan is None or not run.cfg.vaks or not plan.k1l.numel():
+        return plan
+    if run.knowledge is not None:
         run.knowledge.mix_(plan.k1l, plan.k0, plan.eps)
+    elif run.pixels is not None:  # --protocol official: the pixels, in place, truncated (Eq. 14)
+        images, rows = run.pixels
+        official.mix_pixels_(images, rows[plan.k1l.cpu()], rows[plan.k0.cpu()], plan.eps.cpu())
     return plan
 
 
@@ -285,7 +313,7 @@ def record_epoch(run: Run, row: dict, plan) -> None:
     # Under DDP, every rank takes part in the condenser's state (it merges the ranks' records first).
     condenser_state = run.condenser.state_dict() if run.condenser is not None else None
     if distributed.is_main(cfg):
-        stage_note = f", condensed to {plan.num_kept}/{run.data.n} (|K1L|={plan.k1l.numel()})" if plan is not None else ""
+        stage_note = "" if plan is None else f", condensed to {plan.num_kept}/{run.data.n} (|K1L|={plan.k1l.numel()})"
         print(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, top-1 {row['top1']:.2f}%, "
               f"top-5 {row['top5']:.2f}%, samples {row['samples']}, C so far {row['C_so_far']:.3f}, "
               f"{row['epoch_time']:.1f}s{stage_note}", flush=True)
@@ -297,10 +325,10 @@ def record_epoch(run: Run, row: dict, plan) -> None:
                          "epoch": epoch, "history": run.history, "best": run.best,
                          "args": checkpoint.identity(cfg, run.teacher_hash), "knowledge_state": run.knowledge_state,
                          "fill_forwards": run.fill_forwards, "fill_time_s": run.fill_time,
-                         "teacher_score": run.teacher_score, "samples": run.samples,
+                         "teacher_score": run.teacher_score, "samples": run.samples, "pixels_state": run.pixels_state,
                          "wall_time_s": run.wall_before + time.time() - run.t_start}, run.out / "checkpoint.pth")
         run.status.checkpointed = True
-        checkpoint.drop_stale_states(run.out, keep=run.knowledge_state, inputs=cfg.knowledge_file)
+        checkpoint.drop_stale_states(run.out, keep=(run.knowledge_state, run.pixels_state), inputs=cfg.knowledge_file)
         outputs.write_metrics(run.out, run.history)
         if run.writer is not None:
             for key in ("train_loss", "val_loss", "top1", "top5", "kept_fraction", "C_so_far", "lr"):
