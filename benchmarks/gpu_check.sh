@@ -4,6 +4,8 @@
 #     bash benchmarks/gpu_check.sh                  # all: about 6 min on an H200
 #     bash benchmarks/gpu_check.sh update-values    # about 2 min: build, update_values' tests, its benchmarks and the sweep
 #     bash benchmarks/gpu_check.sh wall-ratio       # about 5 min: build, all the GPU tests, the whole runs
+#     bash benchmarks/gpu_check.sh distillers       # build, the distillers' and CRD kernel's tests, crd_kernel.json,
+#                                                   # distiller_step.json, lightning_callback_step.json
 # `update-values` re-times update_values alone, e.g. after a change of its default launch configuration;
 # `wall-ratio` re-establishes the tests' verdict and measures the whole runs, without the op-by-op
 # profile and the benchmarks, e.g. after a change that touches only tests.
@@ -21,8 +23,8 @@
 # the C++ error path is then traced with cuda-gdb.
 set -uo pipefail
 MODE=${1:-all}
-case "$MODE" in all|update-values|wall-ratio) ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [all|update-values|wall-ratio]" >&2; exit 2 ;; esac
+case "$MODE" in all|update-values|wall-ratio|distillers) ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [all|update-values|wall-ratio|distillers]" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 KCD_FAST_EXPECT_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 t0=$(date +%s)
@@ -61,6 +63,7 @@ tests=(tests/test_cuda.py tests/test_update_values.py tests/test_rank.py tests/t
        tests/test_build.py tests/test_knowledge.py tests/test_condenser.py tests/test_kd_loss.py
        benchmarks/test_step.py::test_observe_has_no_host_sync)
 [ "$MODE" = update-values ] && tests=(tests/test_update_values.py benchmarks/test_step.py::test_observe_has_no_host_sync)
+[ "$MODE" = distillers ] && tests=(tests/test_crd.py tests/test_distillers.py tests/test_integrations.py)
 timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" "${tests[@]}" \
   > "$OUT/tests.log" 2>&1
 status=$?
@@ -77,6 +80,17 @@ if [ "$status" -ne 0 ]; then
   echo "VERDICT: correctness FAILED (pytest rc $status)" >> "$OUT/tests.log"
 else
   echo "VERDICT: correctness passed" >> "$OUT/tests.log"
+fi
+
+if [ "$MODE" = distillers ]; then
+  stamp "CRD's scores kernel against gather + bmm at ImageNet size"
+  timeout "$(cap 120)" python3 benchmarks/crd_kernel.py --out "$OUT/crd_kernel.json" 2>&1 | tail -n 20
+  stamp "each distiller's step against KD's, and the taps alone"
+  timeout "$(cap 120)" python3 benchmarks/distiller_step.py --out "$OUT/distiller_step.json" 2>&1 | tail -n 12
+  stamp "the Lightning callback's step cost"
+  timeout "$(cap 120)" python3 benchmarks/lightning_callback_step.py --out "$OUT/lightning_callback_step.json" 2>&1 \
+    | tail -n 12
+  stamp "done: results in $OUT"; exit 0
 fi
 
 # The whole runs before the benchmarks, so that a deadline reached early cuts the benchmarks instead:

@@ -12,6 +12,11 @@ ShuffleV2 are in :mod:`kcd_fast.models.cifar_mobile`.
 Designed for 32x32 inputs; all use adaptive average pooling before the classifier (the
 zoo's ResNets and WRNs pool a fixed 8x8 window, the same thing on 32x32 inputs), so any
 input of at least 8x8 works.
+
+Where a value that feature distillers read is computed by a functional ``F.relu``, the forward
+passes it through an ``nn.Identity`` named ``tap_*`` (a tap point for the forward hooks of
+:mod:`kcd_fast.distillers.taps`): it owns no parameters or buffers, so the state_dict keys stay
+the zoo's and its checkpoints still load strictly.
 """
 from __future__ import annotations
 
@@ -59,10 +64,11 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(
                 nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
             )
+        self.tap_preact = nn.Identity()  # tap point: the sum before the final ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return F.relu(self.tap_preact(out + (x if self.downsample is None else self.downsample(x))))
 
 
 class CifarResNet(nn.Module):
@@ -77,6 +83,7 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = _conv3x3(in_channels, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0])
+        self.tap_stem = nn.Identity()  # tap point: the stem's output, after its ReLU
         cin = widths[0]
         for i, cout in enumerate(widths[1:]):
             blocks = []
@@ -88,7 +95,7 @@ class CifarResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.tap_stem(F.relu(self.bn1(self.conv1(x))))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(_global_pool(x))
 
@@ -115,12 +122,13 @@ class Bottleneck(nn.Module):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
             )
+        self.tap_preact = nn.Identity()  # tap point: the sum before the final ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return F.relu(self.tap_preact(out + (x if self.shortcut is None else self.shortcut(x))))
 
 
 class CifarBottleneckResNet(nn.Module):
@@ -137,6 +145,7 @@ class CifarBottleneckResNet(nn.Module):
             raise ValueError(f"a bottleneck ResNet has 4 stages, got {len(depths)}")
         self.conv1 = _conv3x3(in_channels, 64)
         self.bn1 = nn.BatchNorm2d(64)
+        self.tap_stem = nn.Identity()  # tap point: the stem's output, after its ReLU
         cin = 64
         for i, (width, n) in enumerate(zip((64, 128, 256, 512), depths)):
             blocks = []
@@ -148,7 +157,7 @@ class CifarBottleneckResNet(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.tap_stem(F.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.linear(_global_pool(x))
 
@@ -248,18 +257,20 @@ class CifarVGG(nn.Module):
             self.add_module(f"block{i}", nn.Sequential(*layers[:-1]))
         for i in range(4):
             self.add_module(f"pool{i}", nn.MaxPool2d(2, 2))
+        for i in range(5):  # tap points: each stage's output after its ReLU
+            self.add_module(f"tap_relu{i}", nn.Identity())
         self.classifier = nn.Linear(cin, num_classes)
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tiny_imagenet = x.shape[2] == 64
-        x = self.pool0(F.relu(self.block0(x)))
-        x = self.pool1(F.relu(self.block1(x)))
-        x = self.pool2(F.relu(self.block2(x)))
-        x = F.relu(self.block3(x))
+        x = self.pool0(self.tap_relu0(F.relu(self.block0(x))))
+        x = self.pool1(self.tap_relu1(F.relu(self.block1(x))))
+        x = self.pool2(self.tap_relu2(F.relu(self.block2(x))))
+        x = self.tap_relu3(F.relu(self.block3(x)))
         if tiny_imagenet:
             x = self.pool3(x)
-        x = F.relu(self.block4(x))
+        x = self.tap_relu4(F.relu(self.block4(x)))
         return self.classifier(_global_pool(x))
 
 

@@ -10,6 +10,10 @@ computes the zoo's logits and returns them only.
 Designed for 32x32 inputs; all use adaptive average pooling before the classifier (the
 zoo pools a fixed window that covers the whole last feature map of a 32x32 input), so any
 input of at least 8x8 works.
+
+As there, values that feature distillers read but a functional ``F.relu`` computes pass through
+``nn.Identity`` tap points named ``tap_*`` (no state_dict entries; see
+:mod:`kcd_fast.distillers.taps`).
 """
 from __future__ import annotations
 
@@ -122,6 +126,7 @@ class ShuffleV1Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, branch, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(branch)
+        self.tap_preact = nn.Identity()  # tap point: the merged branches before the final ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.groups1)
@@ -129,8 +134,8 @@ class ShuffleV1Block(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
             # The zoo's nn.AvgPool2d(3, stride=2, padding=1): zero padding counts in the mean.
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
-        return F.relu(out + x)
+            return F.relu(self.tap_preact(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1)))
+        return F.relu(self.tap_preact(out + x))
 
 
 class ShuffleNetV1(nn.Module):
@@ -143,6 +148,7 @@ class ShuffleNetV1(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
+        self.tap_stem = nn.Identity()  # tap point: the stem's output, after its ReLU
         cin = 24
         for i, (cout, n) in enumerate(zip(widths, depths)):
             units = []
@@ -155,7 +161,7 @@ class ShuffleNetV1(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.tap_stem(F.relu(self.bn1(self.conv1(x))))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.linear(_global_pool(x))
 
@@ -163,7 +169,13 @@ class ShuffleNetV1(nn.Module):
 class ShuffleV2Block(nn.Module):
     """ShuffleNetV2 basic unit: the channels are split in halves; the second half goes through
     1x1 ``conv1``-bn1-ReLU, 3x3 depthwise ``conv2``-bn2, 1x1 ``conv3``-bn3-ReLU and is
-    concatenated after the untouched first half; then a channel shuffle of 2 groups."""
+    concatenated after the untouched first half; then a channel shuffle of 2 groups.
+
+    The final ReLU is applied after the concatenation and shuffle (both channel permutations),
+    through the tap point ``tap_preact``: the same output, since the untouched half is itself a
+    ReLU output (the unit's input is a ShuffleV2 unit's output), so ReLU leaves it as it is;
+    its gradient is the same too, as the upstream ReLU passes none where the half is 0. The tap
+    point sees the zoo's pre-activation feature, shuffle(cat(half, bn3(conv3(...))))."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -174,14 +186,14 @@ class ShuffleV2Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(half)
         self.conv3 = nn.Conv2d(half, half, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
+        self.tap_preact = nn.Identity()  # tap point: the shuffled unit before the final ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = x.shape[1] // 2
         keep, x = x[:, :half], x[:, half:]
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return _channel_shuffle(torch.cat([keep, out], 1), 2)
+        out = self.bn3(self.conv3(self.bn2(self.conv2(out))))
+        return F.relu(self.tap_preact(_channel_shuffle(torch.cat([keep, out], 1), 2)))
 
 
 class ShuffleV2DownBlock(nn.Module):
@@ -224,6 +236,7 @@ class ShuffleNetV2(nn.Module):
             raise ValueError("ShuffleNetV2 needs one width per stage and one for conv2")
         self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
+        self.tap_stem = nn.Identity()  # tap point: the stem's output, after its ReLU
         cin = 24
         for i, (cout, n) in enumerate(zip(widths, depths)):
             units = [ShuffleV2DownBlock(cin, cout)] + [ShuffleV2Block(cout) for _ in range(n)]
@@ -235,7 +248,7 @@ class ShuffleNetV2(nn.Module):
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.tap_stem(F.relu(self.bn1(self.conv1(x))))
         x = self.layer3(self.layer2(self.layer1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         return self.linear(_global_pool(x))

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Subset
 
 from kcd_fast.files import atomic_write, file_hash
-from kcd_fast.train.config import UserError
+from kcd_fast.train.config import UserError, distiller_options
 
 # What a resumed run must share with the checkpoint's run, or it would not continue it.
 RESUME_KEYS = (
@@ -22,15 +22,19 @@ RESUME_KEYS = (
     "weight_decay", "amp", "seed", "distill", "kd_temperature", "ce_weight", "kd_weight", "ce_weight_dkd",
     "dkd_alpha", "dkd_beta", "dkd_warmup", "kcd", "stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0",
     "selection", "online_recording", "vaks", "adaptive_eps", "entropy_temperature", "condensed", "knowledge",
-    "storage", "topk", "knowledge_dtype", "knowledge_fill", "protocol")
-# Options added after kcd_fast 0.1.0, with the behaviour its checkpoints' runs had.
-ADDED_OPTIONS = {"protocol": "paper"}
+    "storage", "topk", "knowledge_dtype", "knowledge_fill", "protocol",
+    *(option for _, option, *_ in distiller_options()))
+# Options added after kcd_fast 0.1.0, with the behaviour its checkpoints' runs had (a feature
+# distiller's options are None in a run that does not use it).
+ADDED_OPTIONS = {"protocol": "paper", **{option: None for _, option, *_ in distiller_options()}}
 # Keys of a checkpoint this trainer writes, and of its run identity ("args").
 CHECKPOINT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "condenser", "epoch", "history", "best", "args",
                    "knowledge_state", "fill_forwards", "fill_time_s", "teacher_score", "samples", "wall_time_s")
 IDENTITY_KEYS = (*(k for k in RESUME_KEYS if k not in ADDED_OPTIONS), "world_size", "workers", "teacher_hash",
                  "condensed_hash")
-OPTIONAL_KEYS = {"pixels_state": None}  # protocol="official": the mixed pixels as of the checkpoint
+# protocol="official": the mixed pixels as of the checkpoint; a feature distiller's state (its
+# connectors, heads, memory banks).
+OPTIONAL_KEYS = {"pixels_state": None, "distiller": None}
 
 # A run's own outputs in --output-dir (a teacher trained here, teacher-*.pth, is a cache and stays).
 RUN_OUTPUTS = ("checkpoint.pth", "student.pth", "student_best.pth", "condensed.pt", "summary.json", "metrics.jsonl",

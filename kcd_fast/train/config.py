@@ -3,6 +3,7 @@ that :func:`resolve` builds from them once, after checking every number and path
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import math
 import os
@@ -10,7 +11,7 @@ from types import MappingProxyType
 
 import torch
 
-from kcd_fast import distill
+from kcd_fast import distill, distillers
 from kcd_fast.data import DATASETS, DEFAULT_DATA_DIRS
 from kcd_fast.models import available_models, default_models
 
@@ -163,7 +164,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     k = p.add_argument_group("distillation")
     k.add_argument("--distill", default="kd",
-                   help=f"logit loss: {', '.join(sorted(distill.LOSSES))}, or one registered by --loss-module")
+                   help=f"the distiller: a logit loss ({', '.join(sorted(distill.LOSSES))}, or one registered by "
+                        f"--loss-module) or a feature distiller ({', '.join(sorted(feature_distillers()))}); see "
+                        f"docs/distillers.md")
     k.add_argument("--loss-module", default=None,
                    help="a module to import first, which registers losses with kcd_fast.distill.register_loss")
     k.add_argument("--kd-temperature", type=float, default=4.0, help="temperature of the distillation loss")
@@ -173,6 +176,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     k.add_argument("--dkd-alpha", type=float, default=1.0, help="dkd: weight of the target-class term")
     k.add_argument("--dkd-beta", type=float, default=8.0, help="dkd: weight of the non-target-class term")
     k.add_argument("--dkd-warmup", type=int, default=20, help="dkd: epochs over which its weights ramp up")
+    for name, option, kind, cifar, imagenet in distiller_options():
+        shown = f"{cifar}" if cifar == imagenet else f"{cifar}; on ImageNet {imagenet}"
+        k.add_argument("--" + option.replace("_", "-"), type=kind, default=None,
+                       help=f"{name}: default {shown} (docs/distillers.md)")
 
     c = p.add_argument_group("knowledge condensation")
     c.add_argument("--kcd", action=argparse.BooleanOptionalAction, default=True,
@@ -259,6 +266,7 @@ def resolve(args: argparse.Namespace) -> Config:
             raise UserError(f"{flag} {name}: unknown model; choose one of {', '.join(available_models())}")
     cfg = _with_torchvision_teacher(cfg)
     _import_loss(cfg)
+    cfg = with_distiller_defaults(cfg)
     _check_stages(cfg, defaulted)
     _check_numbers(cfg)
     _check_paths(cfg)
@@ -293,15 +301,60 @@ def _with_torchvision_teacher(cfg: Config) -> Config:
 
 
 def _import_loss(cfg) -> None:
-    """``--loss-module`` is imported (it registers its losses), then ``--distill`` must name one."""
+    """``--loss-module`` is imported (it registers its losses), then ``--distill`` must name one, or a
+    feature distiller."""
     if cfg.loss_module:
         try:
             importlib.import_module(cfg.loss_module)
         except ImportError as exc:
             raise UserError(f"--loss-module {cfg.loss_module}: {exc}") from None
-    if cfg.distill not in distill.LOSSES:
-        raise UserError(f"--distill {cfg.distill!r} is not a registered loss; choose one of "
-                        f"{', '.join(sorted(distill.LOSSES))} (or register it in a --loss-module)")
+    if cfg.distill not in distill.LOSSES and cfg.distill not in feature_distillers():
+        raise UserError(f"--distill {cfg.distill!r} is not a registered loss or distiller; choose one of "
+                        f"{', '.join(sorted({*distill.LOSSES, *feature_distillers()}))} (or register a loss in a "
+                        f"--loss-module)")
+
+
+def feature_distillers() -> tuple[str, ...]:
+    """The registered distillers that are not logit losses (kd and dkd run as the losses above), including
+    any that a --loss-module registered with kcd_fast.distillers.register_distiller."""
+    return tuple(sorted(n for n in distillers.DISTILLERS if n not in distill.LOSSES))
+# Options of the trainer that the feature distillers' settings share with the logit losses.
+SHARED_SETTINGS = ("kd_temperature", "seed")
+
+
+def distiller_options() -> list[tuple[str, str, type, object, object]]:
+    """(distiller, option, type, CIFAR-100 default, ImageNet default) of each feature distiller's own
+    settings, in registry order: the trainer's options of those names default to None, which
+    :func:`with_distiller_defaults` fills with the run's dataset default."""
+    rows = []
+    for name in feature_distillers():
+        cifar, imagenet = distillers.default_settings(name, "cifar100"), distillers.default_settings(name, "imagenet")
+        for f in dataclasses.fields(cifar):
+            if f.name not in SHARED_SETTINGS:
+                value = getattr(cifar, f.name)
+                rows.append((name, f.name, type(value), value, getattr(imagenet, f.name)))
+    return rows
+
+
+def with_distiller_defaults(cfg) -> "Config":
+    """The chosen feature distiller's options left unset get their dataset's default, and its settings
+    are checked once (:class:`UserError` naming the option); a feature distiller that needs the
+    teacher's features of the current view refuses ``--knowledge cached``."""
+    if cfg.distill not in feature_distillers():
+        return cfg
+    defaults = distillers.default_settings(cfg.distill, cfg.dataset)
+    # Unset (None), or not an option at all (a distiller registered by a --loss-module): the default.
+    cfg = cfg.replace(**{f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)
+                         if f.name not in SHARED_SETTINGS and getattr(cfg, f.name, None) is None})
+    try:
+        distillers.distiller_settings(cfg.distill, cfg)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"--distill {cfg.distill}: {exc}") from None
+    if cfg.knowledge == "cached" and distillers.distiller_class(cfg.distill).teacher_taps:
+        raise UserError(f"--knowledge cached: --distill {cfg.distill} reads the teacher's features of each batch's "
+                        f"own view, which a buffer of soft labels does not hold; use --knowledge online, or a logit "
+                        f"distiller ({', '.join(sorted(distill.LOSSES))})")
+    return cfg
 
 
 def _check_stages(cfg, defaulted: set) -> None:
@@ -485,10 +538,13 @@ def _unused_options(args, defaults: dict) -> list[tuple[str, str]]:
         off(("lr_milestones", "lr_gamma"), "--lr-scheduler multistep")
     if not args.lr_warmup_epochs:
         off(("lr_warmup_decay",), "--lr-warmup-epochs > 0")
-    if args.distill == "kd":
+    if args.distill != "dkd":
         off(("ce_weight_dkd", "dkd_alpha", "dkd_beta", "dkd_warmup"), "--distill dkd")
-    elif args.distill == "dkd":
+    if args.distill != "kd":
         off(("ce_weight", "kd_weight"), "--distill kd")
+    for name, option, *_ in distiller_options():
+        if args.distill != name:
+            off((option,), f"--distill {name}")
     if args.dataset != "fake":
         off(("fake_size", "fake_val_size", "fake_image_size", "fake_num_classes"), "--dataset fake")
     if args.dataset != "cifar100":

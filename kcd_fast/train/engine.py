@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Subset
 
 from kcd_fast import distill
 from kcd_fast.train.config import AMP_DTYPES
+from kcd_fast.train.distillation import FeatureDistill
 from kcd_fast.train.distributed import all_reduce_sum
 from kcd_fast.train.progress import track
 
@@ -64,7 +65,8 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
 
     The teacher's knowledge comes from the teacher itself (``knowledge`` None), from it while
     filling the buffer (``fill``), or from the buffer alone. ``loss``: a :class:`Distiller` (built
-    from ``cfg`` when None). No host synchronisation per step: the loss is accumulated on the
+    from ``cfg`` when None), or a :class:`FeatureDistill`, whose module (``student``: it, or its DDP
+    wrap) runs the student and the distiller together. No host synchronisation per step: the loss is accumulated on the
     device and read once. Returns the epoch's mean loss, the samples passed and the teacher
     forwards run.
     """
@@ -72,6 +74,7 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
     if teacher is not None:
         teacher.eval()
     loss_fn = loss if loss is not None else Distiller(cfg)
+    feature = isinstance(loss_fn, FeatureDistill)
     from_buffer = knowledge is not None and not fill
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen, forwards = 0, 0
@@ -81,6 +84,7 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
+        index_on_device = index.to(device, non_blocking=True) if feature or condenser is not None else None
         with autocast(cfg):
             if not from_buffer:
                 with torch.no_grad():
@@ -88,20 +92,24 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
                 forwards += x.shape[0]
                 if fill:
                     knowledge.write(index, t_logits)
-            s_logits = student(x)
-            if from_buffer:
-                step_loss = loss_fn.from_buffer(s_logits, knowledge, index, y, epoch)
+            if feature:
+                s_logits, step_loss = loss_fn.step(student, x, t_logits, y, index_on_device, epoch)
             else:
-                step_loss = loss_fn(s_logits, t_logits, y, epoch)
+                s_logits = student(x)
+                step_loss = (loss_fn.from_buffer(s_logits, knowledge, index, y, epoch) if from_buffer
+                             else loss_fn(s_logits, t_logits, y, epoch))
         _step(optimizer, scaler, step_loss)
         if condenser is not None:
-            condenser.observe(index.to(device, non_blocking=True), s_logits.detach())
+            condenser.observe(index_on_device, s_logits.detach())
         loss_sum.add_(step_loss.detach(), alpha=y.shape[0])  # one kernel: in float64, as loss_sum is
         seen += y.shape[0]
     totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64, device=device)]),
                             cfg)
-    return {"loss": float(totals[0] / totals[1].clamp_min(1)), "samples": int(totals[1]),
-            "teacher_forwards": forwards * cfg.world_size}
+    stats = {"loss": float(totals[0] / totals[1].clamp_min(1)), "samples": int(totals[1]),
+             "teacher_forwards": forwards * cfg.world_size}
+    if feature:
+        stats["distiller"] = loss_fn.epoch_logs(seen)
+    return stats
 
 
 def _step(optimizer, scaler, loss) -> None:

@@ -15,7 +15,8 @@ from kcd_fast.condenser import KnowledgeCondenser, measured_cost
 from kcd_fast.data import CorruptImageError, DatasetNotFoundError, build_datasets
 from kcd_fast.files import file_hash
 from kcd_fast.models import build_model
-from kcd_fast.train import cached, checkpoint, config, distributed, engine, loaders, outputs, teacher as teachers
+from kcd_fast.train import cached, checkpoint, config, distillation, distributed, engine, loaders, outputs
+from kcd_fast.train import teacher as teachers
 from kcd_fast.train.config import UserError
 from kcd_fast.train.outputs import RunStatus
 
@@ -40,7 +41,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object = None
     scaler: object = None
-    loss: engine.Distiller | None = None
+    loss: engine.Distiller | distillation.FeatureDistill | None = None  # --distill
     loader: object = None
     sampler: object = None
     loader_gen: torch.Generator | None = None
@@ -78,6 +79,7 @@ def main(args, status: RunStatus | None = None) -> dict:
     out = outputs.make_output_dir(cfg, status)  # only once the run's input is known to be good
     run = Run(cfg, loaders.train_data(cfg, bundle), out, status, t_start)
     run.condenser = build_condenser(cfg, run.data.n)  # before the teacher: bad settings cost no teacher training
+    check_distiller(cfg, run.data)
     open_knowledge(run, ckpt)
     setup_teacher(run, ckpt)
     setup_student(run)
@@ -129,6 +131,28 @@ def build_condenser(cfg, n: int) -> KnowledgeCondenser | None:
 _OFFICIAL_DEFAULTS = dict(protocol="official", schedule="exp", k0="dropped", online_recording=True, adaptive_eps=True)
 
 
+def check_distiller(cfg, data: loaders.TrainData) -> None:
+    """A feature distiller is built once for untrained networks of --teacher and --student, before
+    any teacher is trained: taps an architecture lacks and shapes no connector bridges stop the run
+    here, naming the option."""
+    if cfg.distill in config.feature_distillers():
+        build_feature_distill(cfg, data, build_model(cfg.student, data.num_classes, data.in_channels),
+                              build_model(cfg.teacher, data.num_classes, data.in_channels))
+
+
+def build_feature_distill(cfg, data: loaders.TrainData, student, teacher) -> distillation.FeatureDistill:
+    """The feature distiller for ``student`` and ``teacher``, its shapes probed on a batch of zeros of the
+    training images' shape; :class:`UserError` naming --distill, --student or --teacher if it cannot be."""
+    image = data.resident[0][0] if data.resident is not None else data.train[0][0]
+    device = next(student.parameters()).device
+    sample = torch.zeros((2, *image.shape), dtype=torch.float32, device=device)
+    try:
+        return distillation.FeatureDistill(cfg, student, teacher, sample, num_samples=data.n,
+                                           num_classes=data.num_classes)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
 def open_knowledge(run: Run, ckpt) -> None:
     """Which samples the run's indices name (checked against a resumed checkpoint's), and with
     --knowledge cached the soft-label buffer: a resumed run's state, a filled --knowledge-file, or empty."""
@@ -137,7 +161,8 @@ def open_knowledge(run: Run, ckpt) -> None:
     run.knowledge_state = ckpt["knowledge_state"] if ckpt is not None else None
     state_file = run.out / run.knowledge_state if run.cfg.knowledge == "cached" and run.knowledge_state else None
     run.knowledge, filled = cached.open_buffer(run.cfg, run.data, run.samples, state_file)
-    run.loss = engine.Distiller(run.cfg)
+    if run.cfg.distill not in config.feature_distillers():  # a feature distiller is built with the student
+        run.loss = engine.Distiller(run.cfg)
     if filled:  # the teacher is not needed at all; a resume keeps the hash its checkpoint recorded
         run.teacher_hash = ckpt["args"]["teacher_hash"] if ckpt is not None else ""
         run.teacher_score = ckpt["teacher_score"] if ckpt is not None else None
@@ -178,10 +203,14 @@ def setup_student(run: Run) -> None:
     if device.type == "cuda":
         run.student = run.student.to(memory_format=torch.channels_last)
     run.model = run.student
+    if cfg.distill in config.feature_distillers():  # the student and the distiller's parts: one module
+        run.loss = build_feature_distill(cfg, run.data, run.student, run.teacher)
+        run.model = run.loss.module
+        distillation.ignore_rank_synchronised_buffers(run.model)
     if cfg.distributed:
         run.model = torch.nn.parallel.DistributedDataParallel(
-            run.student, device_ids=[device.index] if device.index is not None else None)
-    run.optimizer = torch.optim.SGD(run.student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+            run.model, device_ids=[device.index] if device.index is not None else None)
+    run.optimizer = torch.optim.SGD(run.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
     run.scheduler = engine.build_scheduler(run.optimizer, cfg)
     run.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
@@ -200,6 +229,8 @@ def restore(run: Run, ckpt) -> None:
     if ckpt is None:
         return
     run.student.load_state_dict(ckpt["model"])
+    if isinstance(run.loss, distillation.FeatureDistill):
+        run.loss.distiller.load_state_dict(ckpt["distiller"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["lr_scheduler"])
     if run.scaler is not None and ckpt["scaler"]:
@@ -286,6 +317,8 @@ def run_epoch(run: Run, epoch: int) -> None:
            "C_so_far": measured_cost(passed, n, epoch + 1, cfg.world_size), "epoch_time": time.time() - t0,
            "train_time": train_time, "mstep_time": mstep_time, "estep_time": train_time - mstep_time,
            "condensed": plan is not None, "teacher_forwards": stats["teacher_forwards"]}
+    if "distiller" in stats:  # a feature distiller's logged terms, this process's epoch means
+        row["distiller"] = stats["distiller"]
     record_epoch(run, row, plan)
 
 
@@ -326,6 +359,7 @@ def record_epoch(run: Run, row: dict, plan) -> None:
                          "args": checkpoint.identity(cfg, run.teacher_hash), "knowledge_state": run.knowledge_state,
                          "fill_forwards": run.fill_forwards, "fill_time_s": run.fill_time,
                          "teacher_score": run.teacher_score, "samples": run.samples, "pixels_state": run.pixels_state,
+                         "distiller": distiller_state(run),
                          "wall_time_s": run.wall_before + time.time() - run.t_start}, run.out / "checkpoint.pth")
         run.status.checkpointed = True
         checkpoint.drop_stale_states(run.out, keep=(run.knowledge_state, run.pixels_state), inputs=cfg.knowledge_file)
@@ -334,6 +368,11 @@ def record_epoch(run: Run, row: dict, plan) -> None:
             for key in ("train_loss", "val_loss", "top1", "top5", "kept_fraction", "C_so_far", "lr"):
                 run.writer.add_scalar(key, row[key], epoch)
     distributed.barrier(cfg)
+
+
+def distiller_state(run: Run) -> dict | None:
+    """A feature distiller's state for the checkpoint (connectors, heads, memory banks), else None."""
+    return run.loss.distiller.state_dict() if isinstance(run.loss, distillation.FeatureDistill) else None
 
 
 def finish(run: Run) -> dict:
