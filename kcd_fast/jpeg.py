@@ -1,0 +1,394 @@
+"""A JPEG input path: loader workers read file bytes, the main process decodes and augments batches.
+
+The pieces, in the order a training step uses them:
+
+* :class:`FileBytesDataset` and :func:`collate_bytes`: an item is ``(uint8 1-D tensor of the file's
+  bytes, label, index)``; a batch keeps the byte tensors as a list (they differ in length).
+* :func:`decode_batch`: one batched ``torchvision.io.decode_jpeg`` call on ``device`` ("cuda" on a
+  GPU machine, "cpu" otherwise), with a per-file PIL fallback for what it cannot decode (data that is
+  not a JPEG, e.g. PNG bytes behind a .JPEG name; on CUDA also 4-component CMYK/YCCK JPEGs, which
+  nvjpeg does not convert), counted. A file neither decodes raises
+  :class:`kcd_fast.data.CorruptImageError` naming it, as the PIL loader of :mod:`kcd_fast.data` does.
+* :func:`random_resized_crop_boxes`: torchvision's ``RandomResizedCrop`` draws (and a horizontal flip
+  per image), from a generator seeded by (seed, epoch, dataset index): a resumed run draws the same
+  crops, whatever the batch composition or worker count.
+* :func:`resized_crops`, :func:`flip_`, :func:`normalize_to`, :func:`center_crops`: the train and eval
+  transforms of the ImageNet recipe on a batch, on CPU or CUDA tensors alike; uint8 until
+  :func:`normalize_to`, which gives the AMP dtype (timm's convention: uint8 out of the loader,
+  normalisation on the device).
+
+Box coordinates are needed on the host to slice each image. They are drawn on the CPU from the
+decoded images' shapes, which are host metadata even for CUDA tensors (no device sync).
+:func:`read_jpeg_header` parses the SOF marker for (height, width, components) without decoding;
+:func:`decode_batch` uses it to route files, and it would let boxes be drawn before decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
+
+from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
+
+__all__ = [
+    "FileBytesDataset",
+    "collate_bytes",
+    "JpegHeader",
+    "read_jpeg_header",
+    "decodes_on_device",
+    "decode_batch",
+    "crop_generator",
+    "random_resized_crop_boxes",
+    "resized_crops",
+    "flip_",
+    "normalize_to",
+    "center_crops",
+    "train_batch",
+    "eval_batch",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# --------------------------------------------------------------------------------------
+# Loader side: file bytes only
+# --------------------------------------------------------------------------------------
+
+
+class FileBytesDataset(Dataset):
+    """``samples`` as (path, label) pairs; item ``i`` is ``(uint8 [n_bytes] tensor, label, i)``.
+
+    The worker only reads the file: decoding and augmentation happen on whole batches in the main
+    process. ``samples`` may be an ImageFolder's ``.samples``; :meth:`from_folder` builds one.
+    """
+
+    def __init__(self, samples: Sequence[tuple[PathLike, int]]):
+        self.samples = [(str(p), int(y)) for p, y in samples]
+
+    @classmethod
+    def from_folder(cls, root: PathLike) -> "FileBytesDataset":
+        """The images of an ImageFolder tree ``root/<class>/<file>``, labelled as ImageFolder does."""
+        from torchvision.datasets import ImageFolder
+
+        return cls(ImageFolder(str(root)).samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, i: int) -> str:
+        """The file of item ``i`` (for error messages)."""
+        return self.samples[i][0]
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with open(path, "rb") as f:  # read straight into the buffer the tensor wraps: one copy
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            n = f.readinto(buf)
+        tensor = torch.frombuffer(buf, dtype=torch.uint8)[:n] if n else torch.empty(0, dtype=torch.uint8)
+        return tensor, label, int(i)
+
+    def __repr__(self) -> str:
+        return f"FileBytesDataset(n={len(self)})"
+
+
+def collate_bytes(items):
+    """[(bytes, label, index), ...] -> (list of uint8 byte tensors, int64 labels [B], int64 indices [B])."""
+    data, labels, indices = zip(*items)
+    return list(data), torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What the SOF marker of a JPEG says: size, number of colour components, progressive or not."""
+
+    height: int
+    width: int
+    components: int
+    progressive: bool
+
+
+# SOF markers: C0-CF except C4 (DHT), C8 (JPG extension) and CC (DAC). C2, C6, CA, CE are progressive.
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+STANDALONE_MARKERS = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn and TEM: no length field
+
+
+def read_jpeg_header(data: Union[bytes, torch.Tensor]) -> Optional[JpegHeader]:
+    """The SOF header of JPEG ``data`` (bytes or a uint8 1-D tensor), or None when ``data`` is not a
+    JPEG (no SOI marker), ends before its SOF marker, or declares a zero size (DNL-defined height)."""
+    buf = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else memoryview(data)
+    n = len(buf)
+    if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
+        return None
+    pos = 2
+    while pos + 4 <= n:
+        if buf[pos] != 0xFF:
+            return None
+        marker = buf[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or start of scan before any SOF
+            return None
+        length = (buf[pos + 2] << 8) | buf[pos + 3]
+        if marker in SOF_MARKERS:
+            if pos + 10 > n:
+                return None
+            height = (buf[pos + 5] << 8) | buf[pos + 6]
+            width = (buf[pos + 7] << 8) | buf[pos + 8]
+            if height == 0 or width == 0:
+                return None
+            return JpegHeader(height, width, buf[pos + 9], marker in PROGRESSIVE_SOF)
+        pos += 2 + length
+    return None
+
+
+def decodes_on_device(header: Optional[JpegHeader], device: Union[str, torch.device]) -> bool:
+    """Whether batched ``decode_jpeg`` on ``device`` takes this file: any JPEG on the CPU (libjpeg-turbo
+    converts grayscale and CMYK to RGB), 1- or 3-component JPEGs on CUDA (nvjpeg has no CMYK path)."""
+    if header is None:
+        return False
+    return torch.device(device).type == "cpu" or header.components in (1, 3)
+
+
+PIL_MODES = {ImageReadMode.RGB: "RGB", ImageReadMode.GRAY: "L"}
+
+
+def pil_decode(data: torch.Tensor, mode: ImageReadMode, name: str) -> torch.Tensor:
+    """CPU fallback: any format PIL reads -> uint8 [C, H, W]; CorruptImageError naming ``name`` if none."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            arr = np.array(im.convert(PIL_MODES[mode]))
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated (OSError), unidentified, bad headers
+        raise CorruptImageError(f"cannot decode the image {name}: {exc}") from None
+    return torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def decode_each(data: list, device: torch.device, mode: ImageReadMode) -> list:
+    """``decode_jpeg`` file by file: each image, or None where it raises (found after a batch failed)."""
+    out = []
+    for d in data:
+        try:
+            out.append(decode_jpeg(d, mode=mode, device=device))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def decode_batch(
+    byte_list: Sequence[torch.Tensor],
+    device: Union[str, torch.device],
+    mode: ImageReadMode = ImageReadMode.RGB,
+    names: Optional[Sequence[str]] = None,
+) -> tuple[list, int]:
+    """Decode a batch of encoded images to uint8 [C, H, W] tensors on ``device``.
+
+    One batched ``decode_jpeg`` call takes every file :func:`decodes_on_device` accepts; if it raises,
+    those files are decoded one by one. The rest, and files ``decode_jpeg`` fails on, go through PIL on
+    the CPU and are then moved to ``device``. Returns ``(images, fallback_count)``, images in input
+    order. ``names`` (e.g. file paths) name a file that neither decoder reads in the
+    :class:`CorruptImageError`; by default "item <k> of the batch".
+    """
+    if mode not in PIL_MODES:
+        raise ValueError(f"mode must be ImageReadMode.RGB or ImageReadMode.GRAY, got {mode}")
+    if names is not None and len(names) != len(byte_list):
+        raise ValueError(f"names must have one entry per file ({len(byte_list)}), got {len(names)}")
+    device = torch.device(device)
+    fast = [k for k, d in enumerate(byte_list) if decodes_on_device(read_jpeg_header(d), device)]
+    images: list = [None] * len(byte_list)
+    if fast:
+        batch = [byte_list[k] for k in fast]
+        try:
+            decoded = decode_jpeg(batch, mode=mode, device=device)
+        except RuntimeError:  # one bad file fails the whole call: find it
+            decoded = decode_each(batch, device, mode)
+        for k, img in zip(fast, decoded):
+            images[k] = img
+    fallback = [k for k, img in enumerate(images) if img is None]
+    for k in fallback:
+        name = names[k] if names is not None else f"item {k} of the batch"
+        images[k] = pil_decode(byte_list[k], mode, name).to(device, non_blocking=True)
+    return images, len(fallback)
+
+
+# --------------------------------------------------------------------------------------
+# Reproducible crop and flip draws
+# --------------------------------------------------------------------------------------
+
+MASK64 = (1 << 64) - 1
+CROP_STREAM = 0xC20F  # separates these draws from other streams seeded by the same (seed, epoch)
+
+
+def splitmix64(x: int) -> int:
+    """One step of the splitmix64 mixer (a bijection on 64-bit integers)."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def crop_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed hashed from (seed, epoch, dataset index)."""
+    h = 0x243F6A8885A308D3
+    for v in (CROP_STREAM, seed, epoch, index):
+        h = splitmix64(h ^ (int(v) & MASK64))
+    return h >> 1
+
+
+def crop_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The CPU generator the crop and flip of dataset item ``index`` in ``epoch`` are drawn from."""
+    return torch.Generator().manual_seed(crop_seed(seed, epoch, index))
+
+
+def draw_box(height: int, width: int, g: torch.Generator, scale, log_ratio, ratio) -> tuple:
+    """torchvision's RandomResizedCrop draw, step for step, from ``g``: (top, left, h, w)."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,), generator=g).item()
+            j = torch.randint(0, width - w + 1, size=(1,), generator=g).item()
+            return i, j, h, w
+    in_ratio = float(width) / float(height)  # ten misses: the centre crop, its ratio clamped
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop_boxes(
+    heights: Sequence[int],
+    widths: Sequence[int],
+    seed: int,
+    epoch: int,
+    indices: Sequence[int],
+    scale: tuple = (0.08, 1.0),
+    ratio: tuple = (3.0 / 4.0, 4.0 / 3.0),
+    flip_p: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop boxes and flips of a batch: (int64 [B, 4] rows (top, left, height, width), bool [B]).
+
+    Item ``k`` (image of ``heights[k]`` x ``widths[k]``, dataset index ``indices[k]``) draws from
+    :func:`crop_generator`, as ``v2.Compose([v2.RandomResizedCrop(..., scale, ratio),
+    v2.RandomHorizontalFlip(flip_p)])`` would from a global RNG seeded the same: the box by
+    torchvision's algorithm, then the flip (``rand < flip_p``).
+    """
+    heights, widths, indices = (torch.as_tensor(v).tolist() for v in (heights, widths, indices))
+    if not len(heights) == len(widths) == len(indices):
+        raise ValueError(
+            f"heights, widths and indices must have one entry per image, got {len(heights)}, {len(widths)} "
+            f"and {len(indices)}"
+        )
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"scale and ratio must be (low, high) with 0 < low <= high, got {scale} and {ratio}")
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision keeps it
+    boxes = torch.empty(len(indices), 4, dtype=torch.int64)
+    flips = torch.empty(len(indices), dtype=torch.bool)
+    for k, (h, w, index) in enumerate(zip(heights, widths, indices)):
+        if h < 1 or w < 1:
+            raise ValueError(f"image {k} (index {index}) must have a positive size, got {h} x {w}")
+        g = crop_generator(seed, epoch, index)
+        boxes[k] = torch.tensor(draw_box(h, w, g, scale, log_ratio, ratio))
+        flips[k] = bool(torch.rand(1, generator=g) < flip_p)
+    return boxes, flips
+
+
+# --------------------------------------------------------------------------------------
+# Batched transforms: CPU or CUDA tensors alike
+# --------------------------------------------------------------------------------------
+
+
+def resized_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int = 224,
+                  antialias: bool = True) -> torch.Tensor:
+    """Crop box ``boxes[k]`` (top, left, height, width) of ``images[k]`` and resize it to ``size`` x
+    ``size`` (bilinear): [B, C, size, size] in the images' dtype and device."""
+    if boxes.shape != (len(images), 4):
+        raise ValueError(f"boxes must be [{len(images)}, 4] (one row per image), got {tuple(boxes.shape)}")
+    out = [F.resized_crop(img, top, left, h, w, [size, size], antialias=antialias)
+           for img, (top, left, h, w) in zip(images, boxes.tolist())]
+    return torch.stack(out)
+
+
+def flip_(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flip the images ``x[k]`` (along width) where ``mask[k]``, in place; returns ``x``."""
+    if mask.shape != x.shape[:1]:
+        raise ValueError(f"mask must be [{len(x)}] (one flag per image), got {tuple(mask.shape)}")
+    idx = mask.cpu().nonzero().squeeze(1)  # masks come from the CPU draws: no device sync
+    if x.device.type == "cpu":  # image by image: each stays in cache (several times faster than a gather)
+        for k in idx.tolist():
+            x[k] = x[k].flip(-1)
+    elif len(idx):  # on a GPU: one gather and one scatter instead of a launch per image
+        idx = idx.to(x.device, non_blocking=True)
+        x[idx] = x[idx].flip(-1)
+    return x
+
+
+def normalize_to(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = True) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> ``(x / 255 - mean) / std`` in ``dtype`` (computed in float32), channels-last
+    by default (what convolutions under AMP prefer)."""
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"x must be a uint8 [B, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}")
+    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
+        raise ValueError(f"mean and std must have {x.shape[1]} entries (one per channel), got {len(mean)}, {len(std)}")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    if x.device.type != "cpu":  # one pass over the batch: a few kernels
+        y = x.to(dtype=torch.float32, memory_format=fmt).div_(255.0).sub_(mean_t).div_(std_t)
+        return y if dtype == torch.float32 else y.to(dtype)
+    y = torch.empty(x.shape, dtype=dtype, memory_format=fmt)
+    for k in range(len(x)):  # image by image on the CPU: the float temporaries stay in cache
+        y[k] = x[k].to(torch.float32).div_(255.0).sub_(mean_t).div_(std_t)
+    return y
+
+
+def center_crops(images: Sequence[torch.Tensor], resize: int = 256, size: int = 224,
+                 antialias: bool = True) -> torch.Tensor:
+    """The eval transform: shorter side to ``resize``, then the centre ``size`` x ``size``: [B, C, size, size]."""
+    out = [F.center_crop(F.resize(img, [resize], antialias=antialias), [size, size]) for img in images]
+    return torch.stack(out)
+
+
+def train_batch(byte_list, indices, seed: int, epoch: int, device, dtype: torch.dtype = torch.float32,
+                size: int = 224, names=None) -> tuple[torch.Tensor, int]:
+    """Encoded images -> the normalised train batch [B, 3, size, size] on ``device`` and the fallback count:
+    decode, crop boxes drawn from (seed, epoch, indices), resize, flip, normalise."""
+    images, fallback = decode_batch(byte_list, device, names=names)
+    heights = [img.shape[-2] for img in images]  # shapes are host metadata, even on CUDA
+    widths = [img.shape[-1] for img in images]
+    boxes, flips = random_resized_crop_boxes(heights, widths, seed, epoch, indices)
+    x = flip_(resized_crops(images, boxes, size), flips)
+    return normalize_to(x, dtype=dtype), fallback
+
+
+def eval_batch(byte_list, device, dtype: torch.dtype = torch.float32, resize: int = 256, size: int = 224,
+               names=None) -> tuple[torch.Tensor, int]:
+    """Encoded images -> the normalised eval batch [B, 3, size, size] on ``device`` and the fallback count."""
+    images, fallback = decode_batch(byte_list, device, names=names)
+    return normalize_to(center_crops(images, resize, size), dtype=dtype), fallback

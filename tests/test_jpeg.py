@@ -1,0 +1,271 @@
+"""kcd_fast.jpeg: bytes out of the dataset, batched decode with a counted PIL fallback, reproducible
+crop draws equal to torchvision's, and batched transforms equal to the v2 pipeline of kcd_fast.data."""
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from kcd_fast import jpeg
+from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, build_datasets
+
+# libjpeg-turbo decodes with the same integer IDCT and upsampling in PIL and torchvision; builds
+# linked to other libjpeg versions may round a few pixel values differently, by 1 or 2.
+MAX_DIFF = 2
+# CMYK -> RGB is done by each library's own integer formula (k * c / 255 in torchvision): one more unit.
+MAX_DIFF_CMYK = 3
+
+
+def textured(h, w, seed=0):
+    """A smooth pattern plus mild noise: compresses like a photograph, and crops differ visibly."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / 7.0 + c) * 60 + np.cos(yy / 5.0 - c) * 60 + 128 for c in range(3)], -1)
+    return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def encode(im, fmt="JPEG", **kw):
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def files(tmp_path):
+    """ImageFolder tree root/{train,val}/<class>/*.JPEG: RGB of odd sizes, CMYK, grayscale, progressive,
+    PNG bytes named .JPEG; a truncated file lives apart in bad/."""
+    arrays = {"rgb_a": textured(37, 53, 1), "rgb_b": textured(301, 227, 2), "rgb_c": textured(120, 411, 3)}
+    content = {name: encode(Image.fromarray(a), quality=90) for name, a in arrays.items()}
+    content["cmyk"] = encode(Image.fromarray(textured(64, 81, 4)).convert("CMYK"), quality=90)
+    content["gray"] = encode(Image.fromarray(textured(77, 59, 5)).convert("L"), quality=90)
+    content["progressive"] = encode(Image.fromarray(textured(90, 70, 6)), quality=90, progressive=True)
+    content["png"] = encode(Image.fromarray(textured(45, 66, 7)), "PNG")
+    for split in ("train", "val"):
+        for k, (name, data) in enumerate(sorted(content.items())):
+            folder = tmp_path / split / f"class{k % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name}.JPEG").write_bytes(data)
+    bad = tmp_path / "bad" / "class0"
+    bad.mkdir(parents=True)
+    (bad / "truncated.JPEG").write_bytes(content["rgb_b"][: len(content["rgb_b"]) // 3])
+    return tmp_path
+
+
+def pil_rgb(data: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+
+
+def test_dataset_gives_bytes_and_collate_keeps_a_list(files):
+    ds = jpeg.FileBytesDataset.from_folder(files / "train")
+    assert len(ds) == 7
+    data, label, i = ds[3]
+    assert data.dtype == torch.uint8 and data.dim() == 1 and i == 3 and label == ds.samples[3][1]
+    assert bytes(data.numpy()) == open(ds.path(3), "rb").read()
+    # One worker: the byte tensors (which wrap a bytearray) must cross into shared memory.
+    batch, labels, indices = next(iter(DataLoader(ds, batch_size=4, num_workers=1, collate_fn=jpeg.collate_bytes)))
+    assert isinstance(batch, list) and len(batch) == 4 and all(b.dtype == torch.uint8 for b in batch)
+    assert labels.tolist() == [y for _, y in ds.samples[:4]] and indices.tolist() == [0, 1, 2, 3]
+
+
+def test_headers_give_size_and_components(files):
+    ds = jpeg.FileBytesDataset.from_folder(files / "train")
+    by_name = {p.rsplit("/", 1)[1]: ds[k][0] for k, (p, _) in enumerate(ds.samples)}
+    assert jpeg.read_jpeg_header(by_name["rgb_b.JPEG"]) == jpeg.JpegHeader(301, 227, 3, False)
+    assert jpeg.read_jpeg_header(by_name["cmyk.JPEG"]).components == 4
+    assert jpeg.read_jpeg_header(by_name["gray.JPEG"]).components == 1
+    assert jpeg.read_jpeg_header(by_name["progressive.JPEG"]).progressive
+    assert jpeg.read_jpeg_header(by_name["png.JPEG"]) is None
+    assert jpeg.read_jpeg_header(b"") is None and jpeg.read_jpeg_header(b"\xff\xd8\xff") is None
+    # On CUDA, CMYK goes to the CPU fallback (nvjpeg has no CMYK conversion); on the CPU it does not.
+    cmyk = jpeg.read_jpeg_header(by_name["cmyk.JPEG"])
+    assert not jpeg.decodes_on_device(cmyk, "cuda") and jpeg.decodes_on_device(cmyk, "cpu")
+    assert jpeg.decodes_on_device(jpeg.read_jpeg_header(by_name["gray.JPEG"]), "cuda")
+    assert not jpeg.decodes_on_device(None, "cpu")
+
+
+def test_decode_equals_pil_and_counts_the_fallback(files):
+    ds = jpeg.FileBytesDataset.from_folder(files / "train")
+    data = [ds[k][0] for k in range(len(ds))]
+    images, fallback = jpeg.decode_batch(data, "cpu", names=[p for p, _ in ds.samples])
+    assert fallback == 1  # the PNG; grayscale and CMYK JPEGs decode_jpeg converts to RGB itself
+    for (path, _), img, raw in zip(ds.samples, images, data):
+        ref = pil_rgb(bytes(raw.numpy()))
+        assert img.dtype == torch.uint8 and img.shape == ref.shape and img.shape[0] == 3, path
+        diff = (img.int() - ref.int()).abs()
+        assert diff.max() <= (MAX_DIFF_CMYK if "cmyk" in path else MAX_DIFF), path
+        assert diff.float().mean() < 0.5, path
+
+
+def test_a_file_nothing_decodes_raises_the_loaders_error_naming_it(files):
+    bad = jpeg.FileBytesDataset.from_folder(files / "bad")
+    good = jpeg.FileBytesDataset.from_folder(files / "train")
+    data = [good[0][0], bad[0][0]]
+    names = [good.path(0), bad.path(0)]
+    with pytest.raises(CorruptImageError) as got:
+        jpeg.decode_batch(data, "cpu", names=names)
+    assert bad.path(0) in str(got.value) and str(got.value).startswith("cannot decode the image ")
+    with pytest.raises(CorruptImageError, match="empty.JPEG"):
+        jpeg.decode_batch([torch.empty(0, dtype=torch.uint8)], "cpu", names=["empty.JPEG"])
+    # The same one-line error as the PIL loader of kcd_fast.data for that file.
+    (files / "bad" / "val").mkdir()
+    (files / "bad" / "train").mkdir()
+    (files / "bad" / "class0").rename(files / "bad" / "train" / "class0")
+    (files / "bad" / "val" / "class0").mkdir()
+    (files / "bad" / "val" / "class0" / "ok.JPEG").write_bytes(bytes(good[0][0].numpy()))
+    with pytest.raises(CorruptImageError) as today:
+        build_datasets("imagenet", files / "bad").train[0]
+    assert str(today.value) == str(got.value).replace(bad.path(0), str(files / "bad" / "train" / "class0" / "truncated.JPEG"))
+
+
+def reference_box(height, width, g, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params in float64 Python, drawing its random numbers from
+    ``g`` with the calls torchvision makes (float32 uniforms, randint)."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=g).item()
+        log_r = torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g).item()
+        aspect = math.exp(log_r)
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return [top, left, h, w]
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        h, w = height, width
+    return [(height - h) // 2, (width - w) // 2, h, w]
+
+
+SIZES = [(375, 500), (500, 333), (37, 53), (1, 1), (3, 400), (400, 5), (224, 224)]
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.9, 1.0)])
+def test_boxes_follow_torchvisions_algorithm_and_stay_inside(scale):
+    heights, widths = zip(*(SIZES * 30))
+    indices = list(range(1000, 1000 + len(heights)))
+    boxes, flips = jpeg.random_resized_crop_boxes(heights, widths, 7, 3, indices, scale=scale)
+    assert boxes.dtype == torch.int64 and boxes.shape == (len(indices), 4) and flips.dtype == torch.bool
+    for (h, w), idx, box, flip in zip(zip(heights, widths), indices, boxes.tolist(), flips.tolist()):
+        g = jpeg.crop_generator(7, 3, idx)
+        assert box == reference_box(h, w, g, scale), (h, w, idx)
+        assert flip == bool(torch.rand(1, generator=g) < 0.5)
+        top, left, bh, bw = box
+        assert 0 <= top and 0 <= left and 0 < bh and 0 < bw and top + bh <= h and left + bw <= w
+    assert 0.3 < flips.float().mean() < 0.7
+
+
+def test_boxes_equal_the_v2_transforms_under_the_same_seed():
+    """v2.RandomResizedCrop + RandomHorizontalFlip draw from the global RNG: seeded with crop_seed they
+    give the same box and flip."""
+    img = torch.zeros(3, 375, 500, dtype=torch.uint8)
+    boxes, flips = jpeg.random_resized_crop_boxes([375] * 50, [500] * 50, 1, 2, range(50))
+    rrc, flip = v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()
+    with torch.random.fork_rng():
+        for k in range(50):
+            torch.manual_seed(jpeg.crop_seed(1, 2, k))
+            p = rrc.make_params([img])
+            assert [p["top"], p["left"], p["height"], p["width"]] == boxes[k].tolist()
+            assert (torch.rand(1) < flip.p).item() == flips[k].item()
+
+
+def test_boxes_are_reproducible_and_do_not_depend_on_the_batch():
+    heights, widths, indices = [375, 500, 240, 333], [500, 375, 320, 500], [11, 4, 900, 37]
+    boxes, flips = jpeg.random_resized_crop_boxes(heights, widths, 0, 5, indices)
+    again = jpeg.random_resized_crop_boxes(heights, widths, 0, 5, indices)
+    assert torch.equal(boxes, again[0]) and torch.equal(flips, again[1])
+    order = [2, 0, 3, 1]
+    shuffled = jpeg.random_resized_crop_boxes([heights[k] for k in order], [widths[k] for k in order], 0, 5,
+                                              [indices[k] for k in order])
+    assert torch.equal(shuffled[0], boxes[order]) and torch.equal(shuffled[1], flips[order])
+    alone = jpeg.random_resized_crop_boxes(heights[2:3], widths[2:3], 0, 5, indices[2:3])
+    assert torch.equal(alone[0][0], boxes[2])
+    other_epoch = jpeg.random_resized_crop_boxes(heights, widths, 0, 6, indices)[0]
+    assert not torch.equal(other_epoch, boxes)
+
+
+def test_batched_transforms_equal_the_v2_functions():
+    images = [torch.from_numpy(textured(h, w, h)).permute(2, 0, 1).contiguous() for h, w in SIZES[:4]]
+    boxes, _ = jpeg.random_resized_crop_boxes([i.shape[1] for i in images], [i.shape[2] for i in images], 0, 0,
+                                              range(4))
+    flips = torch.tensor([True, False, False, True])
+    got = jpeg.flip_(jpeg.resized_crops(images, boxes), flips)
+    x = jpeg.normalize_to(got, IMAGENET_MEAN, IMAGENET_STD)
+    norm = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for k, (img, (top, left, h, w)) in enumerate(zip(images, boxes.tolist())):
+        ref = F.resized_crop(img, top, left, h, w, [224, 224], antialias=True)
+        ref = F.horizontal_flip(ref) if flips[k] else ref
+        assert torch.equal(got[k], ref)
+        torch.testing.assert_close(x[k], norm(ref), rtol=0, atol=1e-5)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+    half = jpeg.normalize_to(got, dtype=torch.bfloat16)
+    torch.testing.assert_close(half.float(), x, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="x must be a uint8"):
+        jpeg.normalize_to(x)
+
+
+def test_train_and_eval_batches_equal_todays_imagenet_items(files):
+    """The whole path against build_datasets('imagenet'): its PIL loader + v2 transforms, with the global
+    RNG seeded as crop_seed seeds each item, give the same tensors."""
+    bundle = build_datasets("imagenet", files)
+    ds = jpeg.FileBytesDataset.from_folder(files / "train")
+    items = [ds[k] for k in range(len(ds))]
+    data, indices = [d for d, _, _ in items], [i for _, _, i in items]
+    x, fallback = jpeg.train_batch(data, indices, seed=3, epoch=1, device="cpu")
+    assert fallback == 1 and x.shape == (len(ds), 3, 224, 224)
+    with torch.random.fork_rng():
+        for k in indices:
+            torch.manual_seed(jpeg.crop_seed(3, 1, k))
+            torch.testing.assert_close(x[k], bundle.train[k][0], rtol=0, atol=1e-5)
+    val = jpeg.FileBytesDataset.from_folder(files / "val")
+    y, _ = jpeg.eval_batch([val[k][0] for k in range(len(val))], "cpu")
+    for k in range(len(val)):
+        torch.testing.assert_close(y[k], bundle.val[k][0], rtol=0, atol=1e-5)
+
+
+def test_center_crops_equal_v2_resize_and_center_crop():
+    images = [torch.from_numpy(textured(h, w, w)).permute(2, 0, 1).contiguous() for h, w in [(375, 500), (301, 227)]]
+    ref = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
+    got = jpeg.center_crops(images)
+    for k, img in enumerate(images):
+        assert torch.equal(got[k], ref(img))
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="heights, widths and indices"):
+        jpeg.random_resized_crop_boxes([10, 10], [10], 0, 0, [0, 1])
+    with pytest.raises(ValueError, match="boxes must be"):
+        jpeg.resized_crops([torch.zeros(3, 8, 8, dtype=torch.uint8)], torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="mask must be"):
+        jpeg.flip_(torch.zeros(2, 3, 4, 4), torch.tensor([True]))
+    with pytest.raises(ValueError, match="mode must be"):
+        jpeg.decode_batch([], "cpu", mode=jpeg.ImageReadMode.RGB_ALPHA)
+
+
+def test_a_failing_batch_is_decoded_file_by_file(files, monkeypatch):
+    """decode_jpeg fails a whole batch for one file it rejects: the others still go through it, that one
+    through PIL, and only it is counted."""
+    ds = jpeg.FileBytesDataset.from_folder(files / "train")
+    data = [ds[k][0] for k in range(3)]
+    real = jpeg.decode_jpeg
+
+    def rejects_item_1(arg, **kw):
+        if isinstance(arg, list) or arg is data[1]:
+            raise RuntimeError("rejected")
+        return real(arg, **kw)
+
+    monkeypatch.setattr(jpeg, "decode_jpeg", rejects_item_1)
+    images, fallback = jpeg.decode_batch(data, "cpu")
+    assert fallback == 1
+    for img, raw in zip(images, data):
+        assert (img.int() - pil_rgb(bytes(raw.numpy())).int()).abs().max() <= MAX_DIFF_CMYK
