@@ -95,10 +95,16 @@ def loss_settings(name: str, config):
     kind = LOSS_SETTINGS.get(name)
     if kind is None:
         return config
+    return settings_from_config(kind, config, "loss_settings", f"the loss {name!r}")
+
+
+def settings_from_config(kind: type, config, op: str, reader: str):
+    """The settings dataclass ``kind`` built from the attributes of ``config`` of its field names;
+    ValueError from ``op`` naming those ``config`` lacks (``reader``: what reads them)."""
     names = [field.name for field in dataclasses.fields(kind)]
     missing = [key for key in names if not hasattr(config, key)]
     if missing:
-        raise ValueError(f"loss_settings: the loss {name!r} reads {', '.join(missing)}, which `config` "
+        raise ValueError(f"{op}: {reader} reads {', '.join(missing)}, which `config` "
                          f"({type(config).__name__}) does not have")
     return kind(**{key: getattr(config, key) for key in names})
 

@@ -77,3 +77,18 @@ def on_triton_device(x):
     y = torch.empty(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=TRITON_DEVICE)[:, ::2]
     y.copy_(x)
     return y
+
+
+def compiled_in_subprocess(code: str):
+    """Run ``code`` in a fresh Python from the repository root with Triton's compiler, not its
+    interpreter (TRITON_INTERPRET removed), and return the JSON its last printed line holds."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import TRITON_DEVICE, on_triton_device
+from helpers import TRITON_DEVICE, compiled_in_subprocess, on_triton_device
 from kcd_fast.distillers.base import DISTILLERS, Batch
 from kcd_fast.distillers.crd import (CRD, CRDSettings, all_gather_rows, last_occurrence, noise_seed)
 from kcd_fast.kernels.crd_scores import (CRDScores, crd_scores, crd_scores_grad_torch, crd_scores_grad_triton,
@@ -127,11 +127,6 @@ def test_kernels_compile_for_hopper_with_16_byte_bank_loads():
     """Compiled ahead of time for sm_90 (no GPU needed; outside the interpreter, so in a subprocess) for
     the ImageNet launch (d = 128, K+1 = 16385, B = 256, int64 indices) with fp16 and fp32 banks: the bank
     rows are read 16 bytes a load (ld.global.v4)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     code = """
 import json, triton
 from triton.backends.compiler import GPUTarget
@@ -163,11 +158,7 @@ for bank in ("fp16", "fp32"):
         out[name + "_" + bank] = k.asm["ptx"].count("ld.global.v4")
 print(json.dumps(out))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    loads = json.loads(proc.stdout.splitlines()[-1])
+    loads = compiled_in_subprocess(code)
     # forward: 64 x 128 tile over 128 threads, 8 (fp16) or 16 (fp32) 16-byte loads a thread; backward 32 x 128.
     assert loads == {"fwd_fp16": 8, "bwd_fp16": 4, "fwd_fp32": 16, "bwd_fp32": 8}, loads
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import TRITON_DEVICE, make_logits, on_triton_device
+from helpers import TRITON_DEVICE, compiled_in_subprocess, make_logits, on_triton_device
 from kcd_fast import reference as R
 from kcd_fast.distill import kl_distill, kl_distill_fused, kl_distill_torch
 
@@ -143,11 +143,6 @@ def test_kernel_compiles_for_hopper():
     each variant the trainer launches on contiguous [256, 1000] rows: the online KD step (bf16 logits,
     CE), the cached dense step (fp16 buffer rows gathered by index), top-k read-back rows (fp32
     probabilities), and the KL alone (kl_distill) in fp32 and fp16."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     code = """
 import json, triton
 from triton.backends.compiler import GPUTarget
@@ -179,11 +174,7 @@ for name, (s_dt, t_dt, probs, gather, ce) in {
     out[name] = k.asm["ptx"].count("st.global")
 print(json.dumps(out))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stores = json.loads(proc.stdout.splitlines()[-1])
+    stores = compiled_in_subprocess(code)
     # 4 warps over a 1024-wide block: 8 gradient stores a thread, and the row's loss.
     assert stores == dict.fromkeys(("online_kd_bf16", "cached_dense_kd_bf16", "topk_readback_kd_bf16", "kl_fp32",
                                     "kl_fp16"), 9)

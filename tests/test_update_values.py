@@ -7,7 +7,7 @@ import torch
 import kcd_fast
 from kcd_fast import reference as R
 from kcd_fast.ops import update_values
-from helpers import TRITON_DEVICE, assert_unchanged, make_indices, make_logits, make_state, on_triton_device, snapshot
+from helpers import TRITON_DEVICE, assert_unchanged, compiled_in_subprocess, make_indices, make_logits, make_state, on_triton_device, snapshot
 
 TOLS = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-5)}
 
@@ -495,21 +495,12 @@ def test_kernel_compiles_for_hopper_with_16_byte_row_loads():
     with the launcher's VEC promise, a [256, 1000] row is read in 16-byte loads on both paths;
     without it, element by element. Guards the vectorised loads against a change that silently
     loses them, and the one-tile path's early read of the sample's state."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     code = ("import json, torch\n"
             "from benchmarks.codegen_update_values import compile_variant, stats\n"
             "out = {f'{str(d)[6:]}/{t}/{v}': stats(compile_variant(d, 256, 1000, num_warps=4, tile=t, vectorize=v))\n"
             "       for d in (torch.float32, torch.bfloat16) for t in (True, False) for v in (True, False)}\n"
             "print(json.dumps(out))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
+    got = compiled_in_subprocess(code)
     for dtype in ("float32", "bfloat16"):
         for tile in (True, False):
             vec, scalar = got[f"{dtype}/{tile}/True"], got[f"{dtype}/{tile}/False"]

@@ -9,12 +9,12 @@ chosen names on the instance.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from kcd_fast.distill import settings_from_config
 from kcd_fast.distillers.base import DISTILLERS, Distiller
 from kcd_fast.distillers.taps import FeatureTaps, probe_shapes, tap_points
 
@@ -40,13 +40,8 @@ def default_settings(name: str, dataset: str = "cifar100"):
 def distiller_settings(name: str, config):
     """The settings of distiller ``name`` built from the attributes of ``config`` of the same names
     (e.g. the trainer's configuration); ValueError naming any it lacks."""
-    kind = distiller_class(name).Settings
-    names = [field.name for field in dataclasses.fields(kind)]
-    missing = [key for key in names if not hasattr(config, key)]
-    if missing:
-        raise ValueError(f"distiller_settings: the distiller {name!r} reads {', '.join(missing)}, which "
-                         f"`config` ({type(config).__name__}) does not have")
-    return kind(**{key: getattr(config, key) for key in names})
+    return settings_from_config(distiller_class(name).Settings, config, "distiller_settings",
+                                f"the distiller {name!r}")
 
 
 def select_taps(cls: type[Distiller], student: nn.Module | None,
