@@ -66,9 +66,9 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
     The teacher's knowledge comes from the teacher itself (``knowledge`` None), from it while
     filling the buffer (``fill``), or from the buffer alone. ``loss``: a :class:`Distiller` (built
     from ``cfg`` when None), or a :class:`FeatureDistill`, whose module (``student``: it, or its DDP
-    wrap) runs the student and the distiller together. No host synchronisation per step: the loss is accumulated on the
-    device and read once. Returns the epoch's mean loss, the samples passed and the teacher
-    forwards run.
+    wrap) runs the student and the distiller together. No host synchronisation per step: the loss
+    is accumulated on the device and read once. Returns the epoch's mean loss, the samples passed
+    and the teacher forwards run (and a feature distiller's epoch means of its logged terms).
     """
     student.train()
     if teacher is not None:
