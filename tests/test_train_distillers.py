@@ -1,4 +1,4 @@
-"""The feature distillers in the trainer: ``--distill fitnet|at|pkt|crd|reviewkd`` with and without KCD
+"""The feature distillers in the trainer: ``--distill fitnet|at|pkt|crd|reviewkd|sskd`` with and without KCD
 on digits and on ImageNet-shaped fake data with torchvision ResNets, resume, torchrun, bad input."""
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FEATURE = config.feature_distillers()
 # CRD's CIFAR-100 setting draws 16,384 negatives a sample: on these few hundred samples a smaller
 # bank keeps the tests quick without changing the code path.
-SMALL = {"crd": ["--crd-nce-k", "63", "--crd-feat-dim", "16"]}
+# SSKD's teacher head trains for 60 epochs before the student: 2 here.
+SMALL = {"crd": ["--crd-nce-k", "63", "--crd-feat-dim", "16"], "sskd": ["--sskd-head-epochs", "2"]}
 QUICK = ["--no-progress", "--no-plots", "--device", "cpu"]
 
 
@@ -47,8 +48,8 @@ def digits_run(out, teacher, name, *extra):
 
 
 def test_every_method_of_the_paper_is_registered():
-    assert {"kd", "dkd", "fitnet", "at", "pkt", "crd", "reviewkd"} <= set(distillers.DISTILLERS)
-    assert set(FEATURE) == {"fitnet", "at", "pkt", "crd", "reviewkd"}
+    assert {"kd", "dkd", "fitnet", "at", "pkt", "crd", "reviewkd", "sskd"} <= set(distillers.DISTILLERS)
+    assert set(FEATURE) == {"fitnet", "at", "pkt", "crd", "reviewkd", "sskd"}
 
 
 @pytest.mark.parametrize("kcd", [True, False], ids=["kcd", "no-kcd"])
@@ -111,7 +112,7 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["crd", "reviewkd"])
+@pytest.mark.parametrize("name", ["crd", "reviewkd", "sskd"])
 def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, digits_teacher, monkeypatch, name):
     """Killed after epoch 2 is trained and condensed but before it is saved, then resumed: the same
     student, distiller state (connectors, heads, banks) and condensed set as a run never stopped."""
@@ -139,17 +140,57 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, digits_teacher
 
 
 @pytest.mark.slow
-def test_crd_under_torchrun_on_gloo(tmp_path, digits_teacher):
-    """Two processes: the student and CRD's heads in one DDP module, the banks kept in step by CRD."""
+@pytest.mark.parametrize("name, port", [("crd", 29537), ("sskd", 29538)])
+def test_under_torchrun_on_gloo(tmp_path, digits_teacher, name, port):
+    """Two processes: the student and the distiller's heads in one DDP module (CRD's banks kept in step
+    by CRD; SSKD's teacher head trained on both ranks' shards, its gradients averaged)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
-           "-m", "kcd_fast.train", *digits_run(tmp_path / "ddp", digits_teacher, "crd", "--epochs", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "kcd_fast.train", *digits_run(tmp_path / "ddp", digits_teacher, name, "--epochs", "2",
                                                "--stage-epochs", "1")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["C"] < 1.0
     assert all(math.isfinite(r["train_loss"]) for r in rows_of(tmp_path / "ddp"))
+
+
+def test_sskd_trains_its_teacher_head_once_before_the_student(tmp_path, digits_teacher, capsys, monkeypatch):
+    """The teacher phase runs over every sample, moves only the teacher head (the teacher's weights stay
+    as loaded), is saved as done, and a resumed run does not run it again."""
+    common = digits_run(tmp_path / "o", digits_teacher, "sskd", "--epochs", "2", "--stage-epochs", "1")
+    seen = []
+    real = engine.teacher_phase_epoch
+
+    def spy(feature, teacher, loader, *args, **kwargs):
+        seen.append(({k: v.clone() for k, v in feature.distiller.teacher_head.state_dict().items()},
+                     {k: v.clone() for k, v in teacher.state_dict().items()}))
+        return real(feature, teacher, loader, *args, **kwargs)
+
+    real_evaluate, calls = engine.evaluate, {"n": 0}
+
+    def evaluate(*a, **k):  # the teacher's score, epoch 1, then stops the run in epoch 2
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(engine, "teacher_phase_epoch", spy)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    with pytest.raises(Killed):
+        M.main(args_of(*common))
+    out = capsys.readouterr().out
+    assert "--distill sskd teacher phase 2/2: head_accuracy" in out and len(seen) == 2
+    state = torch.load(tmp_path / "o/checkpoint.pth", weights_only=False)["distiller"]
+    assert bool(state["teacher_phase_done"])
+    head0 = seen[0][0]
+    assert any(not torch.equal(head0[k], state[f"teacher_head.{k}"]) for k in head0)
+    teacher_file = torch.load(digits_teacher, weights_only=False)
+    weights = teacher_file.get("model", teacher_file)
+    assert all(torch.equal(seen[1][1][k], weights[k]) for k in seen[1][1])
+    M.main(args_of(*common, "--resume"))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "teacher phase" not in out and len(seen) == 2
 
 
 def test_cached_knowledge_refuses_a_distiller_that_reads_teacher_features(tmp_path, capsys):

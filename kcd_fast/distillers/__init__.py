@@ -10,12 +10,13 @@ its ``--distill`` name, with a frozen ``Settings`` dataclass whose defaults are 
 * ``pkt``: probabilistic knowledge transfer on the penultimate features (:mod:`.pkt`).
 * ``reviewkd``: knowledge review, ABF + HCL, on the teacher's pre-ReLU stages (:mod:`.reviewkd`).
 * ``crd``: contrastive representation distillation with memory banks (:mod:`.crd`).
+* ``sskd``: self-supervised KD on four rotated views, with a teacher-head phase (:mod:`.sskd`).
 
 Feature distillers read named taps of the two networks, recorded by forward hooks
 (:mod:`kcd_fast.distillers.taps`). :func:`build_distiller` puts a distiller together for a pair of
 networks; docs/distillers.md describes each method, its taps, its defaults and their sources.
 """
-from kcd_fast.distillers import at, crd, fitnet, logit, pkt, reviewkd  # noqa: F401  (they register themselves)
+from kcd_fast.distillers import at, crd, fitnet, logit, pkt, reviewkd, sskd  # noqa: F401  (they register themselves)
 from kcd_fast.distillers.base import DISTILLERS, Batch, Distiller, register_distiller
 from kcd_fast.distillers.build import (
     BuiltDistiller,

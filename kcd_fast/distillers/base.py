@@ -55,6 +55,33 @@ class Distiller(nn.Module):
                 batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """The inputs both networks run on, made from a batch's inputs on the device (SSKD: its rotated
+        copies); the batch itself by default. Also called once on the probing sample when the
+        distiller is built, so inputs it cannot take are refused before any training."""
+        return x
+
+    def observed_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """The rows of the student's logits that belong to the batch's own inputs (what the condenser
+        records, Eq. 12), from its logits of :meth:`views`; all of them by default."""
+        return logits
+
+    # A phase before the student's that trains teacher-side parts on the frozen teacher (SSKD's head):
+    # ``teacher_phase_epochs`` > 0 epochs over the whole training set, each step's loss from
+    # ``teacher_phase_loss(teacher_outputs, batch) -> (loss, logs)`` with the optimizer and schedule of
+    # ``teacher_phase_optimizer(momentum, weight_decay)``; the bool buffer ``teacher_phase_done``,
+    # saved with the distiller's state, says it has run.
+    @property
+    def teacher_phase_epochs(self) -> int:
+        return 0
+
+    def teacher_phase_optimizer(self, momentum: float, weight_decay: float):
+        raise NotImplementedError
+
+    def teacher_phase_loss(self, teacher: dict[str, torch.Tensor],
+                           batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
 
 def register_distiller(name: str) -> Callable[[type[Distiller]], type[Distiller]]:
     """Class decorator: make ``cls`` the distiller of ``--distill name``."""

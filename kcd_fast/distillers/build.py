@@ -82,6 +82,7 @@ def build_distiller(name: str, settings, student: nn.Module, teacher: nn.Module 
     s_shapes = probe_shapes(student, s_names, sample, label=student_label) if s_names else {}
     t_shapes = probe_shapes(teacher, t_names, sample, label=teacher_label) if t_names else {}
     distiller = cls(settings, s_shapes, t_shapes, num_samples=num_samples, num_classes=num_classes)
+    distiller.views(sample)  # refuses inputs the method cannot take (SSKD: images that are not square)
     distiller.student_taps, distiller.teacher_taps = s_names, t_names
     distiller.to(next(iter(student.parameters())).device)
     s_taps = FeatureTaps(student, s_names, label=student_label) if s_names else None

@@ -29,7 +29,7 @@ class StudentWithDistiller(nn.Module):
         logits = self.student(x)
         student_out = {"logits": logits, **(self.taps.values if self.taps is not None else {})}
         loss, logs = self.distiller(student_out, teacher_out, Batch(target, index, epoch))
-        return logits, loss, logs
+        return self.distiller.observed_rows(logits), loss, logs
 
 
 class FeatureDistill:
@@ -51,16 +51,25 @@ class FeatureDistill:
         self.module = StudentWithDistiller(student, built.distiller, built.student_taps)
         self.log_sums: dict[str, torch.Tensor] = {}
 
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """The inputs the teacher and :meth:`step` run on, from the batch's (SSKD: its rotated views)."""
+        return self.distiller.views(x)
+
     def step(self, model: nn.Module, x, teacher_logits, target, index, epoch: int):
-        """(student logits, loss) of one batch; ``model``: :attr:`module`, or its DDP wrap. The
-        distiller's logs are summed on the device (read once an epoch by :meth:`epoch_logs`)."""
+        """(student logits of the batch's own rows, loss) of one batch of :meth:`views`; ``model``:
+        :attr:`module`, or its DDP wrap. The distiller's logs are summed on the device (read once an
+        epoch by :meth:`epoch_logs`)."""
         teacher_out = {"logits": teacher_logits, **(self.teacher_taps.values if self.teacher_taps else {})}
         logits, loss, logs = model(x, teacher_out, target, index, epoch)
+        self.add_logs(logs, target.shape[0])
+        return logits, loss
+
+    def add_logs(self, logs: dict, samples: int) -> None:
+        """Add a step's logged values, weighted by its samples, to the device sums."""
         for key, value in logs.items():
             total = self.log_sums.get(key)
-            weighted = value.detach().double() * target.shape[0]
+            weighted = value.detach().double() * samples
             self.log_sums[key] = weighted if total is None else total.add_(weighted)
-        return logits, loss
 
     def epoch_logs(self, samples: int) -> dict[str, float]:
         """Each logged value's mean over this process's samples of the epoch (one host read), then reset."""

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from kcd_fast import distill
+from kcd_fast.distillers import Batch
 from kcd_fast.train.config import AMP_DTYPES
 from kcd_fast.train.distillation import FeatureDistill
 from kcd_fast.train.distributed import all_reduce_sum
@@ -68,7 +69,7 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
     from ``cfg`` when None), or a :class:`FeatureDistill`, whose module (``student``: it, or its DDP
     wrap) runs the student and the distiller together. No host synchronisation per step: the loss
     is accumulated on the device and read once. Returns the epoch's mean loss, the samples passed
-    and the teacher forwards run (and a feature distiller's epoch means of its logged terms).
+    and the images the teacher ran on (and a feature distiller's epoch means of its logged terms).
     """
     student.train()
     if teacher is not None:
@@ -81,6 +82,8 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
     channels_last = str(device).startswith("cuda")
     for x, y, index in track(loader, cfg, f"epoch {epoch + 1}/{cfg.epochs}", total_images, cfg.world_size):
         x = x.to(device, non_blocking=True)
+        if feature:  # the views both networks run on (SSKD: rotated copies of the mixed inputs)
+            x = loss_fn.views(x)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
@@ -89,7 +92,7 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
             if not from_buffer:
                 with torch.no_grad():
                     t_logits = teacher(x)
-                forwards += x.shape[0]
+                forwards += y.shape[0]
                 if fill:
                     knowledge.write(index, t_logits)
             if feature:
@@ -110,6 +113,49 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
     if feature:
         stats["distiller"] = loss_fn.epoch_logs(seen)
     return stats
+
+
+def teacher_phase_epoch(feature: FeatureDistill, teacher, loader, optimizer, scaler, cfg, epoch: int,
+                        device, total_images: int) -> dict[str, float]:
+    """One epoch of a feature distiller's teacher phase (SSKD's head): the frozen teacher runs on each
+    batch's views, the distiller's teacher-side parts learn from ``teacher_phase_loss``; under DDP their
+    gradients are averaged over the ranks. Returns this process's epoch means of the logged terms."""
+    distiller = feature.distiller
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    channels_last = str(device).startswith("cuda")
+    seen = 0
+    desc = f"{feature.name} teacher phase {epoch + 1}/{distiller.teacher_phase_epochs}"
+    for x, y, index in track(loader, cfg, desc, total_images, cfg.world_size):
+        x = distiller.views(x.to(device, non_blocking=True))
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with autocast(cfg):
+            with torch.no_grad():
+                logits = teacher(x)
+            taps = feature.teacher_taps.values if feature.teacher_taps is not None else {}
+            loss, logs = distiller.teacher_phase_loss({"logits": logits, **taps},
+                                                      Batch(y, index.to(device, non_blocking=True), epoch))
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if cfg.distributed:
+            _average_gradients(params, cfg)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        feature.add_logs(logs, y.shape[0])
+        seen += y.shape[0]
+    return feature.epoch_logs(seen)
+
+
+def _average_gradients(params, cfg) -> None:
+    """The gradients of ``params`` averaged over the ranks: one all_reduce of their concatenation."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]), cfg).div_(cfg.world_size)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def _step(optimizer, scaler, loss) -> None:

@@ -77,9 +77,10 @@ def pixel_buffer(train_set):
 
 def epoch_seed(seed: int, epoch: int, rank: int, stream: str) -> int:
     """The seed of one random stream ("torch": this process's augmentation and dropout, "loader": its
-    loader workers') for (seed, epoch, rank): distinct for every rank and epoch, and the same again
+    loader workers'; "teacher_phase", "teacher_phase_loader": the same in a distiller's teacher phase)
+    for (seed, epoch, rank): distinct for every rank and epoch, and the same again
     when a run is resumed."""
-    words = [seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, rank, {"torch": 0, "loader": 1}[stream]]  # any int seed
+    words = [seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, rank, {"torch": 0, "loader": 1, "teacher_phase": 2, "teacher_phase_loader": 3}[stream]]  # any int seed
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 

@@ -86,6 +86,7 @@ def main(args, status: RunStatus | None = None) -> dict:
     restore(run, ckpt)
     start_outputs(run)
     fill_knowledge_once(run)
+    run_teacher_phase(run)
     for epoch in range(run.start_epoch, cfg.epochs):
         run_epoch(run, epoch)
     return finish(run)
@@ -274,6 +275,40 @@ def fill_knowledge_once(run: Run) -> None:
     run.fill_forwards = forwards
     run.forwards_total += forwards
     run.teacher = None
+
+
+def run_teacher_phase(run: Run) -> None:
+    """A feature distiller's phase before the student's (SSKD: its teacher head), over every training
+    sample with the training transform; skipped once done (a resumed run's distiller state says so; a
+    run stopped during it has no checkpoint yet and starts again)."""
+    feature, cfg = run.loss, run.cfg
+    if not isinstance(feature, distillation.FeatureDistill) or not feature.distiller.teacher_phase_epochs:
+        return
+    distiller = feature.distiller
+    if bool(distiller.teacher_phase_done):
+        return
+    optimizer, scheduler = distiller.teacher_phase_optimizer(cfg.momentum, cfg.weight_decay)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    scaler = torch.amp.GradScaler(run.device.type) if cfg.amp == "fp16" else None
+    loader, sampler, generator = loaders.train_loader(cfg, run.data, None, mix=False)
+    epochs, t0 = distiller.teacher_phase_epochs, time.time()
+    for epoch in range(epochs):
+        torch.manual_seed(loaders.epoch_seed(cfg.seed, epoch, cfg.rank, "teacher_phase"))
+        generator.manual_seed(loaders.epoch_seed(cfg.seed, epoch, cfg.rank, "teacher_phase_loader"))
+        sampler.set_epoch(epoch)
+        logs = engine.teacher_phase_epoch(feature, run.teacher, loader, optimizer, scaler, cfg, epoch, run.device,
+                                          len(sampler) * cfg.world_size)
+        scheduler.step()
+        if distributed.is_main(cfg):
+            shown = ", ".join(f"{key} {value:.4f}" for key, value in logs.items())
+            print(f"kcd_fast: --distill {feature.name} teacher phase {epoch + 1}/{epochs}: {shown}, "
+                  f"{time.time() - t0:.1f}s", flush=True)
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    distiller.teacher_phase_done.fill_(True)
 
 
 def run_epoch(run: Run, epoch: int) -> None:
