@@ -396,6 +396,7 @@ def test_only(cfg, bundle) -> dict:
     ``--amp`` and, under torchrun, every rank's share. Nothing is trained or written."""
     device = torch.device(cfg.device)
     val = bundle.val.materialize(device) if cfg.fake_on_device else bundle.val
+    val = loaders.eval_set(cfg, val)  # --loader cpu/gpu: batches of JPEGs
     num_val = len(val[1]) if isinstance(val, tuple) else len(val)
     results = {"test_only": True, "dataset": cfg.dataset, "num_val": num_val}
     for role in ("teacher", "student"):
