@@ -396,7 +396,6 @@ def test_only(cfg, bundle) -> dict:
     ``--amp`` and, under torchrun, every rank's share. Nothing is trained or written."""
     device = torch.device(cfg.device)
     val = bundle.val.materialize(device) if cfg.fake_on_device else bundle.val
-    val = loaders.eval_set(cfg, val)  # --loader cpu/gpu: batches of JPEGs
     num_val = len(val[1]) if isinstance(val, tuple) else len(val)
     results = {"test_only": True, "dataset": cfg.dataset, "num_val": num_val}
     for role in ("teacher", "student"):
@@ -410,7 +409,7 @@ def test_only(cfg, bundle) -> dict:
         model = model.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        val_stats = engine.evaluate(model, val, cfg, device)
+        val_stats = engine.evaluate(model, loaders.eval_set(cfg, val), cfg, device)  # --loader cpu/gpu: JPEG batches
         results[role] = dict(val_stats, model=arch, weights=path)
         if distributed.is_main(cfg):
             print(f"kcd_fast: {role} {arch} ({path}) on the {cfg.dataset} validation set ({num_val} samples): "
