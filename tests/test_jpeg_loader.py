@@ -3,6 +3,9 @@ batches against today's PIL path and VAKS's mix, reproducible crops, a trainer r
 error a corrupt file gives."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +20,7 @@ from kcd_fast.sampling import KeptSampler
 from kcd_fast.train import config, jpeg_loader
 from kcd_fast.train import main as M
 
+ROOT = Path(__file__).resolve().parents[1]
 SEED = 5
 N = 18  # 3 classes x 6 images
 QUICK = ["--no-progress", "--no-plots", "--batch-size", "4", "--eval-batch-size", "4"]
@@ -262,3 +266,35 @@ def test_a_corrupt_file_mid_run_reads_as_with_the_pil_loader(folder, tmp_path, c
         errors[loader] = capsys.readouterr().err.strip()
     assert errors["cpu"] == errors["pil"] and f"cannot decode the image {bad}" in errors["cpu"]
     assert len(errors["cpu"].splitlines()) == 1 and "Traceback" not in errors["cpu"]
+
+
+def test_test_only_scores_as_the_pil_path(folder, tmp_path, monkeypatch):
+    batches = []
+    to_input = jpeg_loader.to_input
+    monkeypatch.setattr(jpeg_loader, "to_input", lambda *a, **k: batches.append(a[2]) or to_input(*a, **k))
+    model = build_model("cnn_small", 3, 3)
+    torch.nn.init.normal_(next(model.parameters()), std=0.5)  # predictions that depend on the pixels
+    torch.save({"model": model.state_dict()}, tmp_path / "s.pth")
+    scores = {}
+    for loader in ("pil", "cpu"):
+        argv = ["--dataset", "imagenet", "--data-dir", str(folder), "--test-only", "--student", "cnn_small",
+                "--student-weights", str(tmp_path / "s.pth"), "--loader", loader, "--workers", "0", *QUICK]
+        scores[loader] = M.main(config.get_args_parser().parse_args(argv))["student"]
+        assert sum(map(len, batches)) == (N if loader == "cpu" else 0)  # the JPEG path read every image once
+    assert scores["cpu"]["top1"] == scores["pil"]["top1"]
+    assert scores["cpu"]["loss"] == pytest.approx(scores["pil"]["loss"], rel=1e-5)
+
+
+def test_torchrun_two_processes_read_their_own_shards_and_partners(folder, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "kcd_fast.train", *trainer_argv(folder, tmp_path / "ddp", "--loader", "cpu", "--device", "cpu")]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["args"]["loader"] == "cpu"
+    assert summary["args"]["workers"] == max(len(os.sched_getaffinity(0)) // 2, 1)  # the CPUs, shared by 2
+    rows = [json.loads(r) for r in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    kept = [round(r["kept_fraction"] * N) for r in rows]
+    # Both ranks together pass the kept set once an epoch (plus at most one padding sample): no partner rows.
+    assert all(k <= r["samples"] <= k + 1 for k, r in zip(kept, rows)) and kept[1] < N

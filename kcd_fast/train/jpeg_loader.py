@@ -63,11 +63,12 @@ def partner_items(batch, epoch: int, partner=None, eps=None) -> list:
     items = [Item(int(i), epoch) for i in batch]
     if partner is None:
         return items
-    for row in range(len(batch)):
-        j = int(partner[items[row].index])
-        if j >= 0:
-            items[row] = items[row]._replace(partner_row=len(items), eps=float(eps[items[row].index]))
-            items.append(Item(j, epoch, own=False))
+    index = torch.as_tensor(batch, dtype=torch.int64)
+    j = torch.as_tensor(partner)[index]  # one gather per batch, not one per row
+    rows = (j >= 0).nonzero().flatten()
+    for k, (row, p, e) in enumerate(zip(rows.tolist(), j[rows].tolist(), torch.as_tensor(eps)[index[rows]].tolist())):
+        items[row] = items[row]._replace(partner_row=len(batch) + k, eps=e)
+        items.append(Item(p, epoch, own=False))
     return items
 
 
