@@ -298,3 +298,13 @@ def test_torchrun_two_processes_read_their_own_shards_and_partners(folder, tmp_p
     kept = [round(r["kept_fraction"] * N) for r in rows]
     # Both ranks together pass the kept set once an epoch (plus at most one padding sample): no partner rows.
     assert all(k <= r["samples"] <= k + 1 for k, r in zip(kept, rows)) and kept[1] < N
+
+
+def test_a_resume_notes_another_loader_but_not_another_worker_count(folder, tmp_path, capsys):
+    common = trainer_argv(folder, tmp_path / "o", "--epochs", "1", "--stage-epochs", "1")
+    assert M.cli([*common, "--loader", "cpu", "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert M.cli([*common, "--loader", "cpu", "--workers", "1", "--resume"]) == 0
+    assert "instead of" not in capsys.readouterr().out  # the crops do not depend on the workers
+    assert M.cli([*common, "--loader", "pil", "--workers", "0", "--resume"]) == 0
+    assert "resuming with --loader pil instead of cpu; the data order and augmentation" in capsys.readouterr().out
