@@ -14,7 +14,7 @@ from PIL import Image
 from test_jpeg import textured
 
 from kcd_fast import jpeg
-from kcd_fast.data import CorruptImageError, build_datasets
+from kcd_fast.data import IMAGENET_STD, CorruptImageError, build_datasets
 from kcd_fast.models import build_model
 from kcd_fast.sampling import KeptSampler
 from kcd_fast.train import config, jpeg_loader
@@ -308,3 +308,26 @@ def test_a_resume_notes_another_loader_but_not_another_worker_count(folder, tmp_
     assert "instead of" not in capsys.readouterr().out  # the crops do not depend on the workers
     assert M.cli([*common, "--loader", "pil", "--workers", "0", "--resume"]) == 0
     assert "resuming with --loader pil instead of cpu; the data order and augmentation" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+def test_gpu_batches_on_cuda_match_the_cpu_path(folder):
+    """nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's: a few levels apart on average."""
+    train = build_datasets("imagenet", folder).train
+    cpu = epoch_batches(loader_cfg(loader="cpu"), train, condenser(), epoch=2)
+    gpu = epoch_batches(loader_cfg(loader="gpu", device="cuda"), train, condenser(), epoch=2)
+    assert len(cpu) == len(gpu)
+    level = 1 / 255 / min(IMAGENET_STD)  # one uint8 level in normalised units, at most
+    for (x, y, i), (g, z, j) in zip(cpu, gpu):
+        assert torch.equal(i, j) and torch.equal(y, z)
+        assert g.is_cuda and g.is_contiguous(memory_format=torch.channels_last)
+        diff = (g.cpu() - x).abs()
+        assert diff.mean() < 2 * level and diff.max() < 32 * level
+
+
+@pytest.mark.cuda
+def test_auto_is_gpu_on_cuda_and_a_kcd_run_trains(folder, tmp_path):
+    argv = trainer_argv(folder, tmp_path / "out", "--workers", "1")
+    assert config.resolve(config.get_args_parser().parse_args(argv)).loader == "gpu"
+    summary = M.main(config.get_args_parser().parse_args(argv))
+    assert summary["num_train"] == N and summary["args"]["loader"] == "gpu" and len(summary["stages"]) == 2
