@@ -61,7 +61,9 @@ stamp "correctness on the GPU (against the float64 reference, fresh random input
 xdist=(); python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 tests=(tests/test_cuda.py tests/test_update_values.py tests/test_rank.py tests/test_condense.py tests/test_vaks_mix.py
        tests/test_build.py tests/test_knowledge.py tests/test_condenser.py tests/test_kd_loss.py
-       benchmarks/test_step.py::test_observe_has_no_host_sync)
+       benchmarks/test_step.py::test_observe_has_no_host_sync
+       tests/test_jpeg_loader.py::test_gpu_batches_on_cuda_match_the_cpu_path
+       tests/test_jpeg_loader.py::test_auto_is_gpu_on_cuda_and_a_kcd_run_trains)
 [ "$MODE" = update-values ] && tests=(tests/test_update_values.py benchmarks/test_step.py::test_observe_has_no_host_sync)
 [ "$MODE" = distillers ] && tests=(tests/test_crd.py tests/test_distillers.py tests/test_integrations.py)
 timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" "${tests[@]}" \

@@ -173,11 +173,13 @@ PIL_MODES = {ImageReadMode.RGB: "RGB", ImageReadMode.GRAY: "L"}
 
 def pil_decode(data: torch.Tensor, mode: ImageReadMode, name: str) -> torch.Tensor:
     """CPU fallback: any format PIL reads -> uint8 [C, H, W]; CorruptImageError naming ``name`` if none."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
             arr = np.array(im.convert(PIL_MODES[mode]))
+    except UnidentifiedImageError:  # PIL names the object it read: the file's name, as opening the path gives
+        raise CorruptImageError(f"cannot decode the image {name}: cannot identify image file {name!r}") from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL: truncated (OSError), unidentified, bad headers
         raise CorruptImageError(f"cannot decode the image {name}: {exc}") from None
     return torch.from_numpy(arr).unsqueeze(0) if arr.ndim == 2 else torch.from_numpy(arr).permute(2, 0, 1)

@@ -14,8 +14,9 @@ Laid out as torchvision's classification reference:
   the read-only :class:`~kcd_fast.train.config.Config` built once, every number and path checked;
 * :mod:`~kcd_fast.train.main`: ``main(args)``, the run as a list of named steps, and ``cli(argv)``;
 * :mod:`~kcd_fast.train.engine`: ``train_one_epoch`` and ``evaluate``;
-* :mod:`~kcd_fast.train.loaders`, :mod:`~kcd_fast.train.teacher`, :mod:`~kcd_fast.train.cached`,
-  :mod:`~kcd_fast.train.checkpoint`, :mod:`~kcd_fast.train.outputs`, :mod:`~kcd_fast.train.distributed`.
+* :mod:`~kcd_fast.train.loaders` (:mod:`~kcd_fast.train.jpeg_loader`: ``--loader cpu|gpu``),
+  :mod:`~kcd_fast.train.teacher`, :mod:`~kcd_fast.train.cached`, :mod:`~kcd_fast.train.checkpoint`,
+  :mod:`~kcd_fast.train.outputs`, :mod:`~kcd_fast.train.distributed`.
 
 ``kcd_fast.train.main.main(args)`` returns the summary dict and raises :class:`~kcd_fast.train.config.UserError` for bad
 input; the command line turns that into a one-line message and exit code 2. Outputs in

@@ -79,10 +79,16 @@ def fill_by_pass(knowledge: KnowledgeBuffer, teacher, data, cfg, teacher_hash: s
     of all ranks and the time it took (outside every epoch's train time)."""
     t_fill = time.time()
     n, world = data.n, cfg.world_size
-    mine = knowledge.fill(teacher, data.train_eval, batch_size=cfg.eval_batch_size, device=cfg.device,
-                          num_workers=0 if data.resident is not None else cfg.workers,
-                          indices=range(cfg.rank, n, world), autocast_dtype=AMP_DTYPES[cfg.amp],
-                          progress=lambda it: track(it, cfg, "knowledge fill", n, ranks=world))
+
+    def progress(batches):
+        return track(batches, cfg, "knowledge fill", n, ranks=world)
+
+    if hasattr(data.train_eval, "fill_knowledge"):  # --loader cpu/gpu: the folder's own batches of JPEGs
+        mine = data.train_eval.fill_knowledge(knowledge, teacher, cfg, range(cfg.rank, n, world), progress)
+    else:
+        mine = knowledge.fill(teacher, data.train_eval, batch_size=cfg.eval_batch_size, device=cfg.device,
+                              num_workers=0 if data.resident is not None else cfg.workers,
+                              indices=range(cfg.rank, n, world), autocast_dtype=AMP_DTYPES[cfg.amp], progress=progress)
     # This rank's forwards and the other ranks' shares (of known size: together, every sample once).
     forwards = mine + sum(len(range(r, n, world)) for r in range(world) if r != cfg.rank)
     finish_fill(knowledge, cfg, teacher_hash, owner=lambda: torch.arange(n) % world)

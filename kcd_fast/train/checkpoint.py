@@ -92,8 +92,13 @@ def _check_same_settings(cfg, before: dict, path: Path) -> None:
     if diff:
         raise UserError(f"--resume: {path} was made with other settings ({'; '.join(diff)}); resume with the "
                         f"same settings, or start a new --output-dir")
+    # --loader cpu/gpu draw each crop from (seed, epoch, index): the worker count changes nothing.
+    seeded_crops = mine.get("loader") in ("cpu", "gpu") and before.get("loader") == mine.get("loader")
     changed = [f"{mine[k]} {what} instead of {before[k]}" for k, what in
-               (("world_size", "processes"), ("workers", "loader workers")) if before[k] != mine[k]]
+               (("world_size", "processes"), ("workers", "loader workers"))
+               if before[k] != mine[k] and not (k == "workers" and seeded_crops)]
+    if before.get("loader", mine.get("loader")) != mine.get("loader"):  # checkpoints before --loader: not known
+        changed.append(f"--loader {mine['loader']} instead of {before['loader']}")
     if changed and cfg.rank == 0:  # allowed (another machine), but the run is no longer the uninterrupted one
         print(f"kcd_fast: note: resuming with {' and '.join(changed)}; the data order and augmentation from here "
               f"on differ from those of an uninterrupted run", flush=True)

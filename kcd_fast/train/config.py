@@ -37,6 +37,8 @@ DATASET_DEFAULTS = {
 TRAINABLE_TEACHER = ("digits", "fashion-mnist", "fake")
 TORCHVISION_TEACHERS = ("resnet18", "resnet34", "resnet50")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+LOADERS = ("auto", "gpu", "cpu", "pil")
+FOLDER_DATASETS = ("imagenet",)  # read image by image from JPEG files: --loader chooses how
 
 
 class Config:
@@ -127,6 +129,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "for throughput runs where the loader must not hide anything")
     d.add_argument("--workers", type=int, default=None, help="data loader workers per process (the default is capped at "
                                                          "the CPUs this process may use)")
+    d.add_argument("--loader", default="auto", choices=LOADERS,
+                   help="how a JPEG folder (--dataset imagenet) is read: gpu, the workers read file bytes and the GPU "
+                        "decodes, crops and normalises whole batches; cpu, the workers decode and crop (uint8), the "
+                        "device normalises; pil, PIL and the v2 transforms in the workers (the slower twin); auto, gpu "
+                        "on CUDA, else cpu. With gpu and cpu, --workers defaults to the CPUs this process may use. The "
+                        "datasets held in memory keep their own loader (auto)")
 
     m = p.add_argument_group("models")
     m.add_argument("--teacher", default=None, help=f"teacher architecture, one of {', '.join(available_models())}")
@@ -258,6 +266,7 @@ def resolve(args: argparse.Namespace) -> Config:
     if "workers" in defaulted and hasattr(os, "sched_getaffinity"):
         # A default of more loader workers than this process's CPUs only makes DataLoader warn, every epoch.
         values["workers"] = min(values["workers"], len(os.sched_getaffinity(0)))
+    _resolve_loader(values, workers_defaulted="workers" in defaulted)
     teacher, student = default_models(values["dataset"])
     values["teacher"], values["student"] = values["teacher"] or teacher, values["student"] or student
     cfg = Config(**values, torchvision_weights=None)
@@ -271,6 +280,30 @@ def resolve(args: argparse.Namespace) -> Config:
     _check_numbers(cfg)
     _check_paths(cfg)
     return cfg
+
+
+def _resolve_loader(values: dict, workers_defaulted: bool) -> None:
+    """``--loader`` made concrete in ``values`` (auto: gpu on CUDA, else cpu, for the folder datasets; the
+    datasets held in memory keep auto, their own loader), and with gpu or cpu the default ``--workers``
+    from the CPUs this process may use (shared by torchrun's processes on one machine)."""
+    loader, dataset = values["loader"], values["dataset"]
+    if dataset not in FOLDER_DATASETS:
+        if loader != "auto":
+            raise UserError(f"--loader {loader} applies to the datasets read from JPEG folders "
+                            f"({', '.join(FOLDER_DATASETS)}); --dataset {dataset} is held in memory: leave "
+                            f"--loader auto")
+        return
+    device = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = str(device).startswith("cuda")
+    if loader == "auto":
+        loader = "gpu" if cuda else "cpu"
+    if loader == "gpu" and not cuda:
+        raise UserError(f"--loader gpu decodes the JPEGs on a CUDA GPU, but this run's device is {device}: expected "
+                        f"--loader cpu or auto here (or --device cuda on a machine with a GPU)")
+    values["loader"] = loader
+    if workers_defaulted and loader != "pil" and hasattr(os, "sched_getaffinity"):
+        per_machine = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        values["workers"] = max(len(os.sched_getaffinity(0)) // per_machine, 1)
 
 
 def knowledge_file_given(cfg) -> bool:
@@ -471,8 +504,9 @@ def _check_test_only(cfg) -> None:
 
 # What --test-only uses: the validation data, the two models, and how to evaluate them.
 TEST_ONLY_OPTIONS = ("dataset", "data_dir", "download", "fake_size", "fake_val_size", "fake_image_size",
-                     "fake_num_classes", "fake_on_device", "workers", "teacher", "student", "teacher_weights",
-                     "student_weights", "amp", "seed", "device", "test_only", "progress", "eval_batch_size")
+                     "fake_num_classes", "fake_on_device", "workers", "loader", "teacher", "student",
+                     "teacher_weights", "student_weights", "amp", "seed", "device", "test_only", "progress",
+                     "eval_batch_size")
 KCD_OPTIONS = ("stage_epochs", "rho", "alpha", "eps_max", "schedule", "k0", "selection", "online_recording", "vaks",
                "adaptive_eps", "entropy_temperature")
 

@@ -183,6 +183,9 @@ def evaluate(model, dataset, cfg, device, *, local: bool = False) -> dict:
         share = torch.arange(rank, len(y_all), world, device=y_all.device)
         loader = ((x_all[i], y_all[i]) for i in share.split(cfg.eval_batch_size))
         total = len(y_all)
+    elif hasattr(dataset, "batches"):  # a JPEG folder of --loader cpu/gpu: batches arrive on the device
+        loader = ((x, y) for x, y, _ in dataset.batches(range(rank, len(dataset), world), cfg, device))
+        total = len(dataset)
     else:
         data = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
         loader = DataLoader(data, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from kcd_fast.data import InMemoryImageDataset, eval_view
 from kcd_fast.sampling import KCDDataset, NoSingletonBatches, mix_inputs
+from kcd_fast.train import jpeg_loader
 from kcd_fast.train.config import UserError
 
 
@@ -59,7 +60,14 @@ def train_data(cfg, bundle) -> TrainData:
         # The one-off fill must see the very images the student trains on (materialize's noise is not
         # __getitem__'s); device tensors are read in this process, without loader workers.
         data.train_eval = torch.utils.data.TensorDataset(x, y)
+    data.val, data.train_eval = eval_set(cfg, data.val), eval_set(cfg, data.train_eval)
     return data
+
+
+def eval_set(cfg, dataset):
+    """``dataset`` as evaluation and the one-off fill read it: with ``--loader cpu``/``gpu`` a folder split
+    read in batches of JPEGs (:class:`kcd_fast.train.jpeg_loader.JpegSplit`), else as it is."""
+    return jpeg_loader.JpegSplit(dataset, cfg) if jpeg_loader.uses_jpeg_loader(cfg) else dataset
 
 
 def pixel_buffer(train_set):
@@ -139,7 +147,10 @@ class DeviceBatches:
 def train_loader(cfg, data: TrainData, condenser, mix: bool):
     """The epoch loader and its sampler: the condenser's sampler over the condensed set (VAKS on the
     inputs with ``mix``), or a DistributedSampler over every sample without a condenser. Returns
-    (loader, sampler, generator), the generator seeding the loader workers."""
+    (loader, sampler, generator), the generator seeding the loader workers. ``--loader cpu``/``gpu``:
+    :func:`kcd_fast.train.jpeg_loader.train_loader`."""
+    if jpeg_loader.uses_jpeg_loader(cfg):
+        return jpeg_loader.train_loader(cfg, data, condenser, mix)
     if condenser is not None:
         dataset, sampler = KCDDataset(data.train, condenser, mix=mix), condenser.sampler()
     else:

@@ -444,7 +444,7 @@ def test_only(cfg, bundle) -> dict:
         model = model.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        val_stats = engine.evaluate(model, val, cfg, device)
+        val_stats = engine.evaluate(model, loaders.eval_set(cfg, val), cfg, device)  # --loader cpu/gpu: JPEG batches
         results[role] = dict(val_stats, model=arch, weights=path)
         if distributed.is_main(cfg):
             print(f"kcd_fast: {role} {arch} ({path}) on the {cfg.dataset} validation set ({num_val} samples): "
