@@ -6,6 +6,8 @@
 #     bash benchmarks/gpu_check.sh wall-ratio       # about 5 min: build, all the GPU tests, the whole runs
 #     bash benchmarks/gpu_check.sh distillers       # build, the distillers' and CRD kernel's tests, crd_kernel.json,
 #                                                   # distiller_step.json, lightning_callback_step.json
+#     bash benchmarks/gpu_check.sh loader           # build, the JPEG paths' tests on the GPU (sync-debug included),
+#                                                   # loader.json: 20,000 JPEGs, each loader, the steps, whole runs
 # `update-values` re-times update_values alone, e.g. after a change of its default launch configuration;
 # `wall-ratio` re-establishes the tests' verdict and measures the whole runs, without the op-by-op
 # profile and the benchmarks, e.g. after a change that touches only tests.
@@ -17,18 +19,19 @@
 # diagnose a failed build; benchmarks/results/ keeps the rest. The timings of a build whose tests fail
 # are not evidence.
 #
-# Every phase runs under a share of one deadline (KCD_GPU_CHECK_DEADLINE seconds, default 440), so the
+# Every phase runs under a share of one deadline (KCD_GPU_CHECK_DEADLINE seconds, default 440; 570 for
+# `loader`), so the
 # script always ends, and leaves what it measured, within that time. The tests run under pytest-xdist
 # where it is installed, so that a crashing test is reported as such and the rest still run; a crash of
 # the C++ error path is then traced with cuda-gdb.
 set -uo pipefail
 MODE=${1:-all}
-case "$MODE" in all|update-values|wall-ratio|distillers) ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [all|update-values|wall-ratio|distillers]" >&2; exit 2 ;; esac
+case "$MODE" in all|update-values|wall-ratio|distillers|loader) ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [all|update-values|wall-ratio|distillers|loader]" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 KCD_FAST_EXPECT_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 t0=$(date +%s)
-DEADLINE=${KCD_GPU_CHECK_DEADLINE:-440}
+DEADLINE=${KCD_GPU_CHECK_DEADLINE:-$([ "$MODE" = loader ] && echo 570 || echo 440)}
 stamp() { echo "[gpu_check] $(( $(date +%s) - t0 ))s: $*"; }
 left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
 cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(share, time left)
@@ -65,7 +68,8 @@ tests=(tests/test_cuda.py tests/test_update_values.py tests/test_rank.py tests/t
        tests/test_jpeg_loader.py::test_gpu_batches_on_cuda_match_the_cpu_path
        tests/test_jpeg_loader.py::test_auto_is_gpu_on_cuda_and_a_kcd_run_trains)
 [ "$MODE" = update-values ] && tests=(tests/test_update_values.py benchmarks/test_step.py::test_observe_has_no_host_sync)
-[ "$MODE" = distillers ] && tests=(tests/test_crd.py tests/test_distillers.py tests/test_integrations.py)
+[ "$MODE" = distillers ] && tests=(tests/test_crd.py tests/test_distillers.py tests/test_sskd.py tests/test_integrations.py)
+[ "$MODE" = loader ] && tests=(tests/test_jpeg.py tests/test_jpeg_loader.py benchmarks/test_loader.py)
 timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" "${tests[@]}" \
   > "$OUT/tests.log" 2>&1
 status=$?
@@ -92,6 +96,12 @@ if [ "$MODE" = distillers ]; then
   stamp "the Lightning callback's step cost"
   timeout "$(cap 120)" python3 benchmarks/lightning_callback_step.py --out "$OUT/lightning_callback_step.json" 2>&1 \
     | tail -n 12
+  stamp "done: results in $OUT"; exit 0
+fi
+
+if [ "$MODE" = loader ]; then
+  stamp "the input paths on JPEG files: loaders alone, nvJPEG's ceiling, fed steps, whole runs ($(left)s left)"
+  timeout "$(cap 420)" python3 -m benchmarks.loader --out "$OUT/loader.json" 2>&1 | tail -n 40
   stamp "done: results in $OUT"; exit 0
 fi
 

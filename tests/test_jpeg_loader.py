@@ -331,3 +331,23 @@ def test_auto_is_gpu_on_cuda_and_a_kcd_run_trains(folder, tmp_path):
     assert config.resolve(config.get_args_parser().parse_args(argv)).loader == "gpu"
     summary = M.main(config.get_args_parser().parse_args(argv))
     assert summary["num_train"] == N and summary["args"]["loader"] == "gpu" and len(summary["stages"]) == 2
+
+
+@pytest.mark.cuda
+def test_the_gpu_path_adds_no_host_sync_per_step(folder):
+    """A collated batch of bytes with K1L partners becomes the step's (x, y, index) on the GPU under
+    sync-debug mode "error": decode, crops, normalisation and the VAKS mix never wait for the device."""
+    train = build_datasets("imagenet", folder).train
+    loader, sampler, _ = jpeg_loader.train_loader(loader_cfg(loader="gpu", device="cuda"), SimpleNamespace(train=train),
+                                                  condenser(), True)
+    sampler.set_epoch(1)
+    collated = list(loader.loader)
+    assert any(batch[5].numel() for batch in collated)  # some batch mixes K1L rows
+    loader.prepare(*collated[0])  # nvjpeg's and the kernels' one-off set-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = [loader.prepare(*batch) for batch in collated]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(x.is_cuda and torch.isfinite(x.float()).all() for x, _, _ in out)

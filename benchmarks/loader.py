@@ -1,0 +1,319 @@
+"""The ImageNet input paths on a GPU host: each loader alone, nvJPEG's decode ceiling, the steps they
+feed, and whole runs on JPEG files.
+
+It writes ``--n`` synthetic ImageNet-like JPEGs (:func:`benchmarks.loader_cpu.synthetic_photo`: 500 x 375
+on average, each side within +-20%, quality 90) into ``--classes`` class folders, with a few CMYK and
+grayscale files among them (ImageNet's train split holds about 22 CMYK JPEGs and a few hundred
+grayscale ones), and a validation split. Then, in one process:
+
+(a) ``loaders``: images/s of each trainer loader alone, the batches on the device as the step takes
+    them: ``pil`` (PIL decode and v2 transforms in the workers) with 8 workers and with every core,
+    ``cpu`` (decode_jpeg + uint8 crops in the workers, normalisation on the device) and ``gpu``
+    (bytes from the workers, nvJPEG decode and crops on the device);
+(b) ``decode_ceiling``: images/s of ``torchvision.io.decode_jpeg(batch, device="cuda")`` alone on the
+    same files held in memory;
+(c) ``steps``: seconds per step of the KD step (ResNet34 teacher -> ResNet18 student) and the cached
+    step (the student alone, soft labels read from a device buffer), fed by each loader and on one
+    device-resident batch;
+(d) ``runs``: whole trainer runs on the JPEG folders with ``--loader gpu`` (and the fallback): KD
+    (``--no-kcd``), KCD and cached KCD, their training times, ratios to KD and C, as
+    ``benchmarks/wall_ratio.py`` measures them on device-resident data.
+
+The JSON holds the date, commit, device, versions, sizes and every figure; ``targets`` holds the
+quantities the acceptance bounds read (docs/jpeg-input.md). On a machine without CUDA it runs a small
+version of (a), (c) and (d) on the CPU paths, which checks the script end to end.
+
+    python -m benchmarks.loader --out loader.json                 # on CUDA: 20,000 JPEGs
+    python -m benchmarks.loader --n 64 --classes 4 --out /tmp/loader.json   # the CPU version
+    python -m benchmarks.loader --smoke --out /tmp/loader.json               # every part, tiny
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from benchmarks.loader_cpu import synthetic_photo
+from kcd_fast.data import build_datasets
+from kcd_fast.models import build_model
+from kcd_fast.train import config, distributed, loaders
+from kcd_fast.train.main import main as run_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+CORES = len(os.sched_getaffinity(0))
+CACHED_STEP_IMAGES_PER_S = 13_000  # the H200's cached ResNet18 step at batch 256 (docs/performance.md)
+if CUDA:
+    SIZE = dict(n=20_000, classes=1000, val_per_class=1, batch=256, loader_batches=40, steps=30, amp="bf16",
+                epochs=6, stage_epochs=1, teacher="resnet34", student="resnet18")
+else:
+    SIZE = dict(n=64, classes=4, val_per_class=2, batch=16, loader_batches=3, steps=2, amp="off", epochs=2,
+                stage_epochs=1, teacher="resnet34", student="resnet18")
+# --smoke: the least that runs every part (tests/test_gpu_benchmarks.py), on any machine.
+SMOKE = dict(n=24, classes=3, val_per_class=1, batch=8, loader_batches=1, steps=1, amp="off", epochs=2,
+             stage_epochs=1, teacher="resnet18", student="resnet18")
+
+
+# ---- the files ------------------------------------------------------------------------------------
+
+def write_one(job) -> int:
+    """Write one JPEG: (path, seed, mode) with mode "RGB", "CMYK" or "L"; returns its size in bytes."""
+    path, seed, mode = job
+    rng = np.random.default_rng(seed)
+    h, w = int(375 * rng.uniform(0.8, 1.2)), int(500 * rng.uniform(0.8, 1.2))
+    Image.fromarray(synthetic_photo(h, w, rng)).convert(mode).save(path, "JPEG", quality=90)
+    return Path(path).stat().st_size
+
+
+def write_folders(root: Path, n: int, classes: int, val_per_class: int) -> dict:
+    """root/{train,val}/n<k>/*.JPEG; one train file in 1,000 is CMYK and one in 200 grayscale (at least
+    one of each). Returns the counts and the train files' mean size."""
+    jobs = []
+    for k in range(classes):
+        for split in ("train", "val"):
+            (root / split / f"n{k:08d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        mode = "CMYK" if i % 1000 == 7 else "L" if i % 200 == 3 else "RGB"
+        jobs.append((str(root / "train" / f"n{i % classes:08d}" / f"{i:07d}.JPEG"), i, mode))
+    for i in range(classes * val_per_class):
+        jobs.append((str(root / "val" / f"n{i % classes:08d}" / f"v{i:07d}.JPEG"), 10_000_000 + i, "RGB"))
+    with Pool(min(CORES, 16)) as pool:
+        sizes = pool.map(write_one, jobs, chunksize=64)
+    return {"train": n, "val": classes * val_per_class, "classes": classes,
+            "cmyk": sum(j[2] == "CMYK" for j in jobs), "grayscale": sum(j[2] == "L" for j in jobs),
+            "mean_train_kb": sum(sizes[:n]) / n / 1e3}
+
+
+# ---- (a) each loader alone ------------------------------------------------------------------------
+
+def trainer_args(root: Path, teacher: Path, loader: str, workers: int, *extra) -> list:
+    s = SIZE
+    return ["--dataset", "imagenet", "--data-dir", str(root), "--loader", loader, "--workers", str(workers),
+            "--teacher", s["teacher"], "--student", s["student"], "--teacher-weights", str(teacher),
+            "--batch-size", str(s["batch"]), "--eval-batch-size", str(s["batch"]), "--amp", s["amp"],
+            "--device", "cuda" if CUDA else "cpu", "--no-progress", "--no-plots", "--no-eval-teacher", *extra]
+
+
+def loader_batches(root: Path, teacher: Path, loader: str, workers: int):
+    """The trainer's epoch loader over every training file (no condenser), as its step consumes it:
+    (x on the device, channels_last on CUDA; y; index)."""
+    args = config.get_args_parser().parse_args(trainer_args(root, teacher, loader, workers, "--no-kcd"))
+    cfg = distributed.setup(config.resolve(args))  # one process: rank 0 of 1
+    data = loaders.train_data(cfg, build_datasets("imagenet", root))
+    batches, sampler, generator = loaders.train_loader(cfg, data, None, mix=False)
+    sampler.set_epoch(0)
+    generator.manual_seed(0)
+    device = torch.device(cfg.device)
+    for x, y, index in batches:  # as the trainer's step takes them (kcd_fast/train/engine.py)
+        x = x.to(device, non_blocking=True)
+        if CUDA:
+            x = x.to(memory_format=torch.channels_last)
+        yield x, y.to(device, non_blocking=True), index
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def loader_rate(root: Path, teacher: Path, loader: str, workers: int) -> dict:
+    """Images/s of one loader alone over ``loader_batches`` batches after the first (the workers' start)."""
+    it = loader_batches(root, teacher, loader, workers)
+    next(it)
+    sync()
+    t0, images = time.perf_counter(), 0
+    for _, (x, _, _) in zip(range(SIZE["loader_batches"]), it):
+        images += x.shape[0]
+    sync()
+    seconds = time.perf_counter() - t0
+    return {"loader": loader, "workers": workers, "images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+# ---- (b) nvJPEG alone ----------------------------------------------------------------------------
+
+def decode_ceiling(root: Path) -> dict:
+    """Images/s of batched ``decode_jpeg(..., device="cuda")`` on the RGB train files held in memory."""
+    files = sorted((root / "train").rglob("*.JPEG"))
+    data = [torchvision.io.read_file(str(f)) for f in files[: SIZE["batch"] * (SIZE["loader_batches"] + 1)]]
+    data = [d for d in data if _components(d) == 3]
+    batches = [data[i: i + SIZE["batch"]] for i in range(0, len(data) - SIZE["batch"] + 1, SIZE["batch"])]
+    torchvision.io.decode_jpeg(batches[0], device="cuda")
+    sync()
+    t0 = time.perf_counter()
+    for batch in batches[1:]:
+        torchvision.io.decode_jpeg(batch, device="cuda")
+    sync()
+    seconds = time.perf_counter() - t0
+    images = sum(len(b) for b in batches[1:])
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def _components(data: torch.Tensor) -> int:
+    from kcd_fast.jpeg import read_jpeg_header
+
+    header = read_jpeg_header(data)
+    return header.components if header is not None else 0
+
+
+# ---- (c) the steps they feed -----------------------------------------------------------------------
+
+class Steps:
+    """The KD step and the cached step of ResNet34 -> ResNet18 (SGD, AMP, channels_last)."""
+
+    def __init__(self, classes: int, n: int):
+        device = torch.device("cuda" if CUDA else "cpu")
+        self.device, self.dtype = device, config.AMP_DTYPES[SIZE["amp"]]
+        self.teacher = build_model(SIZE["teacher"], classes, 3).to(device, memory_format=torch.channels_last).eval()
+        self.student = build_model(SIZE["student"], classes, 3).to(device, memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9)
+        self.buffer = torch.randn(n, classes, device=device).half()  # the cached soft labels' logits
+
+    def step(self, x, y, index, cached: bool) -> None:
+        from kcd_fast.distill import kl_distill
+
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            if cached:
+                t_logits = self.buffer[index.to(self.device, non_blocking=True)]
+            else:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+            s_logits = self.student(x)
+            loss = 0.1 * torch.nn.functional.cross_entropy(s_logits, y) + 0.9 * kl_distill(s_logits, t_logits, 4.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def step_time(steps: Steps, batches, cached: bool) -> float:
+    """Seconds per step over ``steps`` steps after two warm-up steps, fed by ``batches``."""
+    it = iter(batches)
+    for _ in range(2):
+        steps.step(*next(it), cached=cached)
+    sync()
+    t0, count = time.perf_counter(), 0
+    for _, batch in zip(range(SIZE["steps"]), it):
+        steps.step(*batch, cached=cached)
+        count += 1
+    sync()
+    return (time.perf_counter() - t0) / max(count, 1)
+
+
+def fed_steps(root: Path, teacher: Path, loaders_to_feed: list, classes: int) -> dict:
+    """Each step's seconds on one device-resident batch and fed by each loader."""
+    steps = Steps(classes, SIZE["n"])
+    resident = next(loader_batches(root, teacher, "cpu", 0))
+    out = {}
+    for cached in (False, True):
+        name = "cached" if cached else "kd"
+        out[name] = {"resident_s": step_time(steps, _repeat(resident), cached)}
+        for loader, workers in loaders_to_feed:
+            out[name][f"{loader}_{workers}w_s"] = step_time(steps, loader_batches(root, teacher, loader, workers), cached)
+    return out
+
+
+def _repeat(batch):
+    while True:
+        yield batch
+
+
+# ---- (d) whole runs ---------------------------------------------------------------------------------
+
+def whole_runs(root: Path, teacher: Path, loader: str, tmp: Path) -> dict:
+    """KD, KCD and cached KCD on the JPEG folders with ``loader``, after a discarded warm-up run; each
+    run's training time (the epochs' M-step + E-step), its ratio to KD and C."""
+    s = SIZE
+    common = trainer_args(root, teacher, loader, CORES, "--epochs", str(s["epochs"]), "--stage-epochs",
+                          str(s["stage_epochs"]), "--lr-milestones", str(s["epochs"]))
+    warm = list(common)
+    warm[warm.index("--epochs") + 1] = "2"
+    run_trainer(config.get_args_parser().parse_args(warm + ["--output-dir", str(tmp / f"warm-{loader}")]))
+    results = {}
+    for name, extra in (("kd", ["--no-kcd"]), ("kcd", []), ("kcd_cached", ["--knowledge", "cached"])):
+        out_dir = tmp / f"{loader}-{name}"
+        summary = run_trainer(config.get_args_parser().parse_args(common + extra + ["--output-dir", str(out_dir)]))
+        rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        results[name] = {"train_time_s": sum(r["train_time"] for r in rows), "C": summary["C"],
+                         "per_epoch_s": [r["train_time"] for r in rows]}
+    for r in results.values():
+        r["ratio_to_kd"] = r["train_time_s"] / results["kd"]["train_time_s"]
+    return results
+
+
+# ---- the whole benchmark -----------------------------------------------------------------------------
+
+def environment() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+            "device": torch.cuda.get_device_name() if CUDA else "cpu", "cpu_cores": CORES,
+            "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=SIZE["n"], help="training JPEGs to write")
+    p.add_argument("--classes", type=int, default=SIZE["classes"])
+    p.add_argument("--skip-runs", action="store_true", help="leave out (d), the whole runs")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and models: checks that every part runs")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.smoke:
+        SIZE.update(SMOKE)
+        args.n, args.classes = SMOKE["n"], SMOKE["classes"]
+    SIZE["n"] = args.n
+    out = environment() | {"size": dict(SIZE, classes=args.classes), "smoke": args.smoke}
+    with tempfile.TemporaryDirectory() as tmp:
+        root, t0 = Path(tmp) / "imagenet", time.perf_counter()
+        out["files"] = write_folders(root, args.n, args.classes, SIZE["val_per_class"])
+        out["files"]["write_s"] = time.perf_counter() - t0
+        print(f"[loader] {out['files']}", flush=True)
+        teacher = Path(tmp) / "teacher.pth"  # random weights: the timings do not depend on them
+        torch.manual_seed(0)
+        torch.save(build_model(SIZE["teacher"], args.classes, 3).state_dict(), teacher)
+        fast = ["cpu", "gpu"] if CUDA else ["cpu"]
+        feeds = [("pil", min(8, CORES)), ("pil", CORES)] + [(name, CORES) for name in fast]
+        out["loaders"] = [loader_rate(root, teacher, loader, workers) for loader, workers in feeds]
+        print(f"[loader] loaders: {out['loaders']}", flush=True)
+        if CUDA:
+            out["decode_ceiling"] = decode_ceiling(root)
+            print(f"[loader] decode ceiling: {out['decode_ceiling']}", flush=True)
+        out["steps"] = fed_steps(root, teacher, feeds, args.classes)
+        print(f"[loader] steps: {out['steps']}", flush=True)
+        if not args.skip_runs:
+            run_loader = "gpu" if CUDA else "cpu"  # the default path of each kind of machine
+            out["runs"] = {run_loader: whole_runs(root, teacher, run_loader, Path(tmp))}
+        Path(args.out).write_text(json.dumps(out | {"targets": targets(out)}, indent=2))
+    print(json.dumps(out.get("targets"), indent=2) if "targets" in out else json.dumps(targets(out), indent=2))
+
+
+def targets(out: dict) -> dict:
+    """The figures the bounds read: the GPU loader against the cached step's consumption and against
+    the decode ceiling, fed steps against resident ones, whole-run ratios, the CPU path against PIL."""
+    rate = {f"{r['loader']}_{r['workers']}w": r["images_per_s"] for r in out["loaders"]}
+    t = {"cpu_over_pil_same_workers": rate[f"cpu_{CORES}w"] / rate[f"pil_{CORES}w"]}
+    if CUDA:
+        gpu = rate[f"gpu_{CORES}w"]
+        t |= {"gpu_loader_images_per_s": gpu, "gpu_over_cached_step_consumption": gpu / CACHED_STEP_IMAGES_PER_S,
+              "gpu_over_decode_ceiling": gpu / out["decode_ceiling"]["images_per_s"]}
+    for name, times in out["steps"].items():
+        for key, seconds in times.items():
+            if key != "resident_s":
+                t[f"{name}_step_{key[:-2]}_over_resident"] = seconds / times["resident_s"]
+    for loader, runs in out.get("runs", {}).items():
+        t[f"runs_{loader}"] = {name: {"ratio_to_kd": r["ratio_to_kd"], "C": r["C"]} for name, r in runs.items()}
+    return t
+
+
+if __name__ == "__main__":
+    main()
