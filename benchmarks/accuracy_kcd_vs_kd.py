@@ -95,6 +95,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(own)
+    commit = source_commit()  # the code the runs import, before anything changes the checkout
     rows = []
     teacher = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +112,7 @@ def main(argv=None):
         summary = {"dataset": args.dataset, "trainer_options": extra, "seeds": args.seeds,
                    "teacher_top1": torch.load(teacher, weights_only=False).get("top1") if teacher else None,
                    "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": "cpu",
-                   "commit": source_commit(),
+                   "commit": commit,
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": rows,
                    "table": table(rows, args.variants)}
     Path(args.out).write_text(json.dumps(summary, indent=2))
