@@ -224,6 +224,26 @@ def test_a_kcd_run_with_the_cpu_loader(folder, tmp_path, monkeypatch, knowledge)
         assert mixed_rows == []
 
 
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])  # gpu: the bytes path, its batched decode run on the CPU
+def test_files_only_pil_reads_are_counted_and_reported_once_an_epoch(folder, capsys, mode):
+    """A PNG behind a .JPEG name (ImageNet has one) is decoded by PIL, in the workers (cpu) or in the
+    main process (gpu): each epoch counts it once per batch it is in, as an own row or a partner."""
+    png = folder / "train/class0/img3.JPEG"
+    Image.open(png).convert("RGB").save(png, "PNG")
+    train = build_datasets("imagenet", folder).train
+    index = [i for i, (path, _) in enumerate(train.samples) if path == str(png)][0]
+    loader, sampler, _ = jpeg_loader.train_loader(loader_cfg(loader=mode), SimpleNamespace(train=train), None, False)
+    sampler.set_epoch(4)
+    seen = sum(int(index in i.tolist()) for _, _, i in loader)
+    assert seen == 1 and loader.fallbacks == 1
+    assert "kcd_fast: epoch 5: 1 file(s) of this process's share were decoded by PIL" in capsys.readouterr().out
+    png.unlink()  # without it: nothing to report
+    train = build_datasets("imagenet", folder).train
+    plain = jpeg_loader.train_loader(loader_cfg(loader=mode), SimpleNamespace(train=train), None, False)[0]
+    list(plain)
+    assert plain.fallbacks == 0 and "decoded by PIL" not in capsys.readouterr().out
+
+
 def test_loader_choices_that_cannot_run_are_refused_in_one_line(folder, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert M.cli(trainer_argv(folder, tmp_path / "o", "--loader", "gpu")) == 2

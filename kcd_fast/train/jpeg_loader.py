@@ -98,7 +98,8 @@ class JpegFolderSet(jpeg.FileBytesDataset):
     crop and flip drawn from (``seed``, epoch, index)) or an int index (evaluation: the centre crop).
     ``on_gpu``: the item is the file's bytes (decoded on the GPU in the main process); else the uint8
     [3, 224, 224] crop, decoded here by ``decode_jpeg`` (PIL for what it does not read; a file neither
-    reads raises :class:`kcd_fast.data.CorruptImageError` naming it). Items are ``(data, label, key)``."""
+    reads raises :class:`kcd_fast.data.CorruptImageError` naming it). Items are ``(data, label, key,
+    fallbacks)``, the last 1 for a file decoded by PIL here (the main process counts the GPU path's)."""
 
     def __init__(self, samples, on_gpu: bool, seed: int):
         super().__init__(samples)
@@ -113,66 +114,81 @@ class JpegFolderSet(jpeg.FileBytesDataset):
         index = key.index if train else int(key)
         data, label, _ = super().__getitem__(index)
         if self.on_gpu:
-            return data, label, key
-        (image,), _ = jpeg.decode_batch([data], "cpu", names=[self.samples[index][0]])
+            return data, label, key, 0
+        (image,), fallbacks = jpeg.decode_batch([data], "cpu", names=[self.samples[index][0]])
         if train:
             boxes, flips = jpeg.random_resized_crop_boxes([image.shape[-2]], [image.shape[-1]], self.seed,
                                                           key.epoch, [index])
             x = jpeg.flip_(jpeg.resized_crops([image], boxes, TRAIN_SIZE), flips)[0]
         else:
             x = jpeg.center_crops([image], EVAL_RESIZE, TRAIN_SIZE)[0]
-        return x, label, key
+        return x, label, key, fallbacks
 
 
 def collate_items(items):
     """A batch of :class:`JpegFolderSet` items: the data (uint8 [B, 3, H, W], or the list of byte tensors),
     int64 labels and indices [B]; for :class:`Item` keys also the epoch, the count of own rows (first),
-    and the K1L rows, their partners' rows (int64 [P]) and ratios (float32 [P])."""
-    data, labels, keys = zip(*items)
+    and the K1L rows, their partners' rows (int64 [P]) and ratios (float32 [P]); last, the count of
+    files the workers decoded through PIL."""
+    data, labels, keys, fallbacks = zip(*items)
     x = torch.stack(data) if data[0].dim() == 3 else list(data)
     labels = torch.tensor(labels, dtype=torch.int64)
     if not isinstance(keys[0], Item):
-        return x, labels, torch.tensor(keys, dtype=torch.int64)
+        return x, labels, torch.tensor(keys, dtype=torch.int64), sum(fallbacks)
     rows = [r for r, k in enumerate(keys) if k.partner_row >= 0]
     return (x, labels, torch.tensor([k.index for k in keys], dtype=torch.int64), keys[0].epoch,
             sum(k.own for k in keys), torch.tensor(rows, dtype=torch.int64),
             torch.tensor([keys[r].partner_row for r in rows], dtype=torch.int64),
-            torch.tensor([keys[r].eps for r in rows], dtype=torch.float32))
+            torch.tensor([keys[r].eps for r in rows], dtype=torch.float32), sum(fallbacks))
 
 
-def to_input(dataset: JpegFolderSet, data, index, device, dtype, epoch=None) -> torch.Tensor:
+def to_input(dataset: JpegFolderSet, data, index, device, dtype, epoch=None) -> tuple[torch.Tensor, int]:
     """A collated batch's images as the network's input on ``device``: normalised, in ``dtype``,
-    channels-last on CUDA. Bytes (``dataset.on_gpu``) are decoded there, train crops drawn for ``epoch``
-    (None: the evaluation transform); uint8 crops are moved and normalised."""
+    channels-last on CUDA; and the count of files decoded through PIL here. Bytes
+    (``dataset.on_gpu``) are decoded there, train crops drawn for ``epoch`` (None: the evaluation
+    transform); uint8 crops are moved and normalised."""
     if dataset.on_gpu:
         names = dataset.paths(index)
         if epoch is None:
-            return jpeg.eval_batch(data, device, dtype, EVAL_RESIZE, TRAIN_SIZE, names=names)[0]
-        return jpeg.train_batch(data, index, dataset.seed, epoch, device, dtype, TRAIN_SIZE, names=names)[0]
-    return jpeg.normalize_to(data.to(device, non_blocking=True), dtype=dtype, channels_last=device.type == "cuda")
+            return jpeg.eval_batch(data, device, dtype, EVAL_RESIZE, TRAIN_SIZE, names=names)
+        return jpeg.train_batch(data, index, dataset.seed, epoch, device, dtype, TRAIN_SIZE, names=names)
+    channels_last = device.type == "cuda"
+    return jpeg.normalize_to(data.to(device, non_blocking=True), dtype=dtype, channels_last=channels_last), 0
 
 
 class TrainBatches:
     """The epoch's ``(x, y, index)`` batches from a DataLoader over :class:`PartnerBatches`: the inputs
     normalised on the device in the AMP dtype, each K1L row mixed with its partner's row in float32
-    (:func:`kcd_fast.sampling.mix_inputs`), and only the batch's own rows kept."""
+    (:func:`kcd_fast.sampling.mix_inputs`), and only the batch's own rows kept. Files that only PIL
+    decodes (CMYK on the GPU, data that is not a JPEG) are counted in ``fallbacks`` and, on rank 0,
+    reported once an epoch."""
 
-    def __init__(self, loader: DataLoader, dataset: JpegFolderSet, device, dtype: torch.dtype):
+    def __init__(self, loader: DataLoader, dataset: JpegFolderSet, device, dtype: torch.dtype, rank: int = 0):
         self.loader, self.dataset = loader, dataset
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype, self.rank = torch.device(device), dtype, rank
+        self.fallbacks = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        self.fallbacks, epoch = 0, None
         for batch in self.loader:
+            epoch = batch[3]
             yield self.prepare(*batch)
+        if self.fallbacks and self.rank == 0:
+            where = "the GPU's decoder" if self.dataset.on_gpu else "decode_jpeg"
+            print(f"kcd_fast: epoch {epoch + 1}: {self.fallbacks} file(s) of this process's share were decoded by "
+                  f"PIL on the CPU ({where} does not read them: CMYK, or not JPEG data)", flush=True)
 
-    def prepare(self, data, y, index, epoch, own, k1l, partner_rows, eps):
+    def prepare(self, data, y, index, epoch, own, k1l, partner_rows, eps, fallbacks=0):
         """One collated batch (:func:`collate_items`) -> ``(x, y, index)`` of its own rows."""
         if not k1l.numel():  # the row count is host metadata: no sync
-            return to_input(self.dataset, data, index, self.device, self.dtype, epoch), y, index
-        x = to_input(self.dataset, data, index, self.device, torch.float32, epoch)
+            x, here = to_input(self.dataset, data, index, self.device, self.dtype, epoch)
+            self.fallbacks += fallbacks + here
+            return x, y, index
+        x, here = to_input(self.dataset, data, index, self.device, torch.float32, epoch)
+        self.fallbacks += fallbacks + here
         k1l, partner_rows, eps = (t.to(self.device, non_blocking=True) for t in (k1l, partner_rows, eps))
         x[k1l] = mix_inputs(x[k1l], x[partner_rows], eps)
         return x[:own].to(self.dtype), y[:own], index[:own]
@@ -208,8 +224,8 @@ class JpegSplit:
         loader = DataLoader(self.dataset, sampler=list(indices), batch_size=cfg.eval_batch_size,
                             num_workers=self.workers, collate_fn=collate_items,
                             pin_memory=device.type == "cuda" and not self.dataset.on_gpu)
-        for data, y, index in loader:
-            yield to_input(self.dataset, data, index, device, amp_dtype(cfg)), y, index
+        for data, y, index, _ in loader:
+            yield to_input(self.dataset, data, index, device, amp_dtype(cfg))[0], y, index
 
     @torch.no_grad()
     def fill_knowledge(self, knowledge, teacher, cfg, indices, progress) -> int:
@@ -243,4 +259,4 @@ def train_loader(cfg, data, condenser, mix: bool):
     loader = DataLoader(dataset, batch_sampler=PartnerBatches(sampler, cfg.batch_size // cfg.world_size, partner, eps),
                         num_workers=cfg.workers, collate_fn=collate_items, generator=generator,
                         pin_memory=device.type == "cuda" and not dataset.on_gpu, persistent_workers=cfg.workers > 0)
-    return TrainBatches(loader, dataset, device, amp_dtype(cfg)), sampler, generator
+    return TrainBatches(loader, dataset, device, amp_dtype(cfg), cfg.rank), sampler, generator
