@@ -56,13 +56,13 @@ CORES = len(os.sched_getaffinity(0))
 CACHED_STEP_IMAGES_PER_S = 13_000  # the H200's cached ResNet18 step at batch 256 (docs/performance.md)
 if CUDA:
     SIZE = dict(n=20_000, classes=1000, val_per_class=1, batch=256, loader_batches=40, steps=30, amp="bf16",
-                epochs=6, stage_epochs=1, teacher="resnet34", student="resnet18")
+                epochs=6, stage_epochs=1, run_subset=10_000, teacher="resnet34", student="resnet18")
 else:
     SIZE = dict(n=64, classes=4, val_per_class=2, batch=16, loader_batches=3, steps=2, amp="off", epochs=2,
-                stage_epochs=1, teacher="resnet34", student="resnet18")
+                stage_epochs=1, run_subset=0, teacher="resnet34", student="resnet18")
 # --smoke: the least that runs every part (tests/test_gpu_benchmarks.py), on any machine.
 SMOKE = dict(n=24, classes=3, val_per_class=1, batch=8, loader_batches=1, steps=1, amp="off", epochs=2,
-             stage_epochs=1, teacher="resnet18", student="resnet18")
+             stage_epochs=1, run_subset=0, teacher="resnet18", student="resnet18")
 
 
 # ---- the files ------------------------------------------------------------------------------------
@@ -230,11 +230,13 @@ def _repeat(batch):
 # ---- (d) whole runs ---------------------------------------------------------------------------------
 
 def whole_runs(root: Path, teacher: Path, loader: str, tmp: Path) -> dict:
-    """KD, KCD and cached KCD on the JPEG folders with ``loader``, after a discarded warm-up run; each
-    run's training time (the epochs' M-step + E-step), its ratio to KD and C."""
+    """KD, KCD and cached KCD on the JPEG folders (``run_subset`` of the files, 0: all) with ``loader``,
+    after a discarded warm-up run; each run's training time (the epochs' M-step + E-step), its ratio
+    to KD and C."""
     s = SIZE
     common = trainer_args(root, teacher, loader, CORES, "--epochs", str(s["epochs"]), "--stage-epochs",
-                          str(s["stage_epochs"]), "--lr-milestones", str(s["epochs"]))
+                          str(s["stage_epochs"]), "--lr-milestones", str(s["epochs"]), "--train-subset",
+                          str(s["run_subset"]))
     warm = list(common)
     warm[warm.index("--epochs") + 1] = "2"
     run_trainer(config.get_args_parser().parse_args(warm + ["--output-dir", str(tmp / f"warm-{loader}")]))
@@ -283,18 +285,18 @@ def main(argv=None):
         torch.save(build_model(SIZE["teacher"], args.classes, 3).state_dict(), teacher)
         fast = ["cpu", "gpu"] if CUDA else ["cpu"]
         feeds = [("pil", min(8, CORES)), ("pil", CORES)] + [(name, CORES) for name in fast]
-        out["loaders"] = [loader_rate(root, teacher, loader, workers) for loader, workers in feeds]
-        print(f"[loader] loaders: {out['loaders']}", flush=True)
+        parts = [("loaders", lambda: [loader_rate(root, teacher, loader, workers) for loader, workers in feeds])]
         if CUDA:
-            out["decode_ceiling"] = decode_ceiling(root)
-            print(f"[loader] decode ceiling: {out['decode_ceiling']}", flush=True)
-        out["steps"] = fed_steps(root, teacher, feeds, args.classes)
-        print(f"[loader] steps: {out['steps']}", flush=True)
+            parts.append(("decode_ceiling", lambda: decode_ceiling(root)))
+        parts.append(("steps", lambda: fed_steps(root, teacher, feeds, args.classes)))
+        run_loader = "gpu" if CUDA else "cpu"  # the default path of each kind of machine
         if not args.skip_runs:
-            run_loader = "gpu" if CUDA else "cpu"  # the default path of each kind of machine
-            out["runs"] = {run_loader: whole_runs(root, teacher, run_loader, Path(tmp))}
-        Path(args.out).write_text(json.dumps(out | {"targets": targets(out)}, indent=2))
-    print(json.dumps(out.get("targets"), indent=2) if "targets" in out else json.dumps(targets(out), indent=2))
+            parts.append(("runs", lambda: {run_loader: whole_runs(root, teacher, run_loader, Path(tmp))}))
+        for name, measure in parts:  # the JSON is rewritten after each part: a deadline leaves the rest
+            out[name] = measure()
+            print(f"[loader] {name}: {out[name]}", flush=True)
+            Path(args.out).write_text(json.dumps(out | {"targets": targets(out)}, indent=2))
+    print(json.dumps(targets(out), indent=2))
 
 
 def targets(out: dict) -> dict:
@@ -302,11 +304,11 @@ def targets(out: dict) -> dict:
     the decode ceiling, fed steps against resident ones, whole-run ratios, the CPU path against PIL."""
     rate = {f"{r['loader']}_{r['workers']}w": r["images_per_s"] for r in out["loaders"]}
     t = {"cpu_over_pil_same_workers": rate[f"cpu_{CORES}w"] / rate[f"pil_{CORES}w"]}
-    if CUDA:
+    if CUDA and "decode_ceiling" in out:
         gpu = rate[f"gpu_{CORES}w"]
         t |= {"gpu_loader_images_per_s": gpu, "gpu_over_cached_step_consumption": gpu / CACHED_STEP_IMAGES_PER_S,
               "gpu_over_decode_ceiling": gpu / out["decode_ceiling"]["images_per_s"]}
-    for name, times in out["steps"].items():
+    for name, times in out.get("steps", {}).items():
         for key, seconds in times.items():
             if key != "resident_s":
                 t[f"{name}_step_{key[:-2]}_over_resident"] = seconds / times["resident_s"]

@@ -25,6 +25,7 @@ decoded images' shapes, which are host metadata even for CUDA tensors (no device
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -350,6 +351,14 @@ def flip_(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=16)
+def channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 [C, 1, 1] tensors on ``device``, made once per device: a tensor
+    built from host numbers is copied to a GPU synchronously, which must not happen at every step."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1))
+
+
 def normalize_to(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: torch.dtype = torch.float32,
                  channels_last: bool = True) -> torch.Tensor:
     """uint8 [B, C, H, W] -> ``(x / 255 - mean) / std`` in ``dtype`` (computed in float32), channels-last
@@ -359,8 +368,7 @@ def normalize_to(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype: t
     if len(mean) != x.shape[1] or len(std) != x.shape[1]:
         raise ValueError(f"mean and std must have {x.shape[1]} entries (one per channel), got {len(mean)}, {len(std)}")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    mean_t, std_t = channel_constants(tuple(mean), tuple(std), x.device)
     if x.device.type != "cpu":  # one pass over the batch: a few kernels
         y = x.to(dtype=torch.float32, memory_format=fmt).div_(255.0).sub_(mean_t).div_(std_t)
         return y if dtype == torch.float32 else y.to(dtype)
