@@ -9,13 +9,15 @@ grayscale ones), and a validation split. Then, in one process:
 (a) ``loaders``: images/s of each trainer loader alone, the batches on the device as the step takes
     them: ``pil`` (PIL decode and v2 transforms in the workers) with 8 workers and with every core,
     ``cpu`` (decode_jpeg + uint8 crops in the workers, normalisation on the device) and ``gpu``
-    (bytes from the workers, nvJPEG decode and crops on the device);
+    (bytes from the workers, nvJPEG decode and crops on the device); for ``pil`` and ``cpu`` also
+    what the workers deliver alone (``workers_images_per_s``: for ``cpu`` its uint8 crops, the part
+    that stays on the CPU of a GPU host);
 (b) ``decode_ceiling``: images/s of ``torchvision.io.decode_jpeg(batch, device="cuda")`` alone on the
     same files held in memory;
 (c) ``steps``: seconds per step of the KD step (ResNet34 teacher -> ResNet18 student) and the cached
     step (the student alone, soft labels read from a device buffer), fed by each loader and on one
     device-resident batch;
-(d) ``runs``: whole trainer runs on the JPEG folders with ``--loader gpu`` (and the fallback): KD
+(d) ``runs``: whole trainer runs on the JPEG folders with ``--loader gpu`` (``cpu`` without CUDA): KD
     (``--no-kcd``), KCD and cached KCD, their training times, ratios to KD and C, as
     ``benchmarks/wall_ratio.py`` measures them on device-resident data.
 
@@ -26,13 +28,16 @@ version of (a), (c) and (d) on the CPU paths, which checks the script end to end
     python -m benchmarks.loader --out loader.json                 # on CUDA: 20,000 JPEGs
     python -m benchmarks.loader --n 64 --classes 4 --out /tmp/loader.json   # the CPU version
     python -m benchmarks.loader --smoke --out /tmp/loader.json               # every part, tiny
+    python -m benchmarks.loader --n 400 --loaders-only --loader-batches 20 --out cpu.json  # (a) on a CPU
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -105,16 +110,27 @@ def trainer_args(root: Path, teacher: Path, loader: str, workers: int, *extra) -
             "--device", "cuda" if CUDA else "cpu", "--no-progress", "--no-plots", "--no-eval-teacher", *extra]
 
 
-def loader_batches(root: Path, teacher: Path, loader: str, workers: int):
-    """The trainer's epoch loader over every training file (no condenser), as its step consumes it:
-    (x on the device, channels_last on CUDA; y; index)."""
+def epoch_loader(root: Path, teacher: Path, loader: str, workers: int):
+    """The trainer's epoch loader over every training file (no condenser), for epoch 0."""
     args = config.get_args_parser().parse_args(trainer_args(root, teacher, loader, workers, "--no-kcd"))
     cfg = distributed.setup(config.resolve(args))  # one process: rank 0 of 1
     data = loaders.train_data(cfg, build_datasets("imagenet", root))
     batches, sampler, generator = loaders.train_loader(cfg, data, None, mix=False)
     sampler.set_epoch(0)
     generator.manual_seed(0)
-    device = torch.device(cfg.device)
+    return batches, torch.device(cfg.device)
+
+
+def worker_batches(root: Path, teacher: Path, loader: str, workers: int):
+    """What the loader workers deliver, before the main process's part (for ``cpu``: uint8 crops, not yet
+    normalised; for ``pil``: the normalised float batch; for ``gpu``: file bytes), as (x, ...)."""
+    batches, _ = epoch_loader(root, teacher, loader, workers)
+    yield from getattr(batches, "loader", batches)
+
+
+def loader_batches(root: Path, teacher: Path, loader: str, workers: int):
+    """The trainer's epoch loader as its step consumes it: (x on the device, channels_last on CUDA; y; index)."""
+    batches, device = epoch_loader(root, teacher, loader, workers)
     for x, y, index in batches:  # as the trainer's step takes them (kcd_fast/train/engine.py)
         x = x.to(device, non_blocking=True)
         if CUDA:
@@ -127,17 +143,33 @@ def sync():
         torch.cuda.synchronize()
 
 
-def loader_rate(root: Path, teacher: Path, loader: str, workers: int) -> dict:
-    """Images/s of one loader alone over ``loader_batches`` batches after the first (the workers' start)."""
-    it = loader_batches(root, teacher, loader, workers)
+def images_per_s(batches) -> tuple[int, float]:
+    """(images, seconds) over ``loader_batches`` batches after the first (the workers' start)."""
+    it = iter(batches)
     next(it)
     sync()
     t0, images = time.perf_counter(), 0
-    for _, (x, _, _) in zip(range(SIZE["loader_batches"]), it):
-        images += x.shape[0]
+    for _, batch in zip(range(SIZE["loader_batches"]), it):
+        images += len(batch[0])
     sync()
     seconds = time.perf_counter() - t0
-    return {"loader": loader, "workers": workers, "images": images, "seconds": seconds, "images_per_s": images / seconds}
+    # End the loader and its workers now: prefetching workers left alive would run into the next timing.
+    if hasattr(it, "close"):
+        it.close()
+    del it, batches
+    gc.collect()
+    return images, seconds
+
+
+def loader_rate(root: Path, teacher: Path, loader: str, workers: int) -> dict:
+    """Images/s of one loader alone: the batches as the step takes them, and (except ``gpu``, whose
+    workers only read bytes) what its workers deliver before the main process's part."""
+    images, seconds = images_per_s(loader_batches(root, teacher, loader, workers))
+    out = {"loader": loader, "workers": workers, "images": images, "seconds": seconds, "images_per_s": images / seconds}
+    if loader != "gpu":
+        images, seconds = images_per_s(worker_batches(root, teacher, loader, workers))
+        out["workers_images_per_s"] = images / seconds
+    return out
 
 
 # ---- (b) nvJPEG alone ----------------------------------------------------------------------------
@@ -267,6 +299,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=SIZE["n"], help="training JPEGs to write")
     p.add_argument("--classes", type=int, default=SIZE["classes"])
     p.add_argument("--skip-runs", action="store_true", help="leave out (d), the whole runs")
+    p.add_argument("--loaders-only", action="store_true", help="(a) alone: each loader's images/s")
+    p.add_argument("--loader-batches", type=int, default=None, help="batches timed per loader in (a)")
+    p.add_argument("--repeats", type=int, default=1, help="passes of (a); the targets read the median pass")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and models: checks that every part runs")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -274,6 +309,8 @@ def main(argv=None):
         SIZE.update(SMOKE)
         args.n, args.classes = SMOKE["n"], SMOKE["classes"]
     SIZE["n"] = args.n
+    if args.loader_batches:
+        SIZE["loader_batches"] = args.loader_batches
     out = environment() | {"size": dict(SIZE, classes=args.classes), "smoke": args.smoke}
     with tempfile.TemporaryDirectory() as tmp:
         root, t0 = Path(tmp) / "imagenet", time.perf_counter()
@@ -285,12 +322,15 @@ def main(argv=None):
         torch.save(build_model(SIZE["teacher"], args.classes, 3).state_dict(), teacher)
         fast = ["cpu", "gpu"] if CUDA else ["cpu"]
         feeds = [("pil", min(8, CORES)), ("pil", CORES)] + [(name, CORES) for name in fast]
-        parts = [("loaders", lambda: [loader_rate(root, teacher, loader, workers) for loader, workers in feeds])]
+        # (a) in --repeats passes, each over every loader in turn, so that drift weighs on all alike
+        parts = [("loaders", lambda: [[loader_rate(root, teacher, loader, workers) for loader, workers in feeds]
+                                      for _ in range(args.repeats)])]
         if CUDA:
             parts.append(("decode_ceiling", lambda: decode_ceiling(root)))
-        parts.append(("steps", lambda: fed_steps(root, teacher, feeds, args.classes)))
+        if not args.loaders_only:
+            parts.append(("steps", lambda: fed_steps(root, teacher, feeds, args.classes)))
         run_loader = "gpu" if CUDA else "cpu"  # the default path of each kind of machine
-        if not args.skip_runs:
+        if not (args.skip_runs or args.loaders_only):
             parts.append(("runs", lambda: {run_loader: whole_runs(root, teacher, run_loader, Path(tmp))}))
         for name, measure in parts:  # the JSON is rewritten after each part: a deadline leaves the rest
             out[name] = measure()
@@ -302,8 +342,15 @@ def main(argv=None):
 def targets(out: dict) -> dict:
     """The figures the bounds read: the GPU loader against the cached step's consumption and against
     the decode ceiling, fed steps against resident ones, whole-run ratios, the CPU path against PIL."""
-    rate = {f"{r['loader']}_{r['workers']}w": r["images_per_s"] for r in out["loaders"]}
-    t = {"cpu_over_pil_same_workers": rate[f"cpu_{CORES}w"] / rate[f"pil_{CORES}w"]}
+    passes = [({f"{r['loader']}_{r['workers']}w": r["images_per_s"] for r in one},
+               {f"{r['loader']}_{r['workers']}w": r.get("workers_images_per_s") for r in one}) for one in out["loaders"]]
+    # cpu against pil with the same workers, the median pass: as the step takes the batches (on a
+    # CPU-only machine that includes the normalisation), and as the workers deliver them (per core:
+    # the same cores); each loader's rate below is its median over the passes
+    cores = f"{CORES}w"
+    t = {"cpu_over_pil_same_workers": statistics.median(r[f"cpu_{cores}"] / r[f"pil_{cores}"] for r, _ in passes),
+         "cpu_over_pil_workers_output": statistics.median(m[f"cpu_{cores}"] / m[f"pil_{cores}"] for _, m in passes)}
+    rate = {key: statistics.median(r[key] for r, _ in passes) for key in passes[0][0]}
     if CUDA and "decode_ceiling" in out:
         gpu = rate[f"gpu_{CORES}w"]
         t |= {"gpu_loader_images_per_s": gpu, "gpu_over_cached_step_consumption": gpu / CACHED_STEP_IMAGES_PER_S,
