@@ -14,7 +14,7 @@ from PIL import Image
 from test_jpeg import textured
 
 from kcd_fast import jpeg
-from kcd_fast.data import IMAGENET_STD, CorruptImageError, build_datasets
+from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, build_datasets
 from kcd_fast.models import build_model
 from kcd_fast.sampling import KeptSampler
 from kcd_fast.train import config, jpeg_loader
@@ -371,3 +371,16 @@ def test_the_gpu_path_adds_no_host_sync_per_step(folder):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(x.is_cuda and torch.isfinite(x.float()).all() for x, _, _ in out)
+
+
+def test_workers_hand_uint8_to_a_device_and_normalised_floats_to_a_cpu_run(folder):
+    train = build_datasets("imagenet", folder).train
+    samples, key = jpeg_loader.folder_samples(train), jpeg_loader.Item(3, 1)
+    crop = jpeg_loader.JpegFolderSet(samples, False, SEED)[key][0]
+    normalised = jpeg_loader.JpegFolderSet(samples, False, SEED, normalize=True)[key][0]
+    assert crop.dtype == torch.uint8 and normalised.dtype == torch.float32
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(normalised.double(), (crop.double() / 255 - mean.double()) / std.double(), atol=1e-5)
+    cpu_run = jpeg_loader.train_loader(loader_cfg(), SimpleNamespace(train=train), None, False)[0]
+    assert next(iter(cpu_run.loader))[0].dtype == torch.float32  # the workers normalised
+    assert jpeg_loader.JpegFolderSet(samples, True, SEED, normalize=True)[key][0].dtype == torch.uint8  # bytes

@@ -2,7 +2,8 @@
 
 * cpu: the loader workers decode each file with ``torchvision.io.decode_jpeg`` and crop and flip it
   on uint8 (the crop drawn from (seed, epoch, dataset index)); the main process moves the uint8
-  batch to the device and normalises it there, in the AMP dtype.
+  batch to the device and normalises it there, in the AMP dtype (a run on the CPU normalises in the
+  workers: its main process trains on the same cores).
 * gpu: the workers read file bytes only; the main process decodes, crops, flips and normalises the
   whole batch on the GPU (:func:`kcd_fast.jpeg.train_batch`).
 
@@ -98,12 +99,14 @@ class JpegFolderSet(jpeg.FileBytesDataset):
     crop and flip drawn from (``seed``, epoch, index)) or an int index (evaluation: the centre crop).
     ``on_gpu``: the item is the file's bytes (decoded on the GPU in the main process); else the uint8
     [3, 224, 224] crop, decoded here by ``decode_jpeg`` (PIL for what it does not read; a file neither
-    reads raises :class:`kcd_fast.data.CorruptImageError` naming it). Items are ``(data, label, key,
-    fallbacks)``, the last 1 for a file decoded by PIL here (the main process counts the GPU path's)."""
+    reads raises :class:`kcd_fast.data.CorruptImageError` naming it); with ``normalize`` (a run on the
+    CPU, which has no device to hand the normalisation to) the crop normalised here, float32. Items
+    are ``(data, label, key, fallbacks)``, the last 1 for a file decoded by PIL here (the main process
+    counts the GPU path's)."""
 
-    def __init__(self, samples, on_gpu: bool, seed: int):
+    def __init__(self, samples, on_gpu: bool, seed: int, normalize: bool = False):
         super().__init__(samples)
-        self.on_gpu, self.seed = bool(on_gpu), int(seed)
+        self.on_gpu, self.seed, self.normalize = bool(on_gpu), int(seed), bool(normalize) and not on_gpu
 
     def paths(self, indices) -> list:
         """The files of ``indices`` (a tensor or a list), for the error naming one that does not decode."""
@@ -122,6 +125,8 @@ class JpegFolderSet(jpeg.FileBytesDataset):
             x = jpeg.flip_(jpeg.resized_crops([image], boxes, TRAIN_SIZE), flips)[0]
         else:
             x = jpeg.center_crops([image], EVAL_RESIZE, TRAIN_SIZE)[0]
+        if self.normalize:
+            x = jpeg.normalize_to(x[None], channels_last=False)[0]
         return x, label, key, fallbacks
 
 
@@ -146,13 +151,16 @@ def to_input(dataset: JpegFolderSet, data, index, device, dtype, epoch=None) -> 
     """A collated batch's images as the network's input on ``device``: normalised, in ``dtype``,
     channels-last on CUDA; and the count of files decoded through PIL here. Bytes
     (``dataset.on_gpu``) are decoded there, train crops drawn for ``epoch`` (None: the evaluation
-    transform); uint8 crops are moved and normalised."""
+    transform); uint8 crops are moved and normalised (crops normalised by the workers: moved, cast)."""
     if dataset.on_gpu:
         names = dataset.paths(index)
         if epoch is None:
             return jpeg.eval_batch(data, device, dtype, EVAL_RESIZE, TRAIN_SIZE, names=names)
         return jpeg.train_batch(data, index, dataset.seed, epoch, device, dtype, TRAIN_SIZE, names=names)
     channels_last = device.type == "cuda"
+    if dataset.normalize:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return data.to(device, dtype=dtype, memory_format=fmt, non_blocking=True), 0
     return jpeg.normalize_to(data.to(device, non_blocking=True), dtype=dtype, channels_last=channels_last), 0
 
 
@@ -212,7 +220,8 @@ class JpegSplit:
     :meth:`batches` (``len`` is its sample count)."""
 
     def __init__(self, dataset, cfg):
-        self.dataset = JpegFolderSet(folder_samples(dataset), cfg.loader == "gpu", cfg.seed)
+        self.dataset = JpegFolderSet(folder_samples(dataset), cfg.loader == "gpu", cfg.seed,
+                                     normalize=torch.device(cfg.device).type == "cpu")
         self.workers = cfg.workers
 
     def __len__(self) -> int:
@@ -246,7 +255,10 @@ def train_loader(cfg, data, condenser, mix: bool):
     """The epoch loader over ``data.train`` (a folder split): over the condenser's sampler with its K1L
     partners appended when ``mix``, or a DistributedSampler over every sample without a condenser.
     Returns (batches, sampler, generator), as :func:`kcd_fast.train.loaders.train_loader`."""
-    dataset = JpegFolderSet(folder_samples(data.train), cfg.loader == "gpu", cfg.seed)
+    # On a CPU-only run the workers normalise too: the main process, which trains, has no device to
+    # hand it to (on a GPU host uint8 leaves the workers and the device normalises).
+    dataset = JpegFolderSet(folder_samples(data.train), cfg.loader == "gpu", cfg.seed,
+                            normalize=torch.device(cfg.device).type == "cpu")
     partner = eps = None
     if condenser is not None:
         sampler = condenser.sampler()
