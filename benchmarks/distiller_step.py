@@ -8,8 +8,9 @@ channels_last on device-resident random images. Arms:
 * ``kd``: the logit loss (the fused kernel on CUDA);
 * ``kd_tapped``: the same loss, with ReviewKD's taps hooked on both networks (the most any method
   reads: every stage, pre-ReLU on the teacher, and ``pooled``): the cost of the hooks alone;
-* ``fitnet``, ``at``, ``pkt``, ``crd``, ``reviewkd``: each method with its ImageNet defaults, CRD's banks
-  over N = 1,281,167 samples.
+* ``fitnet``, ``at``, ``pkt``, ``crd``, ``reviewkd``, ``sskd``: each method with its ImageNet defaults,
+  CRD's banks over N = 1,281,167 samples; SSKD's step runs both networks on its four rotated views
+  of the batch (its teacher phase, before the student's, is not timed).
 
 Time: the median over repeats of the mean step over ``--steps`` steps (CUDA-synchronised at each
 end); arms alternate within each repeat so that clock drift affects them alike. Targets: the taps
@@ -41,7 +42,7 @@ from kcd_fast.models import build_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = dict(batch=256, image=224, classes=1000, samples=1_281_167, teacher="resnet34", student="resnet18")
 SMOKE = dict(batch=4, image=32, classes=10, samples=64, teacher="resnet34", student="resnet18")
-ARMS = ("kd", "kd_tapped", "fitnet", "at", "pkt", "crd", "reviewkd")
+ARMS = ("kd", "kd_tapped", "fitnet", "at", "pkt", "crd", "reviewkd", "sskd")
 TAPS_MAX_OVERHEAD = 0.01
 
 
@@ -61,6 +62,8 @@ def make_arm(name: str, size: dict, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def step(x, y, index, epoch):
+        # the batch itself, but for SSKD's rotations (channels_last again, as the trainer's step makes them)
+        x = built.distiller.views(x).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             with torch.no_grad():
                 t_logits = teacher(x)
