@@ -184,13 +184,28 @@ class KnowledgeBuffer:
             order = torch.as_tensor(list(indices), dtype=torch.long)  # materialised once (a generator)
             subset = torch.utils.data.Subset(dataset, order.tolist())
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+        def numbered():  # each batch's inputs with the dataset indices of its rows, in the loader's order
+            start = 0
+            for batch in (progress(loader) if progress is not None else loader):
+                yield batch[0], order[start:start + len(batch[0])]
+                start += len(batch[0])
+
+        return self.fill_from(teacher, numbered(), device=device, autocast_dtype=autocast_dtype)
+
+    @torch.no_grad()
+    def fill_from(self, teacher: torch.nn.Module, batches, *, device=None, autocast_dtype=None) -> int:
+        """The one-off pass over ``batches`` of (inputs, dataset indices), e.g. a loader's own batches
+        already on the device: the teacher's logits stored at those indices. Returns the teacher
+        forwards."""
+        device = torch.device(device) if device is not None else self.device
         teacher.eval()
         done = 0
-        for batch in (progress(loader) if progress is not None else loader):
-            x = batch[0].to(device, non_blocking=True)
+        for x, index in batches:
+            x = x.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = teacher(x)
-            self.write(order[done:done + x.shape[0]], logits)
+            self.write(index, logits)
             done += x.shape[0]
         return done
 

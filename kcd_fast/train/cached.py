@@ -83,8 +83,10 @@ def fill_by_pass(knowledge: KnowledgeBuffer, teacher, data, cfg, teacher_hash: s
     def progress(batches):
         return track(batches, cfg, "knowledge fill", n, ranks=world)
 
-    if hasattr(data.train_eval, "fill_knowledge"):  # --loader cpu/gpu: the folder's own batches of JPEGs
-        mine = data.train_eval.fill_knowledge(knowledge, teacher, cfg, range(cfg.rank, n, world), progress)
+    if hasattr(data.train_eval, "batches"):  # --loader cpu/gpu: the folder's own batches of JPEGs
+        batches = data.train_eval.batches(range(cfg.rank, n, world), cfg, cfg.device)
+        mine = knowledge.fill_from(teacher, ((x, index) for x, _, index in progress(batches)), device=cfg.device,
+                                   autocast_dtype=AMP_DTYPES[cfg.amp])
     else:
         mine = knowledge.fill(teacher, data.train_eval, batch_size=cfg.eval_batch_size, device=cfg.device,
                               num_workers=0 if data.resident is not None else cfg.workers,

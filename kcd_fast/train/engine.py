@@ -79,14 +79,10 @@ def train_one_epoch(student, teacher, loader, optimizer, scaler, condenser, cfg,
     from_buffer = knowledge is not None and not fill
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen, forwards = 0, 0
-    channels_last = str(device).startswith("cuda")
+    # the views both networks run on (SSKD: rotated copies of the mixed inputs)
+    views = loss_fn.views if feature else None
     for x, y, index in track(loader, cfg, f"epoch {epoch + 1}/{cfg.epochs}", total_images, cfg.world_size):
-        x = x.to(device, non_blocking=True)
-        if feature:  # the views both networks run on (SSKD: rotated copies of the mixed inputs)
-            x = loss_fn.views(x)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+        x, y = _on_device(x, y, device, views)
         index_on_device = index.to(device, non_blocking=True) if feature or condenser is not None else None
         with autocast(cfg):
             if not from_buffer:
@@ -122,29 +118,18 @@ def teacher_phase_epoch(feature: FeatureDistill, teacher, loader, optimizer, sca
     gradients are averaged over the ranks. Returns this process's epoch means of the logged terms."""
     distiller = feature.distiller
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    channels_last = str(device).startswith("cuda")
+    average = (lambda: _average_gradients(params, cfg)) if cfg.distributed else None
     seen = 0
     desc = f"{feature.name} teacher phase {epoch + 1}/{distiller.teacher_phase_epochs}"
     for x, y, index in track(loader, cfg, desc, total_images, cfg.world_size):
-        x = distiller.views(x.to(device, non_blocking=True))
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+        x, y = _on_device(x, y, device, distiller.views)
         with autocast(cfg):
             with torch.no_grad():
                 logits = teacher(x)
             taps = feature.teacher_taps.values if feature.teacher_taps is not None else {}
             loss, logs = distiller.teacher_phase_loss({"logits": logits, **taps},
                                                       Batch(y, index.to(device, non_blocking=True), epoch))
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if cfg.distributed:
-            _average_gradients(params, cfg)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        _step(optimizer, scaler, loss, average)
         feature.add_logs(logs, y.shape[0])
         seen += y.shape[0]
     return feature.epoch_logs(seen)
@@ -158,14 +143,28 @@ def _average_gradients(params, cfg) -> None:
         g.copy_(part.view_as(g))
 
 
-def _step(optimizer, scaler, loss) -> None:
+def _on_device(x, y, device, views=None):
+    """A batch's inputs and labels on ``device``: the inputs made into ``views`` (when given) there, and
+    channels-last on CUDA, as the convolutions under AMP prefer."""
+    x = x.to(device, non_blocking=True)
+    if views is not None:
+        x = views(x)
+    if str(device).startswith("cuda"):
+        x = x.to(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def _step(optimizer, scaler, loss, before_step=None) -> None:
+    """Backward and one optimizer step (through fp16's GradScaler when there is one); ``before_step``,
+    if given, runs between the two (e.g. averaging gradients over the ranks)."""
     optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if before_step is not None:
+        before_step()
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
 
 

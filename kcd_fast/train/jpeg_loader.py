@@ -216,8 +216,9 @@ def amp_dtype(cfg) -> torch.dtype:
 
 class JpegSplit:
     """A folder split read with the evaluation transform by ``--loader cpu``/``gpu``: what
-    :func:`kcd_fast.train.engine.evaluate` scores and the one-off knowledge fill reads, through
-    :meth:`batches` (``len`` is its sample count)."""
+    :func:`kcd_fast.train.engine.evaluate` scores and the one-off knowledge fill
+    (:meth:`kcd_fast.KnowledgeBuffer.fill_from`) reads, through :meth:`batches` (``len`` is its sample
+    count)."""
 
     def __init__(self, dataset, cfg):
         self.dataset = JpegFolderSet(folder_samples(dataset), cfg.loader == "gpu", cfg.seed,
@@ -235,20 +236,6 @@ class JpegSplit:
                             pin_memory=device.type == "cuda" and not self.dataset.on_gpu)
         for data, y, index, _ in loader:
             yield to_input(self.dataset, data, index, device, amp_dtype(cfg))[0], y, index
-
-    @torch.no_grad()
-    def fill_knowledge(self, knowledge, teacher, cfg, indices, progress) -> int:
-        """The one-off pass of ``--knowledge-fill pass`` over ``indices``: the teacher's logits written to
-        ``knowledge``. Returns the teacher forwards."""
-        teacher.eval()
-        device, dtype = torch.device(cfg.device), AMP_DTYPES[cfg.amp]
-        done = 0
-        for x, _, index in progress(self.batches(indices, cfg, device)):
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits = teacher(x)
-            knowledge.write(index, logits)
-            done += len(index)
-        return done
 
 
 def train_loader(cfg, data, condenser, mix: bool):

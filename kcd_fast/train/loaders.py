@@ -83,12 +83,16 @@ def pixel_buffer(train_set):
     return images, rows if rows is not None else torch.arange(len(base))
 
 
+# The random streams of a run, each seeded per (seed, epoch, rank) by epoch_seed.
+SEED_STREAMS = {"torch": 0, "loader": 1, "teacher_phase": 2, "teacher_phase_loader": 3}
+
+
 def epoch_seed(seed: int, epoch: int, rank: int, stream: str) -> int:
     """The seed of one random stream ("torch": this process's augmentation and dropout, "loader": its
     loader workers'; "teacher_phase", "teacher_phase_loader": the same in a distiller's teacher phase)
-    for (seed, epoch, rank): distinct for every rank and epoch, and the same again
-    when a run is resumed."""
-    words = [seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, rank, {"torch": 0, "loader": 1, "teacher_phase": 2, "teacher_phase_loader": 3}[stream]]  # any int seed
+    for (seed, epoch, rank): distinct for every rank and epoch, and the same again when a run is
+    resumed."""
+    words = [seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, rank, SEED_STREAMS[stream]]  # any int seed
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
