@@ -66,10 +66,11 @@ tests=(tests/test_cuda.py tests/test_update_values.py tests/test_rank.py tests/t
        tests/test_build.py tests/test_knowledge.py tests/test_condenser.py tests/test_kd_loss.py
        benchmarks/test_step.py::test_observe_has_no_host_sync
        tests/test_jpeg_loader.py::test_gpu_batches_on_cuda_match_the_cpu_path
-       tests/test_jpeg_loader.py::test_auto_is_gpu_on_cuda_and_a_kcd_run_trains)
+       tests/test_jpeg_loader.py::test_auto_is_gpu_on_cuda_and_a_kcd_run_trains
+       tests/test_resized_crop.py::test_fused_crops_on_cuda_equal_v2_on_cuda_images)
 [ "$MODE" = update-values ] && tests=(tests/test_update_values.py benchmarks/test_step.py::test_observe_has_no_host_sync)
 [ "$MODE" = distillers ] && tests=(tests/test_crd.py tests/test_distillers.py tests/test_sskd.py tests/test_integrations.py)
-[ "$MODE" = loader ] && tests=(tests/test_jpeg.py tests/test_jpeg_loader.py benchmarks/test_loader.py)
+[ "$MODE" = loader ] && tests=(tests/test_jpeg.py tests/test_jpeg_loader.py tests/test_resized_crop.py benchmarks/test_loader.py)
 timeout "$(cap 150)" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "${xdist[@]}" "${tests[@]}" \
   > "$OUT/tests.log" 2>&1
 status=$?

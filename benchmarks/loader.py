@@ -13,7 +13,8 @@ grayscale ones), and a validation split. Then, in one process:
     what the workers deliver alone (``workers_images_per_s``: for ``cpu`` its uint8 crops, the part
     that stays on the CPU of a GPU host);
 (b) ``decode_ceiling``: images/s of ``torchvision.io.decode_jpeg(batch, device="cuda")`` alone on the
-    same files held in memory;
+    same files held in memory; ``transforms``: images/s of the train transform alone on a decoded
+    batch, the fused kernel against its twin (v2 image by image);
 (c) ``steps``: seconds per step of the KD step (ResNet34 teacher -> ResNet18 student) and the cached
     step (the student alone, soft labels read from a device buffer), fed by each loader and on one
     device-resident batch;
@@ -191,6 +192,26 @@ def decode_ceiling(root: Path) -> dict:
     return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
 
 
+def transform_rates(root: Path, device: str = "cuda", size: int = 224) -> dict:
+    """Images/s of the train transform alone on one decoded batch on ``device``: the fused Triton kernel
+    and its twin (v2 ``resized_crop`` image by image, flip, normalise), bf16 out, as the step takes it."""
+    from kcd_fast import jpeg
+
+    files = sorted((root / "train").rglob("*.JPEG"))[: SIZE["batch"]]
+    images, _ = jpeg.decode_batch([torchvision.io.read_file(str(f)) for f in files], device)
+    boxes, flips = jpeg.crop_draws(images, 0, 0, range(len(images)))
+    out = {"images": len(images)}
+    for name, fused in (("fused", True), ("twin", False)):
+        jpeg.train_crops(images, boxes, flips, size, torch.bfloat16, fused=fused)  # compile, warm the caches
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(SIZE["loader_batches"]):
+            jpeg.train_crops(images, boxes, flips, size, torch.bfloat16, fused=fused)
+        sync()
+        out[f"{name}_images_per_s"] = len(images) * SIZE["loader_batches"] / (time.perf_counter() - t0)
+    return out
+
+
 def _components(data: torch.Tensor) -> int:
     from kcd_fast.jpeg import read_jpeg_header
 
@@ -327,6 +348,7 @@ def main(argv=None):
                                       for _ in range(args.repeats)])]
         if CUDA:
             parts.append(("decode_ceiling", lambda: decode_ceiling(root)))
+            parts.append(("transforms", lambda: transform_rates(root)))
         if not args.loaders_only:
             parts.append(("steps", lambda: fed_steps(root, teacher, feeds, args.classes)))
         run_loader = "gpu" if CUDA else "cpu"  # the default path of each kind of machine
@@ -355,6 +377,8 @@ def targets(out: dict) -> dict:
         gpu = rate[f"gpu_{CORES}w"]
         t |= {"gpu_loader_images_per_s": gpu, "gpu_over_cached_step_consumption": gpu / CACHED_STEP_IMAGES_PER_S,
               "gpu_over_decode_ceiling": gpu / out["decode_ceiling"]["images_per_s"]}
+    if "transforms" in out:
+        t["fused_transform_over_twin"] = out["transforms"]["fused_images_per_s"] / out["transforms"]["twin_images_per_s"]
     for name, times in out.get("steps", {}).items():
         for key, seconds in times.items():
             if key != "resident_s":

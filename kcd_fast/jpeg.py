@@ -12,15 +12,17 @@ The pieces, in the order a training step uses them:
 * :func:`random_resized_crop_boxes`: torchvision's ``RandomResizedCrop`` draws (and a horizontal flip
   per image), from a generator seeded by (seed, epoch, dataset index): a resumed run draws the same
   crops, whatever the batch composition or worker count.
-* :func:`resized_crops`, :func:`flip_`, :func:`normalize_to`, :func:`center_crops`: the train and eval
-  transforms of the ImageNet recipe on a batch, on CPU or CUDA tensors alike; uint8 until
-  :func:`normalize_to`, which gives the AMP dtype (timm's convention: uint8 out of the loader,
-  normalisation on the device).
+* :func:`train_crops` and :func:`eval_crops`: the train and eval transforms of the ImageNet recipe on
+  decoded uint8 images, normalised to the AMP dtype (timm's convention: uint8 out of the loader,
+  normalisation on the device). On CUDA one Triton launch does the batch (:func:`fused_crops`); the
+  slow twin, also the CPU path, is torchvision's functions image by image (:func:`resized_crops`,
+  :func:`flip_`, :func:`center_crops`, then :func:`normalize_to`).
 
-Box coordinates are needed on the host to slice each image. They are drawn on the CPU from the
-decoded images' shapes, which are host metadata even for CUDA tensors (no device sync).
-:func:`read_jpeg_header` parses the SOF marker for (height, width, components) without decoding;
-:func:`decode_batch` uses it to route files, and it would let boxes be drawn before decoding.
+Box coordinates are needed on the host. :func:`read_jpeg_header` parses the SOF marker for (height,
+width, components) without decoding: :func:`decode_batch` routes files by it, and a loader worker
+draws each crop from it (:func:`describe_file`) and hands its batch over as an :class:`EncodedBatch`.
+:func:`crop_draws` draws what the worker could not from the decoded shapes, host metadata even for
+CUDA tensors (no device sync).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,6 +45,9 @@ from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 __all__ = [
     "FileBytesDataset",
     "collate_bytes",
+    "EncodedBatch",
+    "describe_file",
+    "crop_draws",
     "JpegHeader",
     "read_jpeg_header",
     "decodes_on_device",
@@ -53,6 +58,12 @@ __all__ = [
     "flip_",
     "normalize_to",
     "center_crops",
+    "resized_size",
+    "crop_table",
+    "center_table",
+    "fused_crops",
+    "train_crops",
+    "eval_crops",
     "train_batch",
     "eval_batch",
 ]
@@ -202,6 +213,7 @@ def decode_batch(
     device: Union[str, torch.device],
     mode: ImageReadMode = ImageReadMode.RGB,
     names: Optional[Sequence[str]] = None,
+    headers: Optional[Sequence[Optional[JpegHeader]]] = None,
 ) -> tuple[list, int]:
     """Decode a batch of encoded images to uint8 [C, H, W] tensors on ``device``.
 
@@ -209,14 +221,17 @@ def decode_batch(
     those files are decoded one by one. The rest, and files ``decode_jpeg`` fails on, go through PIL on
     the CPU and are then moved to ``device``. Returns ``(images, fallback_count)``, images in input
     order. ``names`` (e.g. file paths) name a file that neither decoder reads in the
-    :class:`CorruptImageError`; by default "item <k> of the batch".
+    :class:`CorruptImageError`; by default "item <k> of the batch". ``headers``: the files'
+    :func:`read_jpeg_header` results when the loader workers have read them already.
     """
     if mode not in PIL_MODES:
         raise ValueError(f"mode must be ImageReadMode.RGB or ImageReadMode.GRAY, got {mode}")
     if names is not None and len(names) != len(byte_list):
         raise ValueError(f"names must have one entry per file ({len(byte_list)}), got {len(names)}")
     device = torch.device(device)
-    fast = [k for k, d in enumerate(byte_list) if decodes_on_device(read_jpeg_header(d), device)]
+    if headers is None:
+        headers = [read_jpeg_header(d) for d in byte_list]
+    fast = [k for k, h in enumerate(headers) if decodes_on_device(h, device)]
     images: list = [None] * len(byte_list)
     if fast:
         batch = [byte_list[k] for k in fast]
@@ -231,6 +246,70 @@ def decode_batch(
         name = names[k] if names is not None else f"item {k} of the batch"
         images[k] = pil_decode(byte_list[k], mode, name).to(device, non_blocking=True)
     return images, len(fallback)
+
+
+# --------------------------------------------------------------------------------------
+# A batch of files as two tensors
+# --------------------------------------------------------------------------------------
+
+# The columns of EncodedBatch.table: each file's byte count, its SOF header (components 0: none read),
+# and the crop box and flip a worker drew from that header (box_h 0: none drawn).
+ENCODED_COLUMNS = ("length", "height", "width", "components", "progressive", "top", "left", "box_h", "box_w", "flip")
+
+
+def describe_file(data: torch.Tensor, seed: Optional[int] = None, epoch: Optional[int] = None,
+                  index: Optional[int] = None) -> tuple:
+    """A file's :data:`ENCODED_COLUMNS` row: its header, and with ``seed``/``epoch``/``index`` its crop box
+    and flip drawn as :func:`random_resized_crop_boxes` draws them from the header's size (what the
+    decoded image will have: ``decode_jpeg`` and PIL ignore EXIF orientation here)."""
+    header = read_jpeg_header(data)
+    if header is None:
+        return (len(data),) + (0,) * 9
+    box, flip = (0, 0, 0, 0), 0
+    if seed is not None:
+        boxes, flips = random_resized_crop_boxes([header.height], [header.width], seed, epoch, [index])
+        box, flip = tuple(boxes[0].tolist()), int(flips[0])
+    return (len(data), header.height, header.width, header.components, int(header.progressive)) + box + (flip,)
+
+
+class EncodedBatch(NamedTuple):
+    """A batch of encoded files as a loader worker hands it over: ``data``, every file's bytes one after
+    another (uint8 [total]), and ``table``, one :data:`ENCODED_COLUMNS` row per file (int64 [B, 10]).
+    Two tensors cross from the worker, two shared-memory segments, instead of one per file."""
+
+    data: torch.Tensor
+    table: torch.Tensor
+
+    @classmethod
+    def pack(cls, files: Sequence[torch.Tensor], rows: Sequence[tuple]) -> "EncodedBatch":
+        data = torch.cat(list(files)) if len(files) else torch.empty(0, dtype=torch.uint8)
+        return cls(data, torch.tensor(rows, dtype=torch.int64).reshape(-1, len(ENCODED_COLUMNS)))
+
+    def files(self) -> list:
+        """Each file's bytes: views of ``data``."""
+        return list(torch.split(self.data, self.table[:, 0].tolist()))
+
+    def headers(self) -> list:
+        return [JpegHeader(h, w, c, bool(p)) if c else None for h, w, c, p in self.table[:, 1:5].tolist()]
+
+    def draws(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The worker's draws: boxes int64 [B, 4], flips bool [B], and the header sizes int64 [B, 2] they
+        were drawn for (0 where none was)."""
+        return self.table[:, 5:9], self.table[:, 9].bool(), self.table[:, 1:3] * (self.table[:, 7:8] > 0)
+
+
+def crop_draws(images: Sequence[torch.Tensor], seed: int, epoch: int, indices, drawn=None) -> tuple:
+    """The boxes and flips of ``images`` (decoded) for ``epoch``: ``drawn`` (:meth:`EncodedBatch.draws`)
+    where drawn for the size the image has, drawn here (:func:`random_resized_crop_boxes`) for the rest."""
+    sizes = torch.tensor([list(img.shape[-2:]) for img in images], dtype=torch.int64).reshape(-1, 2)  # host metadata
+    if drawn is None:
+        return random_resized_crop_boxes(sizes[:, 0], sizes[:, 1], seed, epoch, indices)
+    boxes, flips, drawn_for = drawn[0].clone(), drawn[1].clone(), drawn[2]
+    rest = (drawn_for != sizes).any(1).nonzero().flatten()
+    if len(rest):
+        boxes[rest], flips[rest] = random_resized_crop_boxes(sizes[rest, 0], sizes[rest, 1], seed, epoch,
+                                                             torch.as_tensor(indices)[rest])
+    return boxes, flips
 
 
 # --------------------------------------------------------------------------------------
@@ -385,20 +464,99 @@ def center_crops(images: Sequence[torch.Tensor], resize: int = 256, size: int = 
     return torch.stack(out)
 
 
+def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
+    """The size ``v2.Resize(resize)`` gives an image: the shorter side ``resize``, the longer one scaled
+    and truncated, as torchvision computes it."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resize * long / short)
+    return (new_long, resize) if width <= height else (resize, new_long)
+
+
+def crop_table(images: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """The fused kernel's parameter rows (``kcd_fast.kernels.resized_crop.PARAMS``) of the train
+    transform: box ``boxes[k]`` of ``images[k]`` resized to ``size`` x ``size``, flipped where ``flips[k]``."""
+    table = torch.zeros(len(images), 12, dtype=torch.int64)
+    table[:, 1] = torch.tensor([img.shape[-2] for img in images], dtype=torch.int64)  # host metadata
+    table[:, 2] = torch.tensor([img.shape[-1] for img in images], dtype=torch.int64)
+    table[:, 3:7] = boxes
+    table[:, 7:9] = size
+    table[:, 11] = flips
+    return table
+
+
+def center_table(images: Sequence[torch.Tensor], resize: int, size: int) -> torch.Tensor:
+    """The parameter rows of the eval transform: each whole image resized as ``v2.Resize(resize)`` does,
+    read at ``v2.CenterCrop(size)``'s offset."""
+    rows = []
+    for img in images:
+        h, w = img.shape[-2:]
+        rh, rw = resized_size(h, w, resize)
+        if rh < size or rw < size:
+            raise ValueError(f"resize must be >= size so the centre crop lies inside, got {resize} and {size}")
+        rows.append((0, h, w, 0, 0, h, w, rh, rw, int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0)), 0))
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 12)
+
+
+def fused_crops(images: Sequence[torch.Tensor], table: torch.Tensor, size: int, dtype: torch.dtype,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Every image's row of ``table`` in one Triton launch (``kcd_fast.kernels.resized_crop``): the
+    batch [B, 3, size, size], channels-last, normalised in ``dtype`` (uint8: the resized pixels)."""
+    for k, img in enumerate(images):
+        if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError(f"images[{k}] must be a uint8 [3, H, W] tensor, got {img.dtype} {tuple(img.shape)}")
+    from kcd_fast.kernels.resized_crop import resized_crops_triton  # imports triton: only when used
+
+    device = images[0].device if len(images) else torch.device("cpu")
+    out = torch.empty(len(images), 3, size, size, dtype=dtype, device=device, memory_format=torch.channels_last)
+    return resized_crops_triton(images, table, size, out, mean, std)
+
+
+def train_crops(images: Sequence[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, size: int = 224,
+                dtype: torch.dtype = torch.float32, fused: Optional[bool] = None) -> torch.Tensor:
+    """The train transform of decoded uint8 images: crop, resize, flip, normalise (channels-last, ``dtype``).
+    ``fused`` (default: on CUDA) runs :func:`fused_crops`; else its slow twin, torchvision's functions
+    image by image (:func:`resized_crops`, :func:`flip_`, :func:`normalize_to`)."""
+    if boxes.shape != (len(images), 4) or flips.shape != (len(images),):
+        raise ValueError(f"boxes must be [{len(images)}, 4] and flips [{len(images)}] (one row per image), "
+                         f"got {tuple(boxes.shape)} and {tuple(flips.shape)}")
+    if fused is None:
+        fused = len(images) > 0 and images[0].is_cuda
+    if fused:
+        return fused_crops(images, crop_table(images, boxes, flips, size), size, dtype)
+    return normalize_to(flip_(resized_crops(images, boxes, size), flips), dtype=dtype)
+
+
+def eval_crops(images: Sequence[torch.Tensor], resize: int = 256, size: int = 224,
+               dtype: torch.dtype = torch.float32, fused: Optional[bool] = None) -> torch.Tensor:
+    """The eval transform (shorter side to ``resize``, centre ``size`` x ``size``, normalise); ``fused``
+    as in :func:`train_crops`, the twin :func:`center_crops` + :func:`normalize_to`."""
+    if fused is None:
+        fused = len(images) > 0 and images[0].is_cuda
+    if fused:
+        return fused_crops(images, center_table(images, resize, size), size, dtype)
+    return normalize_to(center_crops(images, resize, size), dtype=dtype)
+
+
 def train_batch(byte_list, indices, seed: int, epoch: int, device, dtype: torch.dtype = torch.float32,
-                size: int = 224, names=None) -> tuple[torch.Tensor, int]:
-    """Encoded images -> the normalised train batch [B, 3, size, size] on ``device`` and the fallback count:
-    decode, crop boxes drawn from (seed, epoch, indices), resize, flip, normalise."""
-    images, fallback = decode_batch(byte_list, device, names=names)
-    heights = [img.shape[-2] for img in images]  # shapes are host metadata, even on CUDA
-    widths = [img.shape[-1] for img in images]
-    boxes, flips = random_resized_crop_boxes(heights, widths, seed, epoch, indices)
-    x = flip_(resized_crops(images, boxes, size), flips)
-    return normalize_to(x, dtype=dtype), fallback
+                size: int = 224, names=None, fused: Optional[bool] = None) -> tuple[torch.Tensor, int]:
+    """Encoded images (a list of byte tensors, or an :class:`EncodedBatch` with the workers' draws) -> the
+    normalised train batch [B, 3, size, size] on ``device`` and the fallback count: decode, crop boxes
+    drawn from (seed, epoch, indices), then :func:`train_crops`."""
+    if isinstance(byte_list, EncodedBatch):
+        images, fallback = decode_batch(byte_list.files(), device, names=names, headers=byte_list.headers())
+        boxes, flips = crop_draws(images, seed, epoch, indices, byte_list.draws())
+    else:
+        images, fallback = decode_batch(byte_list, device, names=names)
+        boxes, flips = crop_draws(images, seed, epoch, indices)
+    return train_crops(images, boxes, flips, size, dtype, fused), fallback
 
 
 def eval_batch(byte_list, device, dtype: torch.dtype = torch.float32, resize: int = 256, size: int = 224,
-               names=None) -> tuple[torch.Tensor, int]:
-    """Encoded images -> the normalised eval batch [B, 3, size, size] on ``device`` and the fallback count."""
-    images, fallback = decode_batch(byte_list, device, names=names)
-    return normalize_to(center_crops(images, resize, size), dtype=dtype), fallback
+               names=None, fused: Optional[bool] = None) -> tuple[torch.Tensor, int]:
+    """Encoded images (a list or an :class:`EncodedBatch`) -> the normalised eval batch [B, 3, size, size]
+    on ``device`` and the fallback count."""
+    if isinstance(byte_list, EncodedBatch):
+        images, fallback = decode_batch(byte_list.files(), device, names=names, headers=byte_list.headers())
+    else:
+        images, fallback = decode_batch(byte_list, device, names=names)
+    return eval_crops(images, resize, size, dtype, fused), fallback

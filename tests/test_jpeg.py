@@ -89,6 +89,58 @@ def test_headers_give_size_and_components(files):
     assert not jpeg.decodes_on_device(None, "cpu")
 
 
+def test_an_encoded_batch_packs_the_files_and_their_headers(files):
+    """Two tensors out of a worker: the bytes back as views, the headers as read_jpeg_header reads them,
+    the worker's draws equal to drawing for the decoded sizes, also through a worker process."""
+    ds = jpeg.FileBytesDataset.from_folder(files / "train")
+    data = [ds[k][0] for k in range(len(ds))] + [torch.empty(0, dtype=torch.uint8)]
+    indices = list(range(len(data)))
+    batch = jpeg.EncodedBatch.pack(data, [jpeg.describe_file(d, 5, 2, i) for d, i in zip(data, indices)])
+    assert batch.data.dtype == torch.uint8 and batch.table.shape == (len(data), len(jpeg.ENCODED_COLUMNS))
+    assert [bytes(f.numpy()) for f in batch.files()] == [bytes(d.numpy()) for d in data]
+    assert batch.headers() == [jpeg.read_jpeg_header(d) for d in data]
+    images, _ = jpeg.decode_batch(data[:-1], "cpu")
+    boxes, flips = jpeg.crop_draws(images, 5, 2, indices[:-1], tuple(t[:-1] for t in batch.draws()))
+    want = jpeg.random_resized_crop_boxes([i.shape[1] for i in images], [i.shape[2] for i in images], 5, 2, indices[:-1])
+    assert torch.equal(boxes, want[0]) and torch.equal(flips, want[1])
+    png = [k for k, (p, _) in enumerate(ds.samples) if p.endswith("png.JPEG")][0]
+    assert batch.table[png].tolist()[1:] == [0] * 9  # no header, nothing drawn: the main process draws it
+    assert jpeg.describe_file(data[0])[5:] == (0,) * 5  # no seed: no draw
+    # Through a worker process: one EncodedBatch, equal to the one built here.
+    loader = DataLoader([(d, jpeg.describe_file(d, 5, 2, i)) for i, d in enumerate(data)], batch_size=len(data),
+                        num_workers=1, collate_fn=lambda items: jpeg.EncodedBatch.pack(*zip(*items)))
+    crossed = next(iter(loader))
+    assert torch.equal(crossed.data, batch.data) and torch.equal(crossed.table, batch.table)
+
+
+def test_draws_for_another_size_are_drawn_again():
+    """A row whose drawn-for size is not the decoded image's (or that has no draw) is drawn here, for the
+    image's size: a wrong box never reaches the crop."""
+    images = [torch.zeros(3, 40, 60, dtype=torch.uint8), torch.zeros(3, 50, 30, dtype=torch.uint8)]
+    boxes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    drawn = (boxes, torch.tensor([True, True]), torch.tensor([[40, 60], [30, 50]]))  # row 1 drawn for 30 x 50
+    got_boxes, got_flips = jpeg.crop_draws(images, 0, 1, [7, 9], drawn)
+    want = jpeg.random_resized_crop_boxes([50], [30], 0, 1, [9])
+    assert got_boxes[0].tolist() == [1, 2, 3, 4] and bool(got_flips[0])
+    assert torch.equal(got_boxes[1], want[0][0]) and bool(got_flips[1]) == bool(want[1][0])
+    assert torch.equal(drawn[0], boxes)  # the worker's table is left as it was
+
+
+def test_the_fused_kernel_through_train_and_eval_batches(files):
+    """train_batch / eval_batch with the Triton kernel (on CPU tensors under the interpreter) agree with
+    their twin, v2 image by image, within one uint8 level."""
+    ds = jpeg.FileBytesDataset.from_folder(files / "train")
+    data = [ds[k][0] for k in range(len(ds))]
+    batch = jpeg.EncodedBatch.pack(data, [jpeg.describe_file(d, 3, 1, i) for i, d in enumerate(data)])
+    level = 1.0 / 255.0 / min(IMAGENET_STD) * 1.001
+    fused, n_fused = jpeg.train_batch(batch, list(range(len(data))), 3, 1, "cpu", size=48, fused=True)
+    twin, n_twin = jpeg.train_batch(data, list(range(len(data))), 3, 1, "cpu", size=48, fused=False)
+    assert n_fused == n_twin == 1
+    torch.testing.assert_close(fused, twin, rtol=0, atol=level)
+    fused, _ = jpeg.eval_batch(batch, "cpu", resize=56, size=48, fused=True)
+    torch.testing.assert_close(fused, jpeg.eval_batch(data, "cpu", resize=56, size=48)[0], rtol=0, atol=level)
+
+
 def test_decode_equals_pil_and_counts_the_fallback(files):
     ds = jpeg.FileBytesDataset.from_folder(files / "train")
     data = [ds[k][0] for k in range(len(ds))]

@@ -383,4 +383,4 @@ def test_workers_hand_uint8_to_a_device_and_normalised_floats_to_a_cpu_run(folde
     assert torch.allclose(normalised.double(), (crop.double() / 255 - mean.double()) / std.double(), atol=1e-5)
     cpu_run = jpeg_loader.train_loader(loader_cfg(), SimpleNamespace(train=train), None, False)[0]
     assert next(iter(cpu_run.loader))[0].dtype == torch.float32  # the workers normalised
-    assert jpeg_loader.JpegFolderSet(samples, True, SEED, normalize=True)[key][0].dtype == torch.uint8  # bytes
+    assert jpeg_loader.JpegFolderSet(samples, True, SEED, normalize=True)[key][0][0].dtype == torch.uint8  # bytes

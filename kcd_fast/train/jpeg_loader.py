@@ -4,8 +4,10 @@
   on uint8 (the crop drawn from (seed, epoch, dataset index)); the main process moves the uint8
   batch to the device and normalises it there, in the AMP dtype (a run on the CPU normalises in the
   workers: its main process trains on the same cores).
-* gpu: the workers read file bytes only; the main process decodes, crops, flips and normalises the
-  whole batch on the GPU (:func:`kcd_fast.jpeg.train_batch`).
+* gpu: the workers read file bytes and the JPEG header only, and draw each crop from the header's size;
+  a batch leaves a worker as two tensors (:class:`kcd_fast.jpeg.EncodedBatch`). The main process
+  decodes the batch with nvJPEG, then crops, resizes, flips and normalises it in one Triton launch
+  (:func:`kcd_fast.jpeg.train_batch`).
 
 Crops come from per-sample generators, so they do not depend on the worker count, the batch a sample
 lands in or the workers' RNG: the workers persist across epochs, and a resumed run draws the same
@@ -97,7 +99,8 @@ class PartnerBatches(Sampler):
 class JpegFolderSet(jpeg.FileBytesDataset):
     """The images of a folder split as the loader workers read them. A key is an :class:`Item` (train:
     crop and flip drawn from (``seed``, epoch, index)) or an int index (evaluation: the centre crop).
-    ``on_gpu``: the item is the file's bytes (decoded on the GPU in the main process); else the uint8
+    ``on_gpu``: the item is the file's bytes and its :func:`kcd_fast.jpeg.describe_file` row (header and,
+    for training, the crop drawn from it; decoded on the GPU in the main process); else the uint8
     [3, 224, 224] crop, decoded here by ``decode_jpeg`` (PIL for what it does not read; a file neither
     reads raises :class:`kcd_fast.data.CorruptImageError` naming it); with ``normalize`` (a run on the
     CPU, which has no device to hand the normalisation to) the crop normalised here, float32. Items
@@ -116,8 +119,9 @@ class JpegFolderSet(jpeg.FileBytesDataset):
         train = isinstance(key, Item)
         index = key.index if train else int(key)
         data, label, _ = super().__getitem__(index)
-        if self.on_gpu:
-            return data, label, key, 0
+        if self.on_gpu:  # the crop is drawn here from the file's header: the main process only decodes
+            row = jpeg.describe_file(data, self.seed, key.epoch, index) if train else jpeg.describe_file(data)
+            return (data, row), label, key, 0
         (image,), fallbacks = jpeg.decode_batch([data], "cpu", names=[self.samples[index][0]])
         if train:
             boxes, flips = jpeg.random_resized_crop_boxes([image.shape[-2]], [image.shape[-1]], self.seed,
@@ -131,12 +135,13 @@ class JpegFolderSet(jpeg.FileBytesDataset):
 
 
 def collate_items(items):
-    """A batch of :class:`JpegFolderSet` items: the data (uint8 [B, 3, H, W], or the list of byte tensors),
+    """A batch of :class:`JpegFolderSet` items: the data (uint8 [B, 3, H, W], or the files as a
+    :class:`kcd_fast.jpeg.EncodedBatch`),
     int64 labels and indices [B]; for :class:`Item` keys also the epoch, the count of own rows (first),
     and the K1L rows, their partners' rows (int64 [P]) and ratios (float32 [P]); last, the count of
     files the workers decoded through PIL."""
     data, labels, keys, fallbacks = zip(*items)
-    x = torch.stack(data) if data[0].dim() == 3 else list(data)
+    x = torch.stack(data) if isinstance(data[0], torch.Tensor) else jpeg.EncodedBatch.pack(*zip(*data))
     labels = torch.tensor(labels, dtype=torch.int64)
     if not isinstance(keys[0], Item):
         return x, labels, torch.tensor(keys, dtype=torch.int64), sum(fallbacks)
