@@ -368,9 +368,19 @@ def test_the_gpu_path_adds_no_host_sync_per_step(folder):
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = [loader.prepare(*batch) for batch in collated]
+        streamed = list(loader)  # the same batches through the epoch's iterator: prepared on a side stream
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(x.is_cuda and torch.isfinite(x.float()).all() for x, _, _ in out)
+    assert len(streamed) == len(out)
+    for (x, y, i), (a, b, c) in zip(out, streamed):
+        assert torch.equal(x, a) and torch.equal(y, b) and torch.equal(i, c)
+
+
+def test_on_side_stream_without_cuda_is_the_call_itself():
+    calls = []
+    out = jpeg_loader.on_side_stream(None, lambda *b: calls.append(b) or (b[0] + 1, b[1]), torch.tensor(1), "y")
+    assert calls == [(torch.tensor(1), "y")] and out == (torch.tensor(2), "y")
 
 
 def test_workers_hand_uint8_to_a_device_and_normalised_floats_to_a_cpu_run(folder):
