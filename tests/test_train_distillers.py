@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -249,6 +250,21 @@ def test_a_distiller_whose_tap_the_teacher_lacks_stops_before_the_teacher_is_tra
     err = capsys.readouterr().err
     assert code == 2 and "--distill far_tap" in err and "stage9" in err and "--teacher" in err, err
     assert not trained and not (tmp_path / "o").exists()
+
+
+def test_the_check_before_the_teacher_is_a_dry_build_on_the_meta_device(monkeypatch):
+    """check_distiller probes shapes on meta tensors: no weights drawn, and CRD's banks at ImageNet's
+    N (2 x 1,281,167 x 128 float32, 1.3 GB) take no memory."""
+    built = []
+    real = M.distillation.FeatureDistill
+    monkeypatch.setattr(M.distillation, "FeatureDistill", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    cfg = config.resolve(args_of("--dataset", "imagenet", "--distill", "crd", "--student", "resnet18",
+                                 "--teacher", "resnet34"))
+    data = SimpleNamespace(resident=[(torch.zeros(3, 224, 224), 0)], num_classes=1000, in_channels=3, n=1281167)
+    M.check_distiller(cfg, data)
+    crd = built[0].distiller
+    assert crd.memory_s.shape == (1281167, 128) and crd.memory_s.is_meta and crd.memory_t.is_meta
+    assert all(p.is_meta for p in built[0].module.parameters())
 
 
 def test_resume_with_other_distiller_settings_is_refused(tmp_path, digits_teacher, capsys):

@@ -116,7 +116,10 @@ def noise_seed(seed: int, rank: int, epoch: int = 0) -> int:
 
 
 def init_bank(num_samples: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """CRD's initial bank: float32 [N, d] uniform in [-stdv, stdv], stdv = 1/sqrt(d/3)."""
+    """CRD's initial bank: float32 [N, d] uniform in [-stdv, stdv], stdv = 1/sqrt(d/3). Under
+    ``torch.device("meta")`` (a dry build: shapes only) an empty meta tensor, nothing drawn."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(num_samples, dim, device="meta")
     stdv = 1.0 / math.sqrt(dim / 3)
     return torch.rand(num_samples, dim, generator=generator).mul_(2 * stdv).add_(-stdv)
 
