@@ -40,7 +40,7 @@ BLOCK = 256  # output pixels per program
 @triton.jit
 def _span(i, box, resize):
     """The taps of output index ``i`` (float32, in resized coordinates) along an axis of ``box`` source
-    pixels resized to ``resize``: first tap, end (exclusive), centre, 1 / max(scale, 1), weight total."""
+    pixels resized to ``resize``: first tap, end (exclusive), centre, and 1 / max(scale, 1)."""
     scale = tl.div_rn(box.to(tl.float32), resize.to(tl.float32))
     up = scale < 1.0
     support = tl.where(up, 1.0, scale)
