@@ -209,11 +209,10 @@ def decode_each(data: list, device: torch.device, mode: ImageReadMode) -> list:
 
 
 def decode_batch(
-    byte_list: Sequence[torch.Tensor],
+    byte_list: Union[Sequence[torch.Tensor], "EncodedBatch"],
     device: Union[str, torch.device],
     mode: ImageReadMode = ImageReadMode.RGB,
     names: Optional[Sequence[str]] = None,
-    headers: Optional[Sequence[Optional[JpegHeader]]] = None,
 ) -> tuple[list, int]:
     """Decode a batch of encoded images to uint8 [C, H, W] tensors on ``device``.
 
@@ -221,11 +220,14 @@ def decode_batch(
     those files are decoded one by one. The rest, and files ``decode_jpeg`` fails on, go through PIL on
     the CPU and are then moved to ``device``. Returns ``(images, fallback_count)``, images in input
     order. ``names`` (e.g. file paths) name a file that neither decoder reads in the
-    :class:`CorruptImageError`; by default "item <k> of the batch". ``headers``: the files'
-    :func:`read_jpeg_header` results when the loader workers have read them already.
+    :class:`CorruptImageError`; by default "item <k> of the batch". An :class:`EncodedBatch` brings the
+    headers its loader worker read.
     """
     if mode not in PIL_MODES:
         raise ValueError(f"mode must be ImageReadMode.RGB or ImageReadMode.GRAY, got {mode}")
+    headers = None
+    if isinstance(byte_list, EncodedBatch):  # before counting files: an EncodedBatch is a pair of tensors
+        byte_list, headers = byte_list.files(), byte_list.headers()
     if names is not None and len(names) != len(byte_list):
         raise ValueError(f"names must have one entry per file ({len(byte_list)}), got {len(names)}")
     device = torch.device(device)
@@ -546,12 +548,9 @@ def train_batch(byte_list, indices, seed: int, epoch: int, device, dtype: torch.
     """Encoded images (a list of byte tensors, or an :class:`EncodedBatch` with the workers' draws) -> the
     normalised train batch [B, 3, size, size] on ``device`` and the fallback count: decode, crop boxes
     drawn from (seed, epoch, indices), then :func:`train_crops`."""
-    if isinstance(byte_list, EncodedBatch):
-        images, fallback = decode_batch(byte_list.files(), device, names=names, headers=byte_list.headers())
-        boxes, flips = crop_draws(images, seed, epoch, indices, byte_list.draws())
-    else:
-        images, fallback = decode_batch(byte_list, device, names=names)
-        boxes, flips = crop_draws(images, seed, epoch, indices)
+    images, fallback = decode_batch(byte_list, device, names=names)
+    drawn = byte_list.draws() if isinstance(byte_list, EncodedBatch) else None
+    boxes, flips = crop_draws(images, seed, epoch, indices, drawn)
     return train_crops(images, boxes, flips, size, dtype, fused), fallback
 
 
@@ -559,8 +558,5 @@ def eval_batch(byte_list, device, dtype: torch.dtype = torch.float32, resize: in
                names=None, fused: Optional[bool] = None) -> tuple[torch.Tensor, int]:
     """Encoded images (a list or an :class:`EncodedBatch`) -> the normalised eval batch [B, 3, size, size]
     on ``device`` and the fallback count."""
-    if isinstance(byte_list, EncodedBatch):
-        images, fallback = decode_batch(byte_list.files(), device, names=names, headers=byte_list.headers())
-    else:
-        images, fallback = decode_batch(byte_list, device, names=names)
+    images, fallback = decode_batch(byte_list, device, names=names)
     return eval_crops(images, resize, size, dtype, fused), fallback

@@ -99,6 +99,10 @@ def test_an_encoded_batch_packs_the_files_and_their_headers(files):
     assert batch.data.dtype == torch.uint8 and batch.table.shape == (len(data), len(jpeg.ENCODED_COLUMNS))
     assert [bytes(f.numpy()) for f in batch.files()] == [bytes(d.numpy()) for d in data]
     assert batch.headers() == [jpeg.read_jpeg_header(d) for d in data]
+    packed = jpeg.EncodedBatch.pack(data[:-1], [jpeg.describe_file(d) for d in data[:-1]])
+    from_batch, n_batch = jpeg.decode_batch(packed, "cpu", names=[p for p, _ in ds.samples])
+    from_list, n_list = jpeg.decode_batch(data[:-1], "cpu")
+    assert n_batch == n_list == 1 and all(torch.equal(a, b) for a, b in zip(from_batch, from_list))
     images, _ = jpeg.decode_batch(data[:-1], "cpu")
     boxes, flips = jpeg.crop_draws(images, 5, 2, indices[:-1], tuple(t[:-1] for t in batch.draws()))
     want = jpeg.random_resized_crop_boxes([i.shape[1] for i in images], [i.shape[2] for i in images], 5, 2, indices[:-1])
