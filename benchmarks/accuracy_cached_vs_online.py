@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kcd_fast.train import config
+from kcd_fast.train import options
 from kcd_fast.train.main import main as run_trainer
 
 
@@ -25,7 +25,7 @@ def run(dataset, seed, knowledge, teacher, out, storage="dense", k=10):
         argv += ["--storage", storage] + (["--topk", str(k)] if storage == "topk" else [])
     if teacher:
         argv += ["--teacher-weights", str(teacher)]
-    return run_trainer(config.get_args_parser().parse_args(argv))
+    return run_trainer(options.get_args_parser().parse_args(argv))
 
 
 def main(argv=None):

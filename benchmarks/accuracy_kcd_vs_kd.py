@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kcd_fast.train import config
+from kcd_fast.train import options
 from kcd_fast.train.main import main as run_trainer
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +45,7 @@ def run(dataset: str, seed: int, variant: str, teacher, out: Path, extra: list[s
             *VARIANTS[variant], *extra]
     if teacher is not None:
         argv += ["--teacher-weights", str(teacher)]
-    summary = run_trainer(config.get_args_parser().parse_args(argv))
+    summary = run_trainer(options.get_args_parser().parse_args(argv))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"seed": seed, "variant": variant, "final_top1": summary["final_top1"], "best_top1": summary["best_top1"],
             "C": summary["C"], "train_time_s": sum(r["train_time"] for r in rows),

@@ -53,7 +53,7 @@ from PIL import Image
 from benchmarks.loader_cpu import synthetic_photo
 from kcd_fast.data import build_datasets
 from kcd_fast.models import build_model
-from kcd_fast.train import config, distributed, loaders
+from kcd_fast.train import config, distributed, loaders, options
 from kcd_fast.train.main import main as run_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def trainer_args(root: Path, teacher: Path, loader: str, workers: int, *extra) -
 
 def epoch_loader(root: Path, teacher: Path, loader: str, workers: int):
     """The trainer's epoch loader over every training file (no condenser), for epoch 0."""
-    args = config.get_args_parser().parse_args(trainer_args(root, teacher, loader, workers, "--no-kcd"))
+    args = options.get_args_parser().parse_args(trainer_args(root, teacher, loader, workers, "--no-kcd"))
     cfg = distributed.setup(config.resolve(args))  # one process: rank 0 of 1
     data = loaders.train_data(cfg, build_datasets("imagenet", root))
     batches, sampler, generator = loaders.train_loader(cfg, data, None, mix=False)
@@ -226,7 +226,7 @@ class Steps:
 
     def __init__(self, classes: int, n: int):
         device = torch.device("cuda" if CUDA else "cpu")
-        self.device, self.dtype = device, config.AMP_DTYPES[SIZE["amp"]]
+        self.device, self.dtype = device, options.AMP_DTYPES[SIZE["amp"]]
         self.teacher = build_model(SIZE["teacher"], classes, 3).to(device, memory_format=torch.channels_last).eval()
         self.student = build_model(SIZE["student"], classes, 3).to(device, memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9)
@@ -292,11 +292,11 @@ def whole_runs(root: Path, teacher: Path, loader: str, tmp: Path) -> dict:
                           str(s["run_subset"]))
     warm = list(common)
     warm[warm.index("--epochs") + 1] = "2"
-    run_trainer(config.get_args_parser().parse_args(warm + ["--output-dir", str(tmp / f"warm-{loader}")]))
+    run_trainer(options.get_args_parser().parse_args(warm + ["--output-dir", str(tmp / f"warm-{loader}")]))
     results = {}
     for name, extra in (("kd", ["--no-kcd"]), ("kcd", []), ("kcd_cached", ["--knowledge", "cached"])):
         out_dir = tmp / f"{loader}-{name}"
-        summary = run_trainer(config.get_args_parser().parse_args(common + extra + ["--output-dir", str(out_dir)]))
+        summary = run_trainer(options.get_args_parser().parse_args(common + extra + ["--output-dir", str(out_dir)]))
         rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
         results[name] = {"train_time_s": sum(r["train_time"] for r in rows), "C": summary["C"],
                          "per_epoch_s": [r["train_time"] for r in rows]}

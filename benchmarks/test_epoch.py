@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kcd_fast import KnowledgeCondenser
-from kcd_fast.train import config, engine
+from kcd_fast.train import config, engine, options
 from kcd_fast.models import build_model
 from benchmarks.conftest import DEVICE, ON_GPU, sync
 
@@ -41,7 +41,7 @@ class DeviceBatches:
 def world():
     torch.manual_seed(0)
     n = CFG["batch"] * CFG["batches"]
-    args = config.resolve(config.get_args_parser().parse_args(["--amp", CFG["amp"], "--no-progress", "--epochs", "1",
+    args = config.resolve(options.get_args_parser().parse_args(["--amp", CFG["amp"], "--no-progress", "--epochs", "1",
                                                                "--stage-epochs", "1"]))
     args = args.replace(rank=0, world_size=1, local_rank=0, distributed=False, device=str(DEVICE))
     teacher = build_model(CFG["teacher"], CFG["classes"], CFG["channels"]).to(DEVICE).eval()

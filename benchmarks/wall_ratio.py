@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from kcd_fast.models import build_model
-from kcd_fast.train import config
+from kcd_fast.train import options
 from kcd_fast.train.main import main as run_trainer
 
-parse = config.get_args_parser().parse_args
+parse = options.get_args_parser().parse_args
 
 # On CUDA, the paper's stage structure (S = 6) over 30 short epochs: the online first epoch of the
 # cached run weighs 1/30 of it, as it would in a real run more than it does at I = 90.

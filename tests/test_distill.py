@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kcd_fast import distill
-from kcd_fast.train import config
+from kcd_fast.train import config, options
 
 
 def cfg(**kw):
@@ -58,7 +58,7 @@ def test_a_new_loss_is_one_function():
         return F.cross_entropy(student_logits, target)
 
     try:
-        cfg_run = config.resolve(config.get_args_parser().parse_args(["--distill", "test_only_ce"]))
+        cfg_run = config.resolve(options.get_args_parser().parse_args(["--distill", "test_only_ce"]))
         assert cfg_run.distill == "test_only_ce"
         assert distill.loss_settings("test_only_ce", cfg_run) is cfg_run  # no settings: the whole config
     finally:

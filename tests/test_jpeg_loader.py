@@ -17,7 +17,7 @@ from kcd_fast import jpeg
 from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, build_datasets
 from kcd_fast.models import build_model
 from kcd_fast.sampling import KeptSampler
-from kcd_fast.train import config, jpeg_loader
+from kcd_fast.train import config, jpeg_loader, options
 from kcd_fast.train import main as M
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,9 +210,9 @@ def test_a_kcd_run_with_the_cpu_loader(folder, tmp_path, monkeypatch, knowledge)
 
     monkeypatch.setattr(jpeg_loader, "mix_inputs", mix)
     argv = trainer_argv(folder, tmp_path / "out", "--loader", "cpu", *knowledge)
-    cfg = config.resolve(config.get_args_parser().parse_args(argv))
+    cfg = config.resolve(options.get_args_parser().parse_args(argv))
     assert cfg.loader == "cpu" and cfg.workers == len(os.sched_getaffinity(0))  # --workers unset: the CPUs
-    summary = M.main(config.get_args_parser().parse_args(argv))
+    summary = M.main(options.get_args_parser().parse_args(argv))
     assert summary["num_train"] == N and summary["epochs"] == 2 and len(summary["stages"]) == 2
     rows = [json.loads(r) for r in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     # Each epoch passes its kept points once: no partner row reaches a step.
@@ -253,9 +253,9 @@ def test_loader_choices_that_cannot_run_are_refused_in_one_line(folder, tmp_path
     err = capsys.readouterr().err
     assert "--loader cpu" in err and "--dataset digits" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    digits = config.resolve(config.get_args_parser().parse_args(["--dataset", "digits"]))
+    digits = config.resolve(options.get_args_parser().parse_args(["--dataset", "digits"]))
     assert digits.loader == "auto" and digits.workers == 0  # the in-memory datasets keep their loader
-    pil = config.resolve(config.get_args_parser().parse_args(trainer_argv(folder, tmp_path / "p", "--loader", "pil")))
+    pil = config.resolve(options.get_args_parser().parse_args(trainer_argv(folder, tmp_path / "p", "--loader", "pil")))
     assert pil.workers == min(8, len(os.sched_getaffinity(0)))
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
 
@@ -299,7 +299,7 @@ def test_test_only_scores_as_the_pil_path(folder, tmp_path, monkeypatch):
     for loader in ("pil", "cpu"):
         argv = ["--dataset", "imagenet", "--data-dir", str(folder), "--test-only", "--student", "cnn_small",
                 "--student-weights", str(tmp_path / "s.pth"), "--loader", loader, "--workers", "0", *QUICK]
-        scores[loader] = M.main(config.get_args_parser().parse_args(argv))["student"]
+        scores[loader] = M.main(options.get_args_parser().parse_args(argv))["student"]
         assert sum(map(len, batches)) == (N if loader == "cpu" else 0)  # the JPEG path read every image once
     assert scores["cpu"]["top1"] == scores["pil"]["top1"]
     assert scores["cpu"]["loss"] == pytest.approx(scores["pil"]["loss"], rel=1e-5)
@@ -348,8 +348,8 @@ def test_gpu_batches_on_cuda_match_the_cpu_path(folder):
 @pytest.mark.cuda
 def test_auto_is_gpu_on_cuda_and_a_kcd_run_trains(folder, tmp_path):
     argv = trainer_argv(folder, tmp_path / "out", "--workers", "1")
-    assert config.resolve(config.get_args_parser().parse_args(argv)).loader == "gpu"
-    summary = M.main(config.get_args_parser().parse_args(argv))
+    assert config.resolve(options.get_args_parser().parse_args(argv)).loader == "gpu"
+    summary = M.main(options.get_args_parser().parse_args(argv))
     assert summary["num_train"] == N and summary["args"]["loader"] == "gpu" and len(summary["stages"]) == 2
 
 

@@ -15,7 +15,7 @@ from kcd_fast import KnowledgeCondenser
 from kcd_fast import files
 from kcd_fast.files import file_hash
 from kcd_fast.sampling import NoSingletonBatches
-from kcd_fast.train import checkpoint, config, engine, loaders, progress
+from kcd_fast.train import checkpoint, config, engine, loaders, options, progress
 from kcd_fast.train import main as M
 from kcd_fast.train import teacher as teachers
 from kcd_fast.models import build_model
@@ -25,7 +25,7 @@ QUICK = ["--no-progress", "--no-plots", "--epochs", "4", "--stage-epochs", "2"]
 
 
 def args_of(*argv):
-    return config.get_args_parser().parse_args(list(argv))
+    return options.get_args_parser().parse_args(list(argv))
 
 
 
@@ -446,7 +446,7 @@ def test_a_resume_names_a_broken_image_a_removed_one_and_a_broken_checkpoint(tmp
 
 
 def test_help_describes_every_option_and_its_real_default():
-    parser = config.get_args_parser()
+    parser = options.get_args_parser()
     undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert undocumented == []
     text = " ".join(parser.format_help().split())
@@ -923,7 +923,7 @@ def test_one_off_pass_uses_the_evaluation_view_of_the_training_subset(tmp_path, 
       "--no-kcd: it applies to training, which --test-only skips"]),
 ])
 def test_options_that_do_not_apply_are_named(argv, expected):
-    assert config.ignored_options(args_of(*argv)) == expected
+    assert options.ignored_options(args_of(*argv)) == expected
 
 
 def test_a_run_says_which_options_it_ignores_and_lists_them(tmp_path, digits_teacher, capsys):

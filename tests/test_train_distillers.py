@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from kcd_fast import distillers
-from kcd_fast.train import config, engine
+from kcd_fast.train import config, engine, options
 from kcd_fast.train import main as M
 
 ROOT = Path(__file__).resolve().parents[1]
-FEATURE = config.feature_distillers()
+FEATURE = options.feature_distillers()
 # CRD's CIFAR-100 setting draws 16,384 negatives a sample: on these few hundred samples a smaller
 # bank keeps the tests quick without changing the code path.
 # SSKD's teacher head trains for 60 epochs before the student: 2 here.
@@ -27,7 +27,7 @@ QUICK = ["--no-progress", "--no-plots", "--device", "cpu"]
 
 
 def args_of(*argv):
-    return config.get_args_parser().parse_args(list(argv))
+    return options.get_args_parser().parse_args(list(argv))
 
 
 def rows_of(out: Path) -> list[dict]:
@@ -214,7 +214,7 @@ def test_bad_distiller_settings_exit_2_before_any_work(tmp_path, capsys, argv, n
 
 
 def test_options_of_another_distiller_are_named_as_ignored():
-    ignored = config.ignored_options(args_of("--distill", "fitnet", "--at-weight", "5", "--crd-nce-k", "7"))
+    ignored = options.ignored_options(args_of("--distill", "fitnet", "--at-weight", "5", "--crd-nce-k", "7"))
     assert "--at-weight 5.0: it applies to --distill at" in ignored
     assert "--crd-nce-k 7: it applies to --distill crd" in ignored
 

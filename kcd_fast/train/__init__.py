@@ -10,8 +10,10 @@ ResNet34 -> ResNet18 on torchrun::
 
 Laid out as torchvision's classification reference:
 
-* :mod:`~kcd_fast.train.config`: ``get_args_parser()``, the per-dataset defaults, and ``resolve(args)``,
-  the read-only :class:`~kcd_fast.train.config.Config` built once, every number and path checked;
+* :mod:`~kcd_fast.train.options`: ``get_args_parser()``, the per-dataset defaults, and the options a run
+  leaves unused;
+* :mod:`~kcd_fast.train.config`: ``resolve(args)``, the read-only :class:`~kcd_fast.train.config.Config`
+  built once, every number and path checked;
 * :mod:`~kcd_fast.train.main`: ``main(args)``, the run as a list of named steps, and ``cli(argv)``;
 * :mod:`~kcd_fast.train.engine`: ``train_one_epoch`` and ``evaluate``;
 * :mod:`~kcd_fast.train.loaders` (:mod:`~kcd_fast.train.jpeg_loader`: ``--loader cpu|gpu``),

@@ -11,7 +11,8 @@ import torch
 from kcd_fast.files import file_hash
 from kcd_fast.knowledge import KnowledgeBuffer, KnowledgeFileError
 from kcd_fast.train import distributed
-from kcd_fast.train.config import AMP_DTYPES, UserError
+from kcd_fast.train.config import UserError
+from kcd_fast.train.options import AMP_DTYPES
 from kcd_fast.train.progress import track
 
 

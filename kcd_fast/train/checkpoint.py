@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import Subset
 
 from kcd_fast.files import atomic_write, file_hash
-from kcd_fast.train.config import UserError, distiller_options
+from kcd_fast.train.config import UserError
+from kcd_fast.train.options import distiller_options
 
 # What a resumed run must share with the checkpoint's run, or it would not continue it.
 RESUME_KEYS = (

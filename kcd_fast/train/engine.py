@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Subset
 
 from kcd_fast import distill
 from kcd_fast.distillers import Batch
-from kcd_fast.train.config import AMP_DTYPES
+from kcd_fast.train.options import AMP_DTYPES
 from kcd_fast.train.distillation import FeatureDistill
 from kcd_fast.train.distributed import all_reduce_sum
 from kcd_fast.train.progress import track

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from kcd_fast import jpeg
 from kcd_fast.sampling import NoSingletonBatches, mix_inputs
-from kcd_fast.train.config import AMP_DTYPES
+from kcd_fast.train.options import AMP_DTYPES
 
 __all__ = ["Item", "partner_items", "PartnerBatches", "JpegFolderSet", "collate_items", "TrainBatches",
            "JpegSplit", "folder_samples", "train_loader", "uses_jpeg_loader", "on_side_stream"]

@@ -15,7 +15,7 @@ from kcd_fast.condenser import KnowledgeCondenser, measured_cost
 from kcd_fast.data import CorruptImageError, DatasetNotFoundError, build_datasets
 from kcd_fast.files import file_hash
 from kcd_fast.models import build_model
-from kcd_fast.train import cached, checkpoint, config, distillation, distributed, engine, loaders, outputs
+from kcd_fast.train import cached, checkpoint, config, distillation, distributed, engine, loaders, options, outputs
 from kcd_fast.train import teacher as teachers
 from kcd_fast.train.config import UserError
 from kcd_fast.train.outputs import RunStatus
@@ -137,7 +137,7 @@ def check_distiller(cfg, data: loaders.TrainData) -> None:
     taps an architecture lacks and shapes no connector bridges stop the run here, naming the option.
     The build is dry, on the meta device: shapes only, no weights drawn and no memory taken (CRD's
     banks at ImageNet's N are 1.3 GB)."""
-    if cfg.distill in config.feature_distillers():
+    if cfg.distill in options.feature_distillers():
         shape = image_shape(data)  # read outside: the dataset's transforms make real tensors
         with torch.device("meta"):
             build_feature_distill(cfg, data, build_model(cfg.student, data.num_classes, data.in_channels),
@@ -171,7 +171,7 @@ def open_knowledge(run: Run, ckpt) -> None:
     run.knowledge_state = ckpt["knowledge_state"] if ckpt is not None else None
     state_file = run.out / run.knowledge_state if run.cfg.knowledge == "cached" and run.knowledge_state else None
     run.knowledge, filled = cached.open_buffer(run.cfg, run.data, run.samples, state_file)
-    if run.cfg.distill not in config.feature_distillers():  # a feature distiller is built with the student
+    if run.cfg.distill not in options.feature_distillers():  # a feature distiller is built with the student
         run.loss = engine.Distiller(run.cfg)
     if filled:  # the teacher is not needed at all; a resume keeps the hash its checkpoint recorded
         run.teacher_hash = ckpt["args"]["teacher_hash"] if ckpt is not None else ""
@@ -213,7 +213,7 @@ def setup_student(run: Run) -> None:
     if device.type == "cuda":
         run.student = run.student.to(memory_format=torch.channels_last)
     run.model = run.student
-    if cfg.distill in config.feature_distillers():  # the student and the distiller's parts: one module
+    if cfg.distill in options.feature_distillers():  # the student and the distiller's parts: one module
         run.loss = build_feature_distill(cfg, run.data, run.student, run.teacher)
         run.model = run.loss.module
         distillation.ignore_rank_synchronised_buffers(run.model)
@@ -464,7 +464,7 @@ def test_only(cfg, bundle) -> dict:
 
 def cli(argv=None) -> int:
     """``python -m kcd_fast.train``: parse, run, and return the exit code (2 for bad input)."""
-    args = config.get_args_parser().parse_args(argv)
+    args = options.get_args_parser().parse_args(argv)
     status = RunStatus()
     code = 1  # an unexpected exception goes on with its traceback
     try:
