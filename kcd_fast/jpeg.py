@@ -42,31 +42,11 @@ from torchvision.transforms.v2 import functional as F
 
 from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 
-__all__ = [
-    "FileBytesDataset",
-    "collate_bytes",
-    "EncodedBatch",
-    "describe_file",
-    "crop_draws",
-    "JpegHeader",
-    "read_jpeg_header",
-    "decodes_on_device",
-    "decode_batch",
-    "crop_generator",
-    "random_resized_crop_boxes",
-    "resized_crops",
-    "flip_",
-    "normalize_to",
-    "center_crops",
-    "resized_size",
-    "crop_table",
-    "center_table",
-    "fused_crops",
-    "train_crops",
-    "eval_crops",
-    "train_batch",
-    "eval_batch",
-]
+__all__ = ["FileBytesDataset", "collate_bytes", "EncodedBatch", "describe_file", "crop_draws", "JpegHeader",
+           "read_jpeg_header", "decodes_on_device", "on_decode_stream", "decode_batch", "crop_generator",
+           "random_resized_crop_boxes", "resized_crops", "flip_", "normalize_to", "center_crops",
+           "resized_size", "crop_table", "center_table", "fused_crops", "train_crops", "eval_crops",
+           "train_batch", "eval_batch"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -208,6 +188,36 @@ def decode_each(data: list, device: torch.device, mode: ImageReadMode) -> list:
     return out
 
 
+_DECODE_STREAMS: dict = {}  # device -> the stream that decode_jpeg runs on there
+
+
+def on_decode_stream(decode, device: torch.device) -> list:
+    """``decode()`` (images, or None for a file it could not read), on a CUDA ``device`` run on a
+    stream that holds no other work; the current stream then waits for it (on the device, no host
+    sync), and each image is marked as used there.
+
+    Why: torchvision's CUDA decoder allocates its outputs on the current stream but writes them from a
+    stream of its own that does not wait for the current one. The caching allocator hands out a block
+    freed on the current stream at once (later use is assumed to be ordered on that stream), so the
+    decoder could overwrite memory that kernels queued there are still reading, e.g. the previous
+    batch's crops. On a stream of its own it only gets blocks whose readers were recorded and are done."""
+    if device.type != "cuda":
+        return decode()
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _DECODE_STREAMS.get(device)
+    if stream is None:
+        stream = _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        images = decode()
+    current.wait_stream(stream)
+    for img in images:
+        if img is not None:
+            img.record_stream(current)
+    return images
+
+
 def decode_batch(
     byte_list: Union[Sequence[torch.Tensor], "EncodedBatch"],
     device: Union[str, torch.device],
@@ -237,10 +247,14 @@ def decode_batch(
     images: list = [None] * len(byte_list)
     if fast:
         batch = [byte_list[k] for k in fast]
-        try:
-            decoded = decode_jpeg(batch, mode=mode, device=device)
-        except RuntimeError:  # one bad file fails the whole call: find it
-            decoded = decode_each(batch, device, mode)
+
+        def decode():
+            try:
+                return decode_jpeg(batch, mode=mode, device=device)
+            except RuntimeError:  # one bad file fails the whole call: find it
+                return decode_each(batch, device, mode)
+
+        decoded = on_decode_stream(decode, device)
         for k, img in zip(fast, decoded):
             images[k] = img
     fallback = [k for k, img in enumerate(images) if img is None]

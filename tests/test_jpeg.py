@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from helpers import TRITON_DEVICE
 from kcd_fast import jpeg
 from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, build_datasets
 
@@ -131,18 +132,45 @@ def test_draws_for_another_size_are_drawn_again():
 
 
 def test_the_fused_kernel_through_train_and_eval_batches(files):
-    """train_batch / eval_batch with the Triton kernel (on CPU tensors under the interpreter) agree with
-    their twin, v2 image by image, within one uint8 level."""
+    """train_batch / eval_batch with the Triton kernel (on TRITON_DEVICE: the GPU, or CPU tensors under
+    the interpreter) agree with their twin, v2 image by image on the same decoded images, within one
+    uint8 level."""
     ds = jpeg.FileBytesDataset.from_folder(files / "train")
     data = [ds[k][0] for k in range(len(ds))]
     batch = jpeg.EncodedBatch.pack(data, [jpeg.describe_file(d, 3, 1, i) for i, d in enumerate(data)])
     level = 1.0 / 255.0 / min(IMAGENET_STD) * 1.001
-    fused, n_fused = jpeg.train_batch(batch, list(range(len(data))), 3, 1, "cpu", size=48, fused=True)
-    twin, n_twin = jpeg.train_batch(data, list(range(len(data))), 3, 1, "cpu", size=48, fused=False)
-    assert n_fused == n_twin == 1
+    dev = TRITON_DEVICE
+    fused, n_fused = jpeg.train_batch(batch, list(range(len(data))), 3, 1, dev, size=48, fused=True)
+    twin, n_twin = jpeg.train_batch(data, list(range(len(data))), 3, 1, dev, size=48, fused=False)
+    assert n_fused == n_twin and (n_fused == 1 or dev != "cpu")  # the PNG (on the GPU the CMYK file too)
     torch.testing.assert_close(fused, twin, rtol=0, atol=level)
-    fused, _ = jpeg.eval_batch(batch, "cpu", resize=56, size=48, fused=True)
-    torch.testing.assert_close(fused, jpeg.eval_batch(data, "cpu", resize=56, size=48)[0], rtol=0, atol=level)
+    fused, _ = jpeg.eval_batch(batch, dev, resize=56, size=48, fused=True)
+    torch.testing.assert_close(fused, jpeg.eval_batch(data, dev, resize=56, size=48, fused=False)[0], rtol=0,
+                               atol=level)
+
+
+def test_on_decode_stream_without_cuda_is_the_call_itself():
+    images = [torch.zeros(3, 2, 2, dtype=torch.uint8), None]
+    assert jpeg.on_decode_stream(lambda: images, torch.device("cpu")) is images
+
+
+@pytest.mark.cuda
+def test_gpu_decode_never_writes_memory_that_queued_kernels_still_read(files):
+    """Blocks freed on the current stream while reductions that read them wait behind a long kernel:
+    the decode must not be handed them (torchvision's decoder writes from a stream of its own), so the
+    reductions see the values written before."""
+    ds = jpeg.FileBytesDataset.from_folder(files / "train")
+    data = [ds[k][0] for k in range(len(ds))]
+    shapes = [img.shape for img in jpeg.decode_batch(data, "cuda")[0]]
+    for trial in range(3):
+        held = [torch.full(shape, k + 1, dtype=torch.uint8, device="cuda") for k, shape in enumerate(shapes)]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(20_000_000)  # tens of ms of queued work on the current stream
+        sums = [t.sum(dtype=torch.int64) for t in held]
+        del held  # freed while the sums are still queued
+        jpeg.decode_batch(data, "cuda")
+        torch.cuda.synchronize()
+        assert [int(v) for v in sums] == [(k + 1) * math.prod(shape) for k, shape in enumerate(shapes)], trial
 
 
 def test_decode_equals_pil_and_counts_the_fallback(files):
