@@ -186,6 +186,13 @@ def _step_inputs(seed, index, b=B):
     return student, teacher, Batch(target=target, index=torch.tensor(index), epoch=0)
 
 
+def _on(device, student, teacher, batch):
+    """A step's inputs on ``device``, the student's outputs as leaves there."""
+    return ({k: v.detach().to(device).requires_grad_(True) for k, v in student.items()},
+            {k: v.to(device) for k, v in teacher.items()},
+            Batch(target=batch.target.to(device), index=batch.index.to(device), epoch=batch.epoch))
+
+
 def _recorded_draws(m):
     """Wrap m.contrast_indices to record what it returns."""
     drawn, draw = [], m.contrast_indices
@@ -269,16 +276,17 @@ def test_crd_loss_and_gradient_match_the_float64_reference(fused, kd_weight):
     import dataclasses
 
     settings = dataclasses.replace(SMALL, kd_weight_crd=kd_weight)
-    m = _crd(settings, fused=fused)
+    dev = TRITON_DEVICE if fused else "cpu"  # the kernels: on the GPU, or under the interpreter on the CPU
+    m = _crd(settings, fused=fused).to(dev)
     drawn = _recorded_draws(m)
-    student, teacher, batch = _step_inputs(11, [4, 0, 17, 9, 22])
+    student, teacher, batch = _on(dev, *_step_inputs(11, [4, 0, 17, 9, 22]))
     bank_s, bank_t = m.memory_s.clone(), m.memory_t.clone()
     loss, logs = m(student, teacher, batch)
     loss.backward()
     want, leaves, zs = _reference_loss(m, student, teacher, batch, drawn[0], bank_s, bank_t, None, settings)
     want.backward()
     torch.testing.assert_close(loss.detach().double(), want.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(m.z.double(), torch.tensor(zs, dtype=torch.float64), atol=0, rtol=1e-5)
+    torch.testing.assert_close(m.z.double().cpu(), torch.tensor(zs, dtype=torch.float64), atol=0, rtol=1e-5)
     assert bool(m.z_set) and set(logs) == {"ce", "crd"} | ({"kd"} if kd_weight else set())
     assert torch.allclose(sum(logs.values()), loss.detach())  # the logs are the loss's weighted terms
     for name, got in _grads(m, student).items():

@@ -332,7 +332,9 @@ def test_a_resume_notes_another_loader_but_not_another_worker_count(folder, tmp_
 
 @pytest.mark.cuda
 def test_gpu_batches_on_cuda_match_the_cpu_path(folder):
-    """nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's: a few levels apart on average."""
+    """nvjpeg's IDCT and chroma upsampling are not libjpeg-turbo's: a few levels apart on average (its
+    default upsamples 4:2:0 chroma by replication, libjpeg-turbo smoothly: about 2 levels on these small
+    textured images); a wrong crop, flip or order is tens of levels off."""
     train = build_datasets("imagenet", folder).train
     cpu = epoch_batches(loader_cfg(loader="cpu"), train, condenser(), epoch=2)
     gpu = epoch_batches(loader_cfg(loader="gpu", device="cuda"), train, condenser(), epoch=2)
@@ -342,7 +344,7 @@ def test_gpu_batches_on_cuda_match_the_cpu_path(folder):
         assert torch.equal(i, j) and torch.equal(y, z)
         assert g.is_cuda and g.is_contiguous(memory_format=torch.channels_last)
         diff = (g.cpu() - x).abs()
-        assert diff.mean() < 2 * level and diff.max() < 32 * level
+        assert diff.mean() < 4 * level and diff.max() < 32 * level
 
 
 @pytest.mark.cuda
