@@ -34,7 +34,8 @@ t0=$(date +%s)
 DEADLINE=${KCD_GPU_CHECK_DEADLINE:-$([ "$MODE" = loader ] && echo 570 || echo 440)}
 stamp() { echo "[gpu_check] $(( $(date +%s) - t0 ))s: $*"; }
 left() { echo $(( DEADLINE - ($(date +%s) - t0) )); }
-cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(share, time left)
+# min(share, time left), at least 1: `timeout 0` would mean no limit at all
+cap() { local l; l=$(left); [ "$l" -lt 1 ] && l=1; [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | tr ' ' '_')
 suffix=""; [ "$MODE" != all ] && suffix="-$MODE"
 OUT=${OUT:-benchmarks/results/$(date +%Y-%m-%dT%H%M)-${gpu}${suffix}}

@@ -54,7 +54,10 @@ class ResidentImages(torch.utils.data.Dataset):
         return self.n
 
     def __getitems__(self, indices):
-        index = torch.as_tensor(indices, device=self.device)
+        # From pinned memory, without blocking: a pageable copy would wait for the queued steps every step.
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        if self.device.type == "cuda":
+            index = index.pin_memory().to(self.device, non_blocking=True)
         slot = index % self.x.shape[0]
         return self.x[slot], self.y[slot], index
 

@@ -196,8 +196,9 @@ def evaluate(model, dataset, cfg, device, *, local: bool = False) -> dict:
             logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == y[:, None]
-        stats += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
-                              hit.any(dim=1).sum().double(), torch.tensor(float(len(y)), device=device).double()])
+        stats[:3] += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
+                                  hit.any(dim=1).sum().double()])
+        stats[3] += len(y)  # a host number: no copy to the device that would wait for the queued work
     if not local:
         stats = all_reduce_sum(stats, cfg)
     n = max(float(stats[3]), 1.0)
