@@ -43,7 +43,7 @@ from torchvision.transforms.v2 import functional as F
 from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError
 
 __all__ = ["FileBytesDataset", "collate_bytes", "EncodedBatch", "describe_file", "crop_draws", "JpegHeader",
-           "read_jpeg_header", "decodes_on_device", "on_decode_stream", "decode_batch", "crop_generator",
+           "read_jpeg_header", "decodes_on_device", "on_stream", "on_decode_stream", "decode_batch", "crop_generator",
            "random_resized_crop_boxes", "resized_crops", "flip_", "normalize_to", "center_crops",
            "resized_size", "crop_table", "center_table", "fused_crops", "train_crops", "eval_crops",
            "train_batch", "eval_batch"]
@@ -188,13 +188,28 @@ def decode_each(data: list, device: torch.device, mode: ImageReadMode) -> list:
     return out
 
 
+def on_stream(stream, work, *args):
+    """``work(*args)`` queued on the CUDA ``stream``; the current stream then waits for it on the device
+    (no host sync), and the CUDA tensors among its outputs (a sequence) are marked as used there, so
+    their memory is not reused while the current stream reads them. ``stream`` None: just the call."""
+    if stream is None:
+        return work(*args)
+    with torch.cuda.stream(stream):
+        out = work(*args)
+    current = torch.cuda.current_stream(stream.device)
+    current.wait_stream(stream)
+    for t in out:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            t.record_stream(current)
+    return out
+
+
 _DECODE_STREAMS: dict = {}  # device -> the stream that decode_jpeg runs on there
 
 
 def on_decode_stream(decode, device: torch.device) -> list:
-    """``decode()`` (images, or None for a file it could not read), on a CUDA ``device`` run on a
-    stream that holds no other work; the current stream then waits for it (on the device, no host
-    sync), and each image is marked as used there.
+    """``decode()`` (images, or None for a file it could not read) :func:`on_stream` of a stream that
+    holds no other work, on a CUDA ``device``.
 
     Why: torchvision's CUDA decoder allocates its outputs on the current stream but writes them from a
     stream of its own that does not wait for the current one. The caching allocator hands out a block
@@ -205,17 +220,9 @@ def on_decode_stream(decode, device: torch.device) -> list:
         return decode()
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    stream = _DECODE_STREAMS.get(device)
-    if stream is None:
-        stream = _DECODE_STREAMS[device] = torch.cuda.Stream(device)
-    current = torch.cuda.current_stream(device)
-    with torch.cuda.stream(stream):
-        images = decode()
-    current.wait_stream(stream)
-    for img in images:
-        if img is not None:
-            img.record_stream(current)
-    return images
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    return on_stream(_DECODE_STREAMS[device], decode)
 
 
 def decode_batch(

@@ -379,9 +379,9 @@ def test_the_gpu_path_adds_no_host_sync_per_step(folder):
         assert torch.equal(x, a) and torch.equal(y, b) and torch.equal(i, c)
 
 
-def test_on_side_stream_without_cuda_is_the_call_itself():
+def test_on_stream_without_cuda_is_the_call_itself():
     calls = []
-    out = jpeg_loader.on_side_stream(None, lambda *b: calls.append(b) or (b[0] + 1, b[1]), torch.tensor(1), "y")
+    out = jpeg.on_stream(None, lambda *b: calls.append(b) or (b[0] + 1, b[1]), torch.tensor(1), "y")
     assert calls == [(torch.tensor(1), "y")] and out == (torch.tensor(2), "y")
 
 

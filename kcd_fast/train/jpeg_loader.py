@@ -34,7 +34,7 @@ from kcd_fast.sampling import NoSingletonBatches, mix_inputs
 from kcd_fast.train.options import AMP_DTYPES
 
 __all__ = ["Item", "partner_items", "PartnerBatches", "JpegFolderSet", "collate_items", "TrainBatches",
-           "JpegSplit", "folder_samples", "train_loader", "uses_jpeg_loader", "on_side_stream"]
+           "JpegSplit", "folder_samples", "train_loader", "uses_jpeg_loader"]
 
 TRAIN_SIZE = 224  # RandomResizedCrop(224), as kcd_fast.data's ImageNet transform
 EVAL_RESIZE = 256  # Resize(256) + CenterCrop(224)
@@ -186,10 +186,12 @@ class TrainBatches:
 
     def __iter__(self):
         self.fallbacks, epoch = 0, None
+        # Each batch's decode, crops and mix are queued on a side stream, beside the step already queued
+        # (as timm's PrefetchLoader and DALI run their input work), not after it.
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for batch in self.loader:
             epoch = batch[3]
-            yield on_side_stream(side, self.prepare, *batch)
+            yield jpeg.on_stream(side, self.prepare, *batch)
         if self.fallbacks and self.rank == 0:
             where = "the GPU's decoder" if self.dataset.on_gpu else "decode_jpeg"
             print(f"kcd_fast: epoch {epoch + 1}: {self.fallbacks} file(s) of this process's share were decoded by "
@@ -206,24 +208,6 @@ class TrainBatches:
         k1l, partner_rows, eps = (t.to(self.device, non_blocking=True) for t in (k1l, partner_rows, eps))
         x[k1l] = mix_inputs(x[k1l], x[partner_rows], eps)
         return x[:own].to(self.dtype), y[:own], index[:own]
-
-
-def on_side_stream(side, prepare, *batch):
-    """``prepare(*batch)``, on CUDA queued on the stream ``side``: the decode, crops and mix of the next
-    batch then run beside the step already queued on the current stream (as timm's PrefetchLoader
-    and DALI run their input work), not after it. The current stream waits for ``side`` on the device
-    (no host sync), and the batch's device tensors are marked as used there, so their memory is not
-    reused while the step reads them. ``side`` None (no CUDA): just ``prepare(*batch)``."""
-    if side is None:
-        return prepare(*batch)
-    with torch.cuda.stream(side):
-        out = prepare(*batch)
-    current = torch.cuda.current_stream(side.device)
-    current.wait_stream(side)
-    for t in out:
-        if isinstance(t, torch.Tensor) and t.is_cuda:
-            t.record_stream(current)
-    return out
 
 
 def folder_samples(dataset) -> list:
@@ -260,7 +244,7 @@ class JpegSplit:
                             num_workers=self.workers, collate_fn=collate_items,
                             pin_memory=device.type == "cuda" and not self.dataset.on_gpu)
         for data, y, index, _ in loader:
-            yield on_side_stream(side, self.eval_input, data, y, index, device, amp_dtype(cfg))
+            yield jpeg.on_stream(side, self.eval_input, data, y, index, device, amp_dtype(cfg))
 
     def eval_input(self, data, y, index, device, dtype):
         return to_input(self.dataset, data, index, device, dtype)[0], y, index
