@@ -29,7 +29,12 @@ version of (a), (c) and (d) on the CPU paths, which checks the script end to end
     python -m benchmarks.loader --out loader.json                 # on CUDA: 20,000 JPEGs
     python -m benchmarks.loader --n 64 --classes 4 --out /tmp/loader.json   # the CPU version
     python -m benchmarks.loader --smoke --out /tmp/loader.json               # every part, tiny
-    python -m benchmarks.loader --n 400 --loaders-only --loader-batches 20 --out cpu.json  # (a) on a CPU
+    python -m benchmarks.loader --n 400 --parts loaders --loader-batches 20 --out cpu.json  # (a) on a CPU
+    python -m benchmarks.loader --data-dir /data/imagenet --parts loaders,decode_ceiling --out in.json  # your files
+
+``--data-dir`` names where the JPEG folders are kept: an existing ``train/`` + ``val/`` ImageFolder there
+is read as it is (real ImageNet, or the files an earlier run wrote), else the synthetic files are
+written there and kept for the next run. ``--parts`` picks among :data:`PARTS`.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import datetime
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -71,6 +77,11 @@ SMOKE = dict(n=24, classes=3, val_per_class=1, batch=8, loader_batches=1, steps=
              stage_epochs=1, run_subset=0, teacher="resnet18", student="resnet18")
 
 
+PARTS = ("loaders", "decode_ceiling", "transforms", "steps", "runs")  # (a), (b), (b), (c), (d)
+CUDA_PARTS = ("decode_ceiling", "transforms")
+JPEG_SUFFIXES = (".jpeg", ".jpg")
+
+
 # ---- the files ------------------------------------------------------------------------------------
 
 def write_one(job) -> int:
@@ -84,7 +95,18 @@ def write_one(job) -> int:
 
 def write_folders(root: Path, n: int, classes: int, val_per_class: int) -> dict:
     """root/{train,val}/n<k>/*.JPEG; one train file in 1,000 is CMYK and one in 200 grayscale (at least
-    one of each). Returns the counts and the train files' mean size."""
+    one of each). Returns the counts and the train files' mean size, also kept in root/files.json.
+    The files are written beside ``root`` and moved there when complete, so that a run stopped while
+    writing leaves no partial folder for :func:`existing_folders` to read."""
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    files = _write_synthetic(partial, n, classes, val_per_class)
+    (partial / "files.json").write_text(json.dumps(files))
+    partial.rename(root)
+    return files
+
+
+def _write_synthetic(root: Path, n: int, classes: int, val_per_class: int) -> dict:
     jobs = []
     for k in range(classes):
         for split in ("train", "val"):
@@ -98,7 +120,28 @@ def write_folders(root: Path, n: int, classes: int, val_per_class: int) -> dict:
         sizes = pool.map(write_one, jobs, chunksize=64)
     return {"train": n, "val": classes * val_per_class, "classes": classes,
             "cmyk": sum(j[2] == "CMYK" for j in jobs), "grayscale": sum(j[2] == "L" for j in jobs),
-            "mean_train_kb": sum(sizes[:n]) / n / 1e3}
+            "mean_train_kb": sum(sizes[:n]) / n / 1e3, "synthetic": True}
+
+
+def train_files(root: Path) -> list:
+    """The JPEG files under root/train, sorted."""
+    return sorted(f for f in (root / "train").rglob("*") if f.suffix.lower() in JPEG_SUFFIXES)
+
+
+def existing_folders(root: Path) -> dict:
+    """The counts of a train/ + val/ ImageFolder already at ``root``, as :func:`write_folders` reports them
+    (its own record where it wrote them)."""
+    if (root / "files.json").is_file():
+        return json.loads((root / "files.json").read_text()) | {"reused": True}
+    files = train_files(root)
+    if not files:
+        raise SystemExit(f"--data-dir: {root}/train holds no .JPEG/.jpg files; expected an ImageFolder "
+                         f"(train/<class>/<file>) or no train/ folder at all, to write the synthetic files there")
+    classes = sum(1 for d in (root / "train").iterdir() if d.is_dir())
+    val = sum(1 for f in (root / "val").rglob("*") if f.suffix.lower() in JPEG_SUFFIXES)
+    sample = files[:: max(1, len(files) // 1000)]
+    return {"train": len(files), "val": val, "classes": classes, "synthetic": False,
+            "mean_train_kb": sum(f.stat().st_size for f in sample) / len(sample) / 1e3}
 
 
 # ---- (a) each loader alone ------------------------------------------------------------------------
@@ -177,7 +220,7 @@ def loader_rate(root: Path, teacher: Path, loader: str, workers: int) -> dict:
 
 def decode_ceiling(root: Path) -> dict:
     """Images/s of batched ``decode_jpeg(..., device="cuda")`` on the RGB train files held in memory."""
-    files = sorted((root / "train").rglob("*.JPEG"))
+    files = train_files(root)
     data = [torchvision.io.read_file(str(f)) for f in files[: SIZE["batch"] * (SIZE["loader_batches"] + 1)]]
     data = [d for d in data if _components(d) == 3]
     batches = [data[i: i + SIZE["batch"]] for i in range(0, len(data) - SIZE["batch"] + 1, SIZE["batch"])]
@@ -197,7 +240,7 @@ def transform_rates(root: Path, device: str = "cuda", size: int = 224) -> dict:
     and its twin (v2 ``resized_crop`` image by image, flip, normalise), bf16 out, as the step takes it."""
     from kcd_fast import jpeg
 
-    files = sorted((root / "train").rglob("*.JPEG"))[: SIZE["batch"]]
+    files = train_files(root)[: SIZE["batch"]]
     images, _ = jpeg.decode_batch([torchvision.io.read_file(str(f)) for f in files], device)
     boxes, flips = jpeg.crop_draws(images, 0, 0, range(len(images)))
     out = {"images": len(images)}
@@ -315,12 +358,22 @@ def environment() -> dict:
             "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
+def parse_parts(text: str) -> tuple:
+    parts = tuple(x for x in text.split(",") if x)
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(PARTS)}, got {text!r}")
+    return parts
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=SIZE["n"], help="training JPEGs to write")
     p.add_argument("--classes", type=int, default=SIZE["classes"])
-    p.add_argument("--skip-runs", action="store_true", help="leave out (d), the whole runs")
-    p.add_argument("--loaders-only", action="store_true", help="(a) alone: each loader's images/s")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the JPEG folders are kept: an existing train/ + val/ ImageFolder is read as it is, "
+                        "else the synthetic files are written there (default: a temporary folder)")
+    p.add_argument("--parts", type=parse_parts, default=PARTS, help=f"which parts to run, of {','.join(PARTS)}")
     p.add_argument("--loader-batches", type=int, default=None, help="batches timed per loader in (a)")
     p.add_argument("--repeats", type=int, default=1, help="passes of (a); the targets read the median pass")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and models: checks that every part runs")
@@ -329,33 +382,40 @@ def main(argv=None):
     if args.smoke:
         SIZE.update(SMOKE)
         args.n, args.classes = SMOKE["n"], SMOKE["classes"]
-    SIZE["n"] = args.n
     if args.loader_batches:
         SIZE["loader_batches"] = args.loader_batches
-    out = environment() | {"size": dict(SIZE, classes=args.classes), "smoke": args.smoke}
     with tempfile.TemporaryDirectory() as tmp:
-        root, t0 = Path(tmp) / "imagenet", time.perf_counter()
-        out["files"] = write_folders(root, args.n, args.classes, SIZE["val_per_class"])
-        out["files"]["write_s"] = time.perf_counter() - t0
-        print(f"[loader] {out['files']}", flush=True)
+        root, t0 = args.data_dir or Path(tmp) / "imagenet", time.perf_counter()
+        if (root / "train").is_dir():
+            files = existing_folders(root)
+        elif root.exists() and any(root.iterdir()):
+            raise SystemExit(f"--data-dir: {root} holds files but no train/ folder; expected an ImageFolder "
+                             f"(train/ and val/) or an empty or new folder to write the synthetic files into")
+        else:
+            files = write_folders(root, args.n, args.classes, SIZE["val_per_class"])
+            files["write_s"] = time.perf_counter() - t0
+        print(f"[loader] {root}: {files}", flush=True)
+        SIZE["n"], classes = files["train"], files["classes"]
+        out = environment() | {"size": dict(SIZE, classes=classes), "smoke": args.smoke, "files": files}
         teacher = Path(tmp) / "teacher.pth"  # random weights: the timings do not depend on them
         torch.manual_seed(0)
-        torch.save(build_model(SIZE["teacher"], args.classes, 3).state_dict(), teacher)
+        torch.save(build_model(SIZE["teacher"], classes, 3).state_dict(), teacher)
         fast = ["cpu", "gpu"] if CUDA else ["cpu"]
         feeds = [("pil", min(8, CORES)), ("pil", CORES)] + [(name, CORES) for name in fast]
-        # (a) in --repeats passes, each over every loader in turn, so that drift weighs on all alike
-        parts = [("loaders", lambda: [[loader_rate(root, teacher, loader, workers) for loader, workers in feeds]
-                                      for _ in range(args.repeats)])]
-        if CUDA:
-            parts.append(("decode_ceiling", lambda: decode_ceiling(root)))
-            parts.append(("transforms", lambda: transform_rates(root)))
-        if not args.loaders_only:
-            parts.append(("steps", lambda: fed_steps(root, teacher, feeds, args.classes)))
         run_loader = "gpu" if CUDA else "cpu"  # the default path of each kind of machine
-        if not (args.skip_runs or args.loaders_only):
-            parts.append(("runs", lambda: {run_loader: whole_runs(root, teacher, run_loader, Path(tmp))}))
-        for name, measure in parts:  # the JSON is rewritten after each part: a deadline leaves the rest
-            out[name] = measure()
+        measures = {
+            # (a) in --repeats passes, each over every loader in turn, so that drift weighs on all alike
+            "loaders": lambda: [[loader_rate(root, teacher, loader, workers) for loader, workers in feeds]
+                                for _ in range(args.repeats)],
+            "decode_ceiling": lambda: decode_ceiling(root),
+            "transforms": lambda: transform_rates(root),
+            "steps": lambda: fed_steps(root, teacher, feeds, classes),
+            "runs": lambda: {run_loader: whole_runs(root, teacher, run_loader, Path(tmp))},
+        }
+        for name in args.parts:  # the JSON is rewritten after each part: a deadline leaves the rest
+            if name in CUDA_PARTS and not CUDA:
+                continue
+            out[name] = measures[name]()
             print(f"[loader] {name}: {out[name]}", flush=True)
             Path(args.out).write_text(json.dumps(out | {"targets": targets(out)}, indent=2))
     print(json.dumps(targets(out), indent=2))
@@ -364,6 +424,23 @@ def main(argv=None):
 def targets(out: dict) -> dict:
     """The figures the bounds read: the GPU loader against the cached step's consumption and against
     the decode ceiling, fed steps against resident ones, whole-run ratios, the CPU path against PIL."""
+    t = {}
+    if "loaders" in out:
+        t |= loader_targets(out)
+    if "transforms" in out:
+        t["fused_transform_over_twin"] = out["transforms"]["fused_images_per_s"] / out["transforms"]["twin_images_per_s"]
+    for name, times in out.get("steps", {}).items():
+        for key, seconds in times.items():
+            if key != "resident_s":
+                t[f"{name}_step_{key[:-2]}_over_resident"] = seconds / times["resident_s"]
+    for loader, runs in out.get("runs", {}).items():
+        t[f"runs_{loader}"] = {name: {"ratio_to_kd": r["ratio_to_kd"], "C": r["C"]} for name, r in runs.items()}
+    return t
+
+
+def loader_targets(out: dict) -> dict:
+    """The loaders' bounds: the CPU path against PIL, and the GPU loader against the cached step's
+    consumption and the decode ceiling (when measured)."""
     passes = [({f"{r['loader']}_{r['workers']}w": r["images_per_s"] for r in one},
                {f"{r['loader']}_{r['workers']}w": r.get("workers_images_per_s") for r in one}) for one in out["loaders"]]
     # cpu against pil with the same workers, the median pass: as the step takes the batches (on a
@@ -377,14 +454,6 @@ def targets(out: dict) -> dict:
         gpu = rate[f"gpu_{CORES}w"]
         t |= {"gpu_loader_images_per_s": gpu, "gpu_over_cached_step_consumption": gpu / CACHED_STEP_IMAGES_PER_S,
               "gpu_over_decode_ceiling": gpu / out["decode_ceiling"]["images_per_s"]}
-    if "transforms" in out:
-        t["fused_transform_over_twin"] = out["transforms"]["fused_images_per_s"] / out["transforms"]["twin_images_per_s"]
-    for name, times in out.get("steps", {}).items():
-        for key, seconds in times.items():
-            if key != "resident_s":
-                t[f"{name}_step_{key[:-2]}_over_resident"] = seconds / times["resident_s"]
-    for loader, runs in out.get("runs", {}).items():
-        t[f"runs_{loader}"] = {name: {"ratio_to_kd": r["ratio_to_kd"], "C": r["C"]} for name, r in runs.items()}
     return t
 
 

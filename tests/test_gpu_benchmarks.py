@@ -2,6 +2,7 @@
 that a change cannot break them unnoticed before a GPU machine runs them (benchmarks/gpu_check.sh)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -29,3 +30,53 @@ def test_gpu_benchmark_runs_its_smoke_sizes(tmp_path, script, needs):
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result.get("smoke") is True, sorted(result)
+
+
+@pytest.mark.slow
+def test_loader_benchmark_keeps_its_files_and_runs_the_parts_asked_for(tmp_path, monkeypatch):
+    """--data-dir: written once, read again as they are (the same counts, no rewrite); --parts: those alone."""
+    monkeypatch.chdir(ROOT)
+    from benchmarks import loader
+
+    monkeypatch.setattr(loader, "SIZE", dict(loader.SIZE))
+    data = tmp_path / "imagenet"
+    loader.main(["--smoke", "--data-dir", str(data), "--parts", "loaders", "--out", str(tmp_path / "a.json")])
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert "loaders" in first and "steps" not in first and "runs" not in first
+    assert first["files"]["synthetic"] and "write_s" in first["files"]
+    assert not (tmp_path / "imagenet.partial").exists()
+    stamps = {f: f.stat().st_mtime_ns for f in data.rglob("*.JPEG")}
+    assert len(stamps) == first["files"]["train"] + first["files"]["val"]
+
+    loader.main(["--smoke", "--data-dir", str(data), "--parts", "loaders", "--out", str(tmp_path / "b.json")])
+    second = json.loads((tmp_path / "b.json").read_text())
+    assert second["files"]["reused"] and "write_s" not in second["files"]
+    assert {k: v for k, v in second["files"].items() if k != "reused"} == {
+        k: v for k, v in first["files"].items() if k != "write_s"}
+    assert {f: f.stat().st_mtime_ns for f in data.rglob("*.JPEG")} == stamps
+
+
+def test_loader_benchmark_reads_a_folder_it_did_not_write_and_refuses_bad_options(tmp_path, monkeypatch):
+    from benchmarks import loader
+
+    root = tmp_path / "mine"
+    for split, names in (("train", ["a/1.jpg", "a/2.JPEG", "b/3.jpeg", "b/notes.txt"]), ("val", ["a/4.jpg"])):
+        for name in names:
+            (root / split / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / split / name).write_bytes(b"\xff\xd8" + bytes(98))
+    files = loader.existing_folders(root)
+    assert (files["train"], files["val"], files["classes"], files["synthetic"]) == (3, 1, 2, False)
+    assert files["mean_train_kb"] == pytest.approx(0.1)
+
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="--data-dir: .* holds no .JPEG/.jpg files"):
+        loader.existing_folders(tmp_path / "empty")
+    (tmp_path / "other" / "x").mkdir(parents=True)
+    monkeypatch.setattr(loader, "SIZE", dict(loader.SIZE))
+    with pytest.raises(SystemExit, match="--data-dir: .* holds files but no train/ folder"):
+        loader.main(["--smoke", "--data-dir", str(tmp_path / "other"), "--out", str(tmp_path / "c.json")])
+    assert not (tmp_path / "c.json").exists()
+    with pytest.raises(SystemExit):
+        loader.main(["--parts", "loaders,ceiling", "--out", str(tmp_path / "c.json")])
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a comma-separated list of loaders, "):
+        loader.parse_parts("loaders,ceiling")
