@@ -238,18 +238,18 @@ def decode_ceiling(root: Path) -> dict:
 def transform_rates(root: Path, device: str = "cuda", size: int = 224) -> dict:
     """Images/s of the train transform alone on one decoded batch on ``device``: the fused Triton kernel
     and its twin (v2 ``resized_crop`` image by image, flip, normalise), bf16 out, as the step takes it."""
-    from kcd_fast import jpeg
+    from kcd_fast import crops, jpeg
 
     files = train_files(root)[: SIZE["batch"]]
     images, _ = jpeg.decode_batch([torchvision.io.read_file(str(f)) for f in files], device)
-    boxes, flips = jpeg.crop_draws(images, 0, 0, range(len(images)))
+    boxes, flips = crops.crop_draws(images, 0, 0, range(len(images)))
     out = {"images": len(images)}
     for name, fused in (("fused", True), ("twin", False)):
-        jpeg.train_crops(images, boxes, flips, size, torch.bfloat16, fused=fused)  # compile, warm the caches
+        crops.train_crops(images, boxes, flips, size, torch.bfloat16, fused=fused)  # compile, warm the caches
         sync()
         t0 = time.perf_counter()
         for _ in range(SIZE["loader_batches"]):
-            jpeg.train_crops(images, boxes, flips, size, torch.bfloat16, fused=fused)
+            crops.train_crops(images, boxes, flips, size, torch.bfloat16, fused=fused)
         sync()
         out[f"{name}_images_per_s"] = len(images) * SIZE["loader_batches"] / (time.perf_counter() - t0)
     return out

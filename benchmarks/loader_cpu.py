@@ -35,7 +35,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from kcd_fast import jpeg
+from kcd_fast import crops, jpeg
 from kcd_fast.data import build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +86,11 @@ def time_new(dataset, start: int, stop: int) -> dict:
     t1 = time.perf_counter()
     images, fallback = jpeg.decode_batch(data, "cpu")
     t2 = time.perf_counter()
-    boxes, flips = jpeg.random_resized_crop_boxes([im.shape[-2] for im in images], [im.shape[-1] for im in images],
+    boxes, flips = crops.random_resized_crop_boxes([im.shape[-2] for im in images], [im.shape[-1] for im in images],
                                                   0, 0, indices)
-    x = jpeg.flip_(jpeg.resized_crops(images, boxes), flips)
+    x = crops.flip_(crops.resized_crops(images, boxes), flips)
     t3 = time.perf_counter()
-    jpeg.normalize_to(x)
+    crops.normalize_to(x)
     t4 = time.perf_counter()
     return dict(read=t1 - t0, decode=t2 - t1, crop=t3 - t2, normalize=t4 - t3, fallbacks=fallback)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.loader_cpu import write_folder
-from kcd_fast import jpeg
+from kcd_fast import crops, jpeg
 from kcd_fast.data import build_datasets
 
 N = 32
@@ -41,8 +41,8 @@ def test_loader_bytes_decode_crop(benchmark, folder):
     def batch():
         data, labels, indices = jpeg.collate_bytes([files[i] for i in range(N)])
         images, _ = jpeg.decode_batch(data, "cpu")
-        boxes, flips = jpeg.random_resized_crop_boxes([im.shape[-2] for im in images],
+        boxes, flips = crops.random_resized_crop_boxes([im.shape[-2] for im in images],
                                                       [im.shape[-1] for im in images], 0, 0, indices)
-        return jpeg.flip_(jpeg.resized_crops(images, boxes), flips)
+        return crops.flip_(crops.resized_crops(images, boxes), flips)
 
     benchmark.pedantic(batch, rounds=3, iterations=1)

@@ -33,6 +33,7 @@ __all__ = [
     "FakeImageDataset",
     "build_datasets",
     "eval_view",
+    "mix_seed",
     "read_idx",
 ]
 
@@ -174,21 +175,22 @@ class InMemoryImageDataset(Dataset):
         )
 
 
-_MASK64 = (1 << 64) - 1
+MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+def splitmix64(x: int) -> int:
+    """One step of the splitmix64 mixer (a bijection on 64-bit integers)."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
 
 
-def _mix_seed(*values: int) -> int:
-    """Hash integers into one 63-bit seed for a torch.Generator."""
+def mix_seed(*values: int) -> int:
+    """Hash integers into one 63-bit seed for a torch.Generator (splitmix64 over each in turn)."""
     h = 0x243F6A8885A308D3
     for v in values:
-        h = _splitmix64(h ^ (int(v) & _MASK64))
+        h = splitmix64(h ^ (int(v) & MASK64))
     return h >> 1
 
 
@@ -226,7 +228,7 @@ class FakeImageDataset(Dataset):
         self.seed = int(seed)
         self.split = int(split)
         self.channels = int(channels)
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, 0x1ABE1))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 0x1ABE1))
         self._label_perm = torch.randperm(self.num_classes, generator=g)
 
     def __len__(self) -> int:
@@ -238,7 +240,7 @@ class FakeImageDataset(Dataset):
 
     def class_pattern(self, c: int) -> torch.Tensor:
         """The noiseless float [C, H, W] pattern of class ``c``."""
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, 0xC1A55, c))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 0xC1A55, c))
         grid = min(self.GRID, self.image_size)
         low = torch.randn(1, self.channels, grid, grid, generator=g)
         size = (self.image_size, self.image_size)
@@ -255,7 +257,7 @@ class FakeImageDataset(Dataset):
     def __getitem__(self, i):
         i = self._check_index(i)
         y = int(self._label_perm[i % self.num_classes])
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, 0x5A3E, self.split, i))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 0x5A3E, self.split, i))
         gain = 0.5 + torch.rand((), generator=g)
         noise = torch.randn(self.channels, self.image_size, self.image_size, generator=g)
         x = self.class_pattern(y).mul_(gain).add_(noise, alpha=self.NOISE_STD)
@@ -271,7 +273,7 @@ class FakeImageDataset(Dataset):
         device = torch.device(device)
         patterns = torch.stack([self.class_pattern(c) for c in range(self.num_classes)]).to(device)
         labels = self._label_perm[torch.arange(self.size) % self.num_classes].to(device)
-        g = torch.Generator(device=device).manual_seed(_mix_seed(self.seed, 0xDE71CE, self.split))
+        g = torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xDE71CE, self.split))
         x = torch.empty(self.size, self.channels, self.image_size, self.image_size, dtype=dtype, device=device)
         for s in range(0, self.size, chunk):
             y = labels[s:s + chunk]

@@ -1,10 +1,10 @@
 """The ImageNet recipe's crop, antialiased bilinear resize, horizontal flip and normalisation of a whole
 batch of decoded images in one Triton launch.
 
-Installed as ``kcd_fast.kernels.resized_crop``; :func:`kcd_fast.jpeg.train_crops` and
-:func:`kcd_fast.jpeg.eval_crops` use it for CUDA images. The eager path (torchvision's
-``v2.functional.resized_crop`` image by image, then :func:`kcd_fast.jpeg.flip_` and
-:func:`kcd_fast.jpeg.normalize_to`) launches four or five kernels per image from Python: about a
+Installed as ``kcd_fast.kernels.resized_crop``; :func:`kcd_fast.crops.train_crops` and
+:func:`kcd_fast.crops.eval_crops` use it for CUDA images. The eager path (torchvision's
+``v2.functional.resized_crop`` image by image, then :func:`kcd_fast.crops.flip_` and
+:func:`kcd_fast.crops.normalize_to`) launches four or five kernels per image from Python: about a
 thousand launches a batch of 256, which the GPU loader's budget (about 16 ms a batch) cannot carry.
 
 Every output pixel of image b is a pixel of the image's box (top, left, box_h, box_w) resized to
@@ -29,11 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["PARAMS", "resized_crops_triton"]
+__all__ = ["resized_crops_triton"]
 
-# The columns of the per-image parameter table (int64 [B, len(PARAMS)]).
-PARAMS = ("offset", "height", "width", "top", "left", "box_h", "box_w", "resize_h", "resize_w",
-          "out_top", "out_left", "flip")
 BLOCK = 256  # output pixels per program
 
 
@@ -79,7 +76,7 @@ def _normalized(v, mean, std):
 @triton.jit
 def _resized_crop_kernel(
     src_ptr,                            # uint8: every image [3, H, W] contiguous, one after another
-    par_ptr,                            # int64 [B, 12] per-image parameters (PARAMS)
+    par_ptr,                            # int64 [B, 12]: kcd_fast.crops.CROP_PARAMS, by position
     out_ptr, stride_ob, stride_oc, stride_oh, stride_ow,  # [B, 3, S, S] out, any strides
     S, NUM_PB,                          # output side, programs per image
     mean0, mean1, mean2, std0, std1, std2,
@@ -145,9 +142,9 @@ def _resized_crop_kernel(
 def resized_crops_triton(images: Sequence[torch.Tensor], params: torch.Tensor, size: int, out: torch.Tensor,
                          mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
     """Launch the kernel on valid inputs: ``images`` uint8 [3, H, W] on one device, ``params`` int64
-    [B, 12] host rows of :data:`PARAMS` whose offset column is filled here, ``out`` [B, 3, size, size]
-    on that device (any strides): uint8 (the resized pixels) or a float dtype (normalised with ``mean``
-    and ``std``). Returns ``out``."""
+    [B, 12] host rows of :data:`kcd_fast.crops.CROP_PARAMS` whose offset column is filled here, ``out``
+    [B, 3, size, size] on that device (any strides): uint8 (the resized pixels) or a float dtype
+    (normalised with ``mean`` and ``std``). Returns ``out``."""
     if not len(images):
         return out
     device = images[0].device

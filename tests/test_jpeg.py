@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from helpers import TRITON_DEVICE
-from kcd_fast import jpeg
+from kcd_fast import crops, jpeg
 from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, build_datasets
 
 # libjpeg-turbo decodes with the same integer IDCT and upsampling in PIL and torchvision; builds
@@ -105,8 +105,8 @@ def test_an_encoded_batch_packs_the_files_and_their_headers(files):
     from_list, n_list = jpeg.decode_batch(data[:-1], "cpu")
     assert n_batch == n_list == 1 and all(torch.equal(a, b) for a, b in zip(from_batch, from_list))
     images, _ = jpeg.decode_batch(data[:-1], "cpu")
-    boxes, flips = jpeg.crop_draws(images, 5, 2, indices[:-1], tuple(t[:-1] for t in batch.draws()))
-    want = jpeg.random_resized_crop_boxes([i.shape[1] for i in images], [i.shape[2] for i in images], 5, 2, indices[:-1])
+    boxes, flips = crops.crop_draws(images, 5, 2, indices[:-1], tuple(t[:-1] for t in batch.draws()))
+    want = crops.random_resized_crop_boxes([i.shape[1] for i in images], [i.shape[2] for i in images], 5, 2, indices[:-1])
     assert torch.equal(boxes, want[0]) and torch.equal(flips, want[1])
     png = [k for k, (p, _) in enumerate(ds.samples) if p.endswith("png.JPEG")][0]
     assert batch.table[png].tolist()[1:] == [0] * 9  # no header, nothing drawn: the main process draws it
@@ -124,8 +124,8 @@ def test_draws_for_another_size_are_drawn_again():
     images = [torch.zeros(3, 40, 60, dtype=torch.uint8), torch.zeros(3, 50, 30, dtype=torch.uint8)]
     boxes = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
     drawn = (boxes, torch.tensor([True, True]), torch.tensor([[40, 60], [30, 50]]))  # row 1 drawn for 30 x 50
-    got_boxes, got_flips = jpeg.crop_draws(images, 0, 1, [7, 9], drawn)
-    want = jpeg.random_resized_crop_boxes([50], [30], 0, 1, [9])
+    got_boxes, got_flips = crops.crop_draws(images, 0, 1, [7, 9], drawn)
+    want = crops.random_resized_crop_boxes([50], [30], 0, 1, [9])
     assert got_boxes[0].tolist() == [1, 2, 3, 4] and bool(got_flips[0])
     assert torch.equal(got_boxes[1], want[0][0]) and bool(got_flips[1]) == bool(want[1][0])
     assert torch.equal(drawn[0], boxes)  # the worker's table is left as it was
@@ -238,10 +238,10 @@ SIZES = [(375, 500), (500, 333), (37, 53), (1, 1), (3, 400), (400, 5), (224, 224
 def test_boxes_follow_torchvisions_algorithm_and_stay_inside(scale):
     heights, widths = zip(*(SIZES * 30))
     indices = list(range(1000, 1000 + len(heights)))
-    boxes, flips = jpeg.random_resized_crop_boxes(heights, widths, 7, 3, indices, scale=scale)
+    boxes, flips = crops.random_resized_crop_boxes(heights, widths, 7, 3, indices, scale=scale)
     assert boxes.dtype == torch.int64 and boxes.shape == (len(indices), 4) and flips.dtype == torch.bool
     for (h, w), idx, box, flip in zip(zip(heights, widths), indices, boxes.tolist(), flips.tolist()):
-        g = jpeg.crop_generator(7, 3, idx)
+        g = crops.crop_generator(7, 3, idx)
         assert box == reference_box(h, w, g, scale), (h, w, idx)
         assert flip == bool(torch.rand(1, generator=g) < 0.5)
         top, left, bh, bw = box
@@ -253,11 +253,11 @@ def test_boxes_equal_the_v2_transforms_under_the_same_seed():
     """v2.RandomResizedCrop + RandomHorizontalFlip draw from the global RNG: seeded with crop_seed they
     give the same box and flip."""
     img = torch.zeros(3, 375, 500, dtype=torch.uint8)
-    boxes, flips = jpeg.random_resized_crop_boxes([375] * 50, [500] * 50, 1, 2, range(50))
+    boxes, flips = crops.random_resized_crop_boxes([375] * 50, [500] * 50, 1, 2, range(50))
     rrc, flip = v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()
     with torch.random.fork_rng():
         for k in range(50):
-            torch.manual_seed(jpeg.crop_seed(1, 2, k))
+            torch.manual_seed(crops.crop_seed(1, 2, k))
             p = rrc.make_params([img])
             assert [p["top"], p["left"], p["height"], p["width"]] == boxes[k].tolist()
             assert (torch.rand(1) < flip.p).item() == flips[k].item()
@@ -265,26 +265,26 @@ def test_boxes_equal_the_v2_transforms_under_the_same_seed():
 
 def test_boxes_are_reproducible_and_do_not_depend_on_the_batch():
     heights, widths, indices = [375, 500, 240, 333], [500, 375, 320, 500], [11, 4, 900, 37]
-    boxes, flips = jpeg.random_resized_crop_boxes(heights, widths, 0, 5, indices)
-    again = jpeg.random_resized_crop_boxes(heights, widths, 0, 5, indices)
+    boxes, flips = crops.random_resized_crop_boxes(heights, widths, 0, 5, indices)
+    again = crops.random_resized_crop_boxes(heights, widths, 0, 5, indices)
     assert torch.equal(boxes, again[0]) and torch.equal(flips, again[1])
     order = [2, 0, 3, 1]
-    shuffled = jpeg.random_resized_crop_boxes([heights[k] for k in order], [widths[k] for k in order], 0, 5,
+    shuffled = crops.random_resized_crop_boxes([heights[k] for k in order], [widths[k] for k in order], 0, 5,
                                               [indices[k] for k in order])
     assert torch.equal(shuffled[0], boxes[order]) and torch.equal(shuffled[1], flips[order])
-    alone = jpeg.random_resized_crop_boxes(heights[2:3], widths[2:3], 0, 5, indices[2:3])
+    alone = crops.random_resized_crop_boxes(heights[2:3], widths[2:3], 0, 5, indices[2:3])
     assert torch.equal(alone[0][0], boxes[2])
-    other_epoch = jpeg.random_resized_crop_boxes(heights, widths, 0, 6, indices)[0]
+    other_epoch = crops.random_resized_crop_boxes(heights, widths, 0, 6, indices)[0]
     assert not torch.equal(other_epoch, boxes)
 
 
 def test_batched_transforms_equal_the_v2_functions():
     images = [torch.from_numpy(textured(h, w, h)).permute(2, 0, 1).contiguous() for h, w in SIZES[:4]]
-    boxes, _ = jpeg.random_resized_crop_boxes([i.shape[1] for i in images], [i.shape[2] for i in images], 0, 0,
+    boxes, _ = crops.random_resized_crop_boxes([i.shape[1] for i in images], [i.shape[2] for i in images], 0, 0,
                                               range(4))
     flips = torch.tensor([True, False, False, True])
-    got = jpeg.flip_(jpeg.resized_crops(images, boxes), flips)
-    x = jpeg.normalize_to(got, IMAGENET_MEAN, IMAGENET_STD)
+    got = crops.flip_(crops.resized_crops(images, boxes), flips)
+    x = crops.normalize_to(got, IMAGENET_MEAN, IMAGENET_STD)
     norm = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     for k, (img, (top, left, h, w)) in enumerate(zip(images, boxes.tolist())):
         ref = F.resized_crop(img, top, left, h, w, [224, 224], antialias=True)
@@ -292,10 +292,10 @@ def test_batched_transforms_equal_the_v2_functions():
         assert torch.equal(got[k], ref)
         torch.testing.assert_close(x[k], norm(ref), rtol=0, atol=1e-5)
     assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
-    half = jpeg.normalize_to(got, dtype=torch.bfloat16)
+    half = crops.normalize_to(got, dtype=torch.bfloat16)
     torch.testing.assert_close(half.float(), x, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="x must be a uint8"):
-        jpeg.normalize_to(x)
+        crops.normalize_to(x)
 
 
 def test_train_and_eval_batches_equal_todays_imagenet_items(files):
@@ -309,7 +309,7 @@ def test_train_and_eval_batches_equal_todays_imagenet_items(files):
     assert fallback == 1 and x.shape == (len(ds), 3, 224, 224)
     with torch.random.fork_rng():
         for k in indices:
-            torch.manual_seed(jpeg.crop_seed(3, 1, k))
+            torch.manual_seed(crops.crop_seed(3, 1, k))
             torch.testing.assert_close(x[k], bundle.train[k][0], rtol=0, atol=1e-5)
     val = jpeg.FileBytesDataset.from_folder(files / "val")
     y, _ = jpeg.eval_batch([val[k][0] for k in range(len(val))], "cpu")
@@ -320,18 +320,18 @@ def test_train_and_eval_batches_equal_todays_imagenet_items(files):
 def test_center_crops_equal_v2_resize_and_center_crop():
     images = [torch.from_numpy(textured(h, w, w)).permute(2, 0, 1).contiguous() for h, w in [(375, 500), (301, 227)]]
     ref = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
-    got = jpeg.center_crops(images)
+    got = crops.center_crops(images)
     for k, img in enumerate(images):
         assert torch.equal(got[k], ref(img))
 
 
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="heights, widths and indices"):
-        jpeg.random_resized_crop_boxes([10, 10], [10], 0, 0, [0, 1])
+        crops.random_resized_crop_boxes([10, 10], [10], 0, 0, [0, 1])
     with pytest.raises(ValueError, match="boxes must be"):
-        jpeg.resized_crops([torch.zeros(3, 8, 8, dtype=torch.uint8)], torch.zeros(2, 4, dtype=torch.int64))
+        crops.resized_crops([torch.zeros(3, 8, 8, dtype=torch.uint8)], torch.zeros(2, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="mask must be"):
-        jpeg.flip_(torch.zeros(2, 3, 4, 4), torch.tensor([True]))
+        crops.flip_(torch.zeros(2, 3, 4, 4), torch.tensor([True]))
     with pytest.raises(ValueError, match="mode must be"):
         jpeg.decode_batch([], "cpu", mode=jpeg.ImageReadMode.RGB_ALPHA)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from test_jpeg import textured
 
-from kcd_fast import jpeg
+from kcd_fast import crops, jpeg
 from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, build_datasets
 from kcd_fast.models import build_model
 from kcd_fast.sampling import KeptSampler
@@ -119,7 +119,7 @@ def loader_cfg(**changes):
 def pil_item(dataset, epoch, i):
     """Item i of today's ImageNet train split, the global RNG seeded as crop_seed seeds item i."""
     with torch.random.fork_rng():
-        torch.manual_seed(jpeg.crop_seed(SEED, epoch, i))
+        torch.manual_seed(crops.crop_seed(SEED, epoch, i))
         return dataset[i][0]
 
 

@@ -1,5 +1,5 @@
 """The fused crop + antialiased resize + flip + normalise kernel (kernels/resized_crop.py) through
-kcd_fast.jpeg.train_crops / eval_crops, against a float64 reference (torch's antialiased bilinear
+kcd_fast.crops.train_crops / eval_crops, against a float64 reference (torch's antialiased bilinear
 interpolation of each crop in double precision, rounded half to even) and against its slow twin,
 torchvision's v2 functions image by image.
 
@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from helpers import TRITON_DEVICE, compiled_in_subprocess
-from kcd_fast import jpeg
+from kcd_fast import crops
 from kcd_fast.data import IMAGENET_MEAN, IMAGENET_STD
 
 # A rounded value may differ from the float64 one's rounding only where float32 sums can land on
@@ -41,7 +41,7 @@ def reference_train(img, box, flip, size):
 
 def reference_eval(img, resize, size):
     h, w = img.shape[-2:]
-    rh, rw = jpeg.resized_size(h, w, resize)
+    rh, rw = crops.resized_size(h, w, resize)
     out = torch.nn.functional.interpolate(img[None].double(), size=(rh, rw), mode="bilinear", antialias=True,
                                           align_corners=False)[0]
     top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
@@ -76,8 +76,8 @@ def test_train_crops_round_like_the_float64_reference(sizes, boxes, flips, size)
     if len(sizes) == 2 and sizes[0] == sizes[1]:
         images[1] = images[0]  # the same tensor twice in a batch
     boxes, flips = torch.tensor(boxes), torch.tensor(flips, dtype=torch.bool)
-    table = jpeg.crop_table(images, boxes, flips, size)
-    got = jpeg.fused_crops(on_device(images), table, size, torch.uint8).cpu()
+    table = crops.crop_table(images, boxes, flips, size)
+    got = crops.fused_crops(on_device(images), table, size, torch.uint8).cpu()
     assert got.shape == (len(images), 3, size, size) and got.dtype == torch.uint8
     for k, img in enumerate(images):
         assert_rounds_like(got[k], reference_train(img, boxes[k].tolist(), bool(flips[k]), size))
@@ -87,7 +87,7 @@ def test_exact_halves_round_to_even_as_torch_round_does():
     """A 1 x 2 image (0, 2) upscaled to 4 columns: weights 3/4 and 1/4 give the exact halves 0.5 and 1.5,
     which round to 0 and 2 (half to even, as torchvision's uint8 cast back), not 1 and 2."""
     img = torch.tensor([0, 2], dtype=torch.uint8).view(1, 1, 2).expand(3, 1, 2).contiguous()
-    got = jpeg.fused_crops(on_device([img]), jpeg.crop_table([img], torch.tensor([[0, 0, 1, 2]]),
+    got = crops.fused_crops(on_device([img]), crops.crop_table([img], torch.tensor([[0, 0, 1, 2]]),
                                                              torch.tensor([False]), 4), 4, torch.uint8)
     assert reference_train(img, [0, 0, 1, 2], False, 4)[0, 0].tolist() == [0.0, 0.5, 1.5, 2.0]
     assert got.cpu()[0, :, 0].tolist() == [[0, 0, 2, 2]] * 3
@@ -100,8 +100,8 @@ def test_strided_images_read_like_contiguous_ones():
     strided = [hwc.permute(2, 0, 1), big[:, 5:30, 7:44]]
     assert not any(img.is_contiguous() for img in strided)
     boxes, flips = torch.tensor([[1, 2, 20, 25], [0, 3, 25, 30]]), torch.tensor([False, True])
-    got = jpeg.train_crops(on_device(strided), boxes, flips, 15, fused=True)
-    want = jpeg.train_crops(on_device([img.contiguous() for img in strided]), boxes, flips, 15, fused=True)
+    got = crops.train_crops(on_device(strided), boxes, flips, 15, fused=True)
+    want = crops.train_crops(on_device([img.contiguous() for img in strided]), boxes, flips, 15, fused=True)
     assert torch.equal(got, want)
 
 
@@ -109,9 +109,9 @@ def test_strided_images_read_like_contiguous_ones():
 def test_normalised_output_is_normalize_to_of_the_rounded_pixels(dtype):
     images = images_of([(45, 66), (38, 21)], seed=2)
     boxes, flips = torch.tensor([[3, 9, 30, 40], [0, 0, 38, 21]]), torch.tensor([True, False])
-    got = jpeg.train_crops(on_device(images), boxes, flips, 21, dtype=dtype, fused=True)
-    pixels = jpeg.fused_crops(on_device(images), jpeg.crop_table(images, boxes, flips, 21), 21, torch.uint8)
-    want = jpeg.normalize_to(pixels.cpu(), IMAGENET_MEAN, IMAGENET_STD, dtype=dtype)
+    got = crops.train_crops(on_device(images), boxes, flips, 21, dtype=dtype, fused=True)
+    pixels = crops.fused_crops(on_device(images), crops.crop_table(images, boxes, flips, 21), 21, torch.uint8)
+    want = crops.normalize_to(pixels.cpu(), IMAGENET_MEAN, IMAGENET_STD, dtype=dtype)
     assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
     if got.is_cuda or dtype == torch.float32:
         assert torch.equal(got.cpu(), want)
@@ -123,9 +123,9 @@ def test_train_crops_match_the_v2_twin_within_a_level():
     """The twin (v2 resized_crop on uint8 image by image, flip, normalize_to) rounds with torchvision's
     own arithmetic: the two agree within one uint8 level."""
     images = images_of([(75, 50), (33, 61), (120, 90)], seed=6)
-    boxes, flips = jpeg.random_resized_crop_boxes([75, 33, 120], [50, 61, 90], seed=0, epoch=2, indices=[4, 8, 15])
-    fused = jpeg.train_crops(on_device(images), boxes, flips, 32, fused=True).cpu()
-    twin = jpeg.train_crops(images, boxes, flips, 32, fused=False)
+    boxes, flips = crops.random_resized_crop_boxes([75, 33, 120], [50, 61, 90], seed=0, epoch=2, indices=[4, 8, 15])
+    fused = crops.train_crops(on_device(images), boxes, flips, 32, fused=True).cpu()
+    twin = crops.train_crops(images, boxes, flips, 32, fused=False)
     torch.testing.assert_close(fused, twin, rtol=0, atol=LEVEL * 1.001)
 
 
@@ -133,23 +133,23 @@ def test_train_crops_match_the_v2_twin_within_a_level():
 def test_eval_crops_round_like_the_float64_reference_and_match_v2(sizes):
     """Resize(26) + CenterCrop(25) of small images (a 26-sided square is left as it is, as v2 does)."""
     images = images_of(sizes, seed=7)
-    got = jpeg.fused_crops(on_device(images), jpeg.center_table(images, 26, 25), 25, torch.uint8).cpu()
+    got = crops.fused_crops(on_device(images), crops.center_table(images, 26, 25), 25, torch.uint8).cpu()
     for k, img in enumerate(images):
         assert_rounds_like(got[k], reference_eval(img, 26, 25))
         v2_float = F.center_crop(F.resize(img.float(), [26], antialias=True), [25, 25])
         assert (got[k].double() - round_half_even(v2_float.double())).abs().max() <= 1
-    fused = jpeg.eval_crops(on_device(images), 26, 25, fused=True).cpu()
-    twin = jpeg.eval_crops(images, 26, 25, fused=False)
+    fused = crops.eval_crops(on_device(images), 26, 25, fused=True).cpu()
+    twin = crops.eval_crops(images, 26, 25, fused=False)
     torch.testing.assert_close(fused, twin, rtol=0, atol=LEVEL * 1.001)
 
 
 def test_resized_size_is_v2s():
     for h, w in [(375, 500), (500, 375), (256, 300), (333, 257), (100, 100)]:
-        assert list(jpeg.resized_size(h, w, 256)) == list(F.resize(torch.zeros(1, h, w), [256]).shape[-2:])
+        assert list(crops.resized_size(h, w, 256)) == list(F.resize(torch.zeros(1, h, w), [256]).shape[-2:])
 
 
 def test_an_empty_batch_gives_an_empty_tensor():
-    out = jpeg.train_crops([], torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, dtype=torch.bool), fused=True)
+    out = crops.train_crops([], torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, dtype=torch.bool), fused=True)
     assert out.shape == (0, 3, 224, 224)
 
 
@@ -161,15 +161,34 @@ def test_bad_images_are_refused_naming_them(bad, match):
     images = images_of([(10, 12)])
     boxes = torch.zeros(len(bad(images)), 4, dtype=torch.int64) + torch.tensor([0, 0, 5, 5])
     with pytest.raises(ValueError, match=match):
-        jpeg.train_crops(bad(images), boxes, torch.zeros(len(boxes), dtype=torch.bool), 8, fused=True)
+        crops.train_crops(bad(images), boxes, torch.zeros(len(boxes), dtype=torch.bool), 8, fused=True)
 
 
 def test_box_and_flip_shapes_are_checked():
     images = images_of([(10, 12), (10, 12)])
     with pytest.raises(ValueError, match=r"boxes must be \[2, 4\] and flips \[2\]"):
-        jpeg.train_crops(images, torch.zeros(1, 4, dtype=torch.int64), torch.zeros(2, dtype=torch.bool))
+        crops.train_crops(images, torch.zeros(1, 4, dtype=torch.int64), torch.zeros(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="resize must be >= size"):
-        jpeg.eval_crops(images, 8, 9, fused=True)
+        crops.eval_crops(images, 8, 9, fused=True)
+
+
+def test_parameter_rows_name_their_columns():
+    """Each transform's rows, column by column (kernels/resized_crop.py loads them in CROP_PARAMS order)."""
+    images = images_of([(10, 12), (30, 20)])
+    train = crops.crop_table(images, torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), torch.tensor([True, False]), 9)
+    col = {name: train[:, k].tolist() for k, name in enumerate(crops.CROP_PARAMS)}
+    assert col == {"offset": [0, 0], "height": [10, 30], "width": [12, 20], "top": [1, 5], "left": [2, 6],
+                   "box_h": [3, 7], "box_w": [4, 8], "resize_h": [9, 9], "resize_w": [9, 9], "out_top": [0, 0],
+                   "out_left": [0, 0], "flip": [1, 0]}
+    center = crops.center_table(images, 16, 14)
+    col = {name: center[:, k].tolist() for k, name in enumerate(crops.CROP_PARAMS)}
+    assert col == {"offset": [0, 0], "height": [10, 30], "width": [12, 20], "top": [0, 0], "left": [0, 0],
+                   "box_h": [10, 30], "box_w": [12, 20], "resize_h": [16, 24], "resize_w": [19, 16],
+                   "out_top": [1, 5], "out_left": [2, 1], "flip": [0, 0]}
+    assert crops.crop_table([], torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, dtype=torch.bool), 9).shape \
+        == (0, len(crops.CROP_PARAMS))
+    with pytest.raises(ValueError, match=r"columns must be among .*got \['flipped'\]"):
+        crops.param_table(flipped=[1])
 
 
 def test_kernel_compiles_for_hopper_with_ieee_divisions():
@@ -198,9 +217,9 @@ print(json.dumps(out))
 def test_fused_crops_on_cuda_equal_v2_on_cuda_images():
     """On CUDA torchvision resizes uint8 through float32 and rounds: the same arithmetic as the kernel."""
     images = images_of([(375, 500), (500, 333), (64, 1200)], seed=8)
-    boxes, flips = jpeg.random_resized_crop_boxes([375, 500, 64], [500, 333, 1200], seed=1, epoch=0, indices=[0, 1, 2])
+    boxes, flips = crops.random_resized_crop_boxes([375, 500, 64], [500, 333, 1200], seed=1, epoch=0, indices=[0, 1, 2])
     cuda = [img.cuda() for img in images]
-    got = jpeg.fused_crops(cuda, jpeg.crop_table(cuda, boxes, flips, 224), 224, torch.uint8)
+    got = crops.fused_crops(cuda, crops.crop_table(cuda, boxes, flips, 224), 224, torch.uint8)
     for k, (top, left, h, w) in enumerate(boxes.tolist()):
         ref = F.resized_crop(cuda[k], top, left, h, w, [224, 224], antialias=True)
         ref = F.horizontal_flip(ref) if flips[k] else ref

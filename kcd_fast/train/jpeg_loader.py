@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
-from kcd_fast import jpeg
+from kcd_fast import crops, jpeg
 from kcd_fast.sampling import NoSingletonBatches, mix_inputs
 from kcd_fast.train.options import AMP_DTYPES
 
@@ -124,13 +124,13 @@ class JpegFolderSet(jpeg.FileBytesDataset):
             return (data, row), label, key, 0
         (image,), fallbacks = jpeg.decode_batch([data], "cpu", names=[self.samples[index][0]])
         if train:
-            boxes, flips = jpeg.random_resized_crop_boxes([image.shape[-2]], [image.shape[-1]], self.seed,
+            boxes, flips = crops.random_resized_crop_boxes([image.shape[-2]], [image.shape[-1]], self.seed,
                                                           key.epoch, [index])
-            x = jpeg.flip_(jpeg.resized_crops([image], boxes, TRAIN_SIZE), flips)[0]
+            x = crops.flip_(crops.resized_crops([image], boxes, TRAIN_SIZE), flips)[0]
         else:
-            x = jpeg.center_crops([image], EVAL_RESIZE, TRAIN_SIZE)[0]
+            x = crops.center_crops([image], EVAL_RESIZE, TRAIN_SIZE)[0]
         if self.normalize:
-            x = jpeg.normalize_to(x[None], channels_last=False)[0]
+            x = crops.normalize_to(x[None], channels_last=False)[0]
         return x, label, key, fallbacks
 
 
@@ -166,7 +166,7 @@ def to_input(dataset: JpegFolderSet, data, index, device, dtype, epoch=None) -> 
     if dataset.normalize:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return data.to(device, dtype=dtype, memory_format=fmt, non_blocking=True), 0
-    return jpeg.normalize_to(data.to(device, non_blocking=True), dtype=dtype, channels_last=channels_last), 0
+    return crops.normalize_to(data.to(device, non_blocking=True), dtype=dtype, channels_last=channels_last), 0
 
 
 class TrainBatches:
