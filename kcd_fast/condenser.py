@@ -15,7 +15,9 @@ A few lines around an existing training loop give it KCD::
 
 Per step only :func:`kcd_fast.ops.update_values` runs. Everything else happens
 once per stage (or once per epoch, and then only on the host). The sampler and the dataset wrapper
-live in :mod:`kcd_fast.sampling`, the statistics each stage records in :mod:`kcd_fast.stage_stats`.
+live in :mod:`kcd_fast.sampling`, the statistics each stage records in :mod:`kcd_fast.stage_stats`,
+the checks of a saved state in :mod:`kcd_fast.condenser_state` and the DDP merge in
+:mod:`kcd_fast.rank_merge`.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from kcd_fast import official, ops
 from kcd_fast import reference as R
 from kcd_fast.checks import check_choice, check_flag, check_int, check_real, check_temperature, check_tensor
 from kcd_fast.condenser_state import CONDENSED_KIND, STATE_VERSION, checked_state, pair_arrays, read_condensed
+from kcd_fast.rank_merge import merge_ranks_
 from kcd_fast.sampling import KeptSampler
 from kcd_fast.stage_stats import stage_value_stats
 
@@ -353,38 +356,14 @@ class KnowledgeCondenser:
         return plan
 
     def _merge_ranks(self) -> int:
-        """One all_reduce of the deltas since the last merge: every rank then holds the single-process state.
-
-        For each point, rank r contributes dF_r = F_r - F0 and dS_r = F_r V_r - F0 V0 (the sum of
-        its new entropies); the merged state is F = F0 + sum dF_r, V = (F0 V0 + sum dS_r) / F (Eq. 12).
-        It runs at each stage end and in :meth:`state_dict`; merging early only moves (F0, V0).
-        The same all_reduce carries each rank's out-of-range flag (:func:`ops.check_errors`):
-        returns how many OTHER ranks have theirs raised (0 in one process).
-        """
+        """One all_reduce of the deltas since the last merge (:func:`kcd_fast.rank_merge.merge_ranks_`):
+        every rank then holds the single-process state. It runs at each stage end and in
+        :meth:`state_dict`; merging early only moves the sync point. Returns how many OTHER ranks have
+        their out-of-range flag raised (0 in one process)."""
         if self.world_size == 1:
             return 0
-        v0, f0, l0 = self._synced
-        n = self.num_samples
-        f0d, v0d = f0.double(), v0.double()
-        parts = [self.counts.double() - f0d, self.counts.double() * self.values.double() - f0d * v0d]
-        if self.last_values is not None:
-            changed = (self.last_values != l0).double()
-            parts += [changed, changed * self.last_values.double()]
-        flag = ops.existing_error_flag(self.device)
-        mine = flag.double() if flag is not None else torch.zeros(1, dtype=torch.float64, device=self.device)
-        packed = torch.cat(parts + [mine])
-        dist.all_reduce(packed)
-        others = packed[-1] - mine[0]
-        d_count, d_sum = packed[:n], packed[n:2 * n]
-        f = f0d + d_count
-        self.values.copy_(torch.where(f > 0, (f0d * v0d + d_sum) / f.clamp_min(1.0), v0d).float())
-        self.counts.copy_(f.round().int())
-        if self.last_values is not None:
-            hits, total = packed[2 * n:3 * n], packed[3 * n:4 * n]
-            self.last_values.copy_(torch.where(hits > 0, total / hits.clamp_min(1.0), l0.double()).float())
-        self._synced = (self.values.clone(), self.counts.clone(),
-                        None if self.last_values is None else self.last_values.clone())
-        return int(others.item())  # a stage end (or a checkpoint): a sync here is cheap
+        self._synced, others = merge_ranks_(self.values, self.counts, self.last_values, self._synced)
+        return others
 
     def _condense(self, stage: int, epoch: int) -> ops.CondensePlan:
         values = self.values if self.last_values is None else self.last_values
