@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset, default_collate
 
 from kcd_fast import crops, jpeg
 from kcd_fast.sampling import NoSingletonBatches, mix_inputs
@@ -141,7 +141,9 @@ def collate_items(items):
     and the K1L rows, their partners' rows (int64 [P]) and ratios (float32 [P]); last, the count of
     files the workers decoded through PIL."""
     data, labels, keys, fallbacks = zip(*items)
-    x = torch.stack(data) if isinstance(data[0], torch.Tensor) else jpeg.EncodedBatch.pack(*zip(*data))
+    # default_collate stacks straight into shared memory in a worker: the batch then reaches the main
+    # process without the copy a plain torch.stack would cost there
+    x = default_collate(list(data)) if isinstance(data[0], torch.Tensor) else jpeg.EncodedBatch.pack(*zip(*data))
     labels = torch.tensor(labels, dtype=torch.int64)
     if not isinstance(keys[0], Item):
         return x, labels, torch.tensor(keys, dtype=torch.int64), sum(fallbacks)
