@@ -429,10 +429,16 @@ def targets(out: dict) -> dict:
         t |= loader_targets(out)
     if "transforms" in out:
         t["fused_transform_over_twin"] = out["transforms"]["fused_images_per_s"] / out["transforms"]["twin_images_per_s"]
+    # A fed step takes max(the resident step, the loader's time per batch) at best: within 5% of
+    # that bound either way (the loader fast enough, or the step waiting on it)
+    rates = loader_rates(out) if "loaders" in out else {}
     for name, times in out.get("steps", {}).items():
         for key, seconds in times.items():
             if key != "resident_s":
                 t[f"{name}_step_{key[:-2]}_over_resident"] = seconds / times["resident_s"]
+                if key[:-2] in rates:
+                    bound = max(times["resident_s"], out["size"]["batch"] / rates[key[:-2]])
+                    t[f"{name}_step_{key[:-2]}_over_bound"] = seconds / bound
     for loader, runs in out.get("runs", {}).items():
         t[f"runs_{loader}"] = {name: {"ratio_to_kd": r["ratio_to_kd"], "C": r["C"]} for name, r in runs.items()}
     return t
@@ -449,12 +455,19 @@ def loader_targets(out: dict) -> dict:
     cores = f"{CORES}w"
     t = {"cpu_over_pil_same_workers": statistics.median(r[f"cpu_{cores}"] / r[f"pil_{cores}"] for r, _ in passes),
          "cpu_over_pil_workers_output": statistics.median(m[f"cpu_{cores}"] / m[f"pil_{cores}"] for _, m in passes)}
-    rate = {key: statistics.median(r[key] for r, _ in passes) for key in passes[0][0]}
+    rate = loader_rates(out)
     if CUDA and "decode_ceiling" in out:
         gpu = rate[f"gpu_{CORES}w"]
         t |= {"gpu_loader_images_per_s": gpu, "gpu_over_cached_step_consumption": gpu / CACHED_STEP_IMAGES_PER_S,
               "gpu_over_decode_ceiling": gpu / out["decode_ceiling"]["images_per_s"]}
     return t
+
+
+def loader_rates(out: dict) -> dict:
+    """Each loader's images/s as the step takes the batches ("<loader>_<workers>w"), the median pass."""
+    keys = [f"{r['loader']}_{r['workers']}w" for r in out["loaders"][0]]
+    return {key: statistics.median(next(r["images_per_s"] for r in one if f"{r['loader']}_{r['workers']}w" == key)
+                                   for one in out["loaders"]) for key in keys}
 
 
 if __name__ == "__main__":

@@ -80,3 +80,21 @@ def test_loader_benchmark_reads_a_folder_it_did_not_write_and_refuses_bad_option
         loader.main(["--parts", "loaders,ceiling", "--out", str(tmp_path / "c.json")])
     with pytest.raises(argparse.ArgumentTypeError, match="expected a comma-separated list of loaders, "):
         loader.parse_parts("loaders,ceiling")
+
+
+def test_loader_targets_bound_each_fed_step_by_the_step_or_the_loader():
+    """A fed step's bound is the larger of the resident step and the loader's time per batch (median pass)."""
+    from benchmarks import loader
+
+    cores = f"{loader.CORES}w"
+    passes = [[{"loader": "pil", "workers": loader.CORES, "images_per_s": pil, "workers_images_per_s": pil},
+               {"loader": "cpu", "workers": loader.CORES, "images_per_s": cpu, "workers_images_per_s": 2 * cpu}]
+              for pil, cpu in ((100.0, 900.0), (300.0, 1000.0), (200.0, 800.0))]
+    out = {"size": {"batch": 50}, "loaders": passes,
+           "steps": {"kd": {"resident_s": 0.1, f"pil_{cores}_s": 0.3, f"cpu_{cores}_s": 0.105}}}
+    t = loader.targets(out)
+    assert t[f"kd_step_pil_{cores}_over_bound"] == pytest.approx(0.3 / (50 / 200.0))  # loader-bound: 0.25 s
+    assert t[f"kd_step_cpu_{cores}_over_bound"] == pytest.approx(0.105 / 0.1)  # 50/900 s < the step
+    assert t[f"kd_step_pil_{cores}_over_resident"] == pytest.approx(3.0)
+    assert t["cpu_over_pil_same_workers"] == pytest.approx(4.0)  # the median pass: 9, 10/3 and 4
+    assert "runs_gpu" not in t and loader.targets({"size": {"batch": 1}}) == {}
