@@ -172,3 +172,5 @@ for mode in "${MODES[@]}"; do
   esac
 done
 stamp "done: results in $OUT"
+# Each acceptance bound against what this run measured (printed only: nothing more is written)
+[ "$DRY" = 1 ] || python3 -m benchmarks.verdict "$OUT"

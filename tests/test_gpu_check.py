@@ -1,10 +1,13 @@
 """benchmarks/gpu_check.sh's plan, read from its dry run (KCD_GPU_CHECK_DRY_RUN=1) on any machine: which
-build, which tests and which timings each mode runs, in which order and under which caps."""
+build, which tests and which timings each mode runs, in which order and under which caps; and
+benchmarks/verdict.py, which reads the acceptance bounds from a results folder."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,75 @@ def test_an_unknown_mode_is_refused_before_anything_runs(tmp_path):
                          text=True, env=dict(os.environ, KCD_GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path / "out")))
     assert res.returncode == 2 and "got 'loaders'" in res.stderr and "distillers, loader" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def results_folder(path: Path, **changes) -> Path:
+    """A results folder whose every figure meets its bound; ``changes`` replace files (None: absent)."""
+    gpu = "NVIDIA H200"
+    files = {
+        "tests.log": "854 passed\nVERDICT: correctness passed\n",
+        "crd_kernel.json": {"device": gpu, "smoke": False, "results": [
+            {"case": "loss_fp16", "fused_ms": 1.2, "speedup": 3.5, "memory_ratio": 0.05},
+            {"case": "loss_fp32", "fused_ms": 2.0, "speedup": 2.0, "memory_ratio": 0.5}]},
+        "distiller_step.json": {"device": gpu, "smoke": False, "taps_overhead": {"measured": 0.004},
+                                "arms": {"kd": {"vs_kd": 1.0}, "kd_tapped": {"vs_kd": 1.004},
+                                         "crd": {"vs_kd": 1.1}, "reviewkd": {"vs_kd": 1.3}}},
+        "lightning_callback_step.json": {"device": gpu, "smoke": False, "overhead_pct": 0.05},
+        "loader.json": {"device": gpu, "smoke": False, "targets": {
+            "gpu_loader_images_per_s": 16000.0, "gpu_over_cached_step_consumption": 1.23,
+            "gpu_over_decode_ceiling": 0.8, "kd_step_gpu_16w_over_bound": 1.01,
+            "kd_step_pil_8w_over_bound": 1.3, "cached_step_gpu_16w_over_bound": 1.04,
+            "runs_gpu": {"kd": {"ratio_to_kd": 1.0, "C": 1.0}, "kcd": {"ratio_to_kd": 0.84, "C": 0.82},
+                         "kcd_cached": {"ratio_to_kd": 0.6, "C": 0.82}}}},
+    }
+    files.update(changes)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        if content is not None:
+            (path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def verdict_of(folder: Path) -> tuple[int, list]:
+    res = subprocess.run([sys.executable, "-m", "benchmarks.verdict", str(folder)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert not res.stderr.strip() or res.returncode in (0, 1), res.stderr
+    return res.returncode, res.stdout.splitlines()
+
+
+def test_the_verdict_reads_every_bound_of_a_results_folder(tmp_path):
+    rc, lines = verdict_of(results_folder(tmp_path / "ok"))
+    assert rc == 0, lines
+    assert sum(line.startswith("holds") for line in lines) == 11 and not any("not measured" in x for x in lines)
+    assert sum(line.startswith("info") for line in lines) == 3  # crd and reviewkd against KD, pil's fed step
+    assert any("1.200 ms" in x and "<= 1.5 ms" in x for x in lines)
+
+    # the GPU loader below 1.2x the cached step still holds at >= 90% of nvJPEG's ceiling
+    ceiling = results_folder(tmp_path / "ceiling")
+    loader = json.loads((ceiling / "loader.json").read_text())
+    loader["targets"] |= {"gpu_over_cached_step_consumption": 0.7, "gpu_over_decode_ceiling": 0.93}
+    (ceiling / "loader.json").write_text(json.dumps(loader))
+    assert verdict_of(ceiling)[0] == 0
+
+
+@pytest.mark.parametrize("file, change, failing", [
+    ("tests.log", "3 failed\nVERDICT: correctness FAILED (pytest rc 1)\n", "the GPU correctness tests pass"),
+    ("lightning_callback_step.json", {"device": "NVIDIA H200", "overhead_pct": 0.2}, "the callback adds <= 0.1%"),
+    ("distiller_step.json", {"device": "NVIDIA H200", "taps_overhead": {"measured": 0.02}, "arms": {}},
+     "the taps add <= 1%"),
+])
+def test_a_bound_that_fails_is_named_and_fails_the_verdict(tmp_path, file, change, failing):
+    rc, lines = verdict_of(results_folder(tmp_path, **{file: change}))
+    assert rc == 1 and [x for x in lines if x.startswith("FAILS")] == [x for x in lines if failing in x]
+
+
+def test_absent_smoke_and_cpu_results_are_not_measurements(tmp_path):
+    folder = results_folder(tmp_path, **{"crd_kernel.json": None,
+                                         "distiller_step.json": {"smoke": True, "taps_overhead": {"measured": 9}},
+                                         "loader.json": {"device": "cpu", "targets": {"runs_cpu": {}}}})
+    rc, lines = verdict_of(folder)
+    assert rc == 0
+    assert [x for x in lines if x.startswith("not measured")] == [
+        "not measured  crd_kernel.json: absent",
+        "not measured  distiller_step.json: a smoke run, not a measurement",
+        "not measured  loader.json: measured on the CPU, where its GPU bounds do not apply"]
