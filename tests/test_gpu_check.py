@@ -144,3 +144,9 @@ def test_absent_smoke_and_cpu_results_are_not_measurements(tmp_path):
         "not measured  crd_kernel.json: absent",
         "not measured  distiller_step.json: a smoke run, not a measurement",
         "not measured  loader.json: measured on the CPU, where its GPU bounds do not apply"]
+
+    cut = results_folder(tmp_path / "cut", **{"distiller_step.json": {"device": "NVIDIA H200", "arms": {}},
+                                              "crd_kernel.json": {"device": "NVIDIA H200", "results": []}})
+    rc, lines = verdict_of(cut)
+    assert rc == 0 and "not measured  distiller_step.json: incomplete (no 'taps_overhead')" in lines
+    assert any(x.startswith("not measured  crd_kernel.json: incomplete") for x in lines)
