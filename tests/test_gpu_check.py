@@ -150,3 +150,12 @@ def test_absent_smoke_and_cpu_results_are_not_measurements(tmp_path):
     rc, lines = verdict_of(cut)
     assert rc == 0 and "not measured  distiller_step.json: incomplete (no 'taps_overhead')" in lines
     assert any(x.startswith("not measured  crd_kernel.json: incomplete") for x in lines)
+
+    loader = results_folder(tmp_path / "loaders-only", **{"loader.json": {"device": "NVIDIA H200", "targets": {
+        "gpu_loader_images_per_s": 9000.0, "gpu_over_cached_step_consumption": 0.69, "gpu_over_decode_ceiling": 0.95}}})
+    rc, lines = verdict_of(loader)
+    assert rc == 0 and any(x.startswith("holds  GPU loader") and "95.0%" in x for x in lines)
+    assert [x for x in lines if x.startswith("not measured") and "loader.json" in x] == [
+        "not measured  steps fed by gpu within 5% of their bound  (loader.json)",
+        "not measured  kcd run on JPEG files <= 0.85x KD's training time  (loader.json)",
+        "not measured  kcd_cached run on JPEG files <= 0.62x KD's training time  (loader.json)"]
