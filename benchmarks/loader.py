@@ -447,27 +447,29 @@ def targets(out: dict) -> dict:
 def loader_targets(out: dict) -> dict:
     """The loaders' bounds: the CPU path against PIL, and the GPU loader against the cached step's
     consumption and the decode ceiling (when measured)."""
-    passes = [({f"{r['loader']}_{r['workers']}w": r["images_per_s"] for r in one},
-               {f"{r['loader']}_{r['workers']}w": r.get("workers_images_per_s") for r in one}) for one in out["loaders"]]
+    steps, workers = pass_rates(out, "images_per_s"), pass_rates(out, "workers_images_per_s")
     # cpu against pil with the same workers, the median pass: as the step takes the batches (on a
     # CPU-only machine that includes the normalisation), and as the workers deliver them (per core:
-    # the same cores); each loader's rate below is its median over the passes
-    cores = f"{CORES}w"
-    t = {"cpu_over_pil_same_workers": statistics.median(r[f"cpu_{cores}"] / r[f"pil_{cores}"] for r, _ in passes),
-         "cpu_over_pil_workers_output": statistics.median(m[f"cpu_{cores}"] / m[f"pil_{cores}"] for _, m in passes)}
-    rate = loader_rates(out)
+    # the same cores)
+    cpu, pil = f"cpu_{CORES}w", f"pil_{CORES}w"
+    t = {"cpu_over_pil_same_workers": statistics.median(r[cpu] / r[pil] for r in steps),
+         "cpu_over_pil_workers_output": statistics.median(m[cpu] / m[pil] for m in workers)}
     if CUDA and "decode_ceiling" in out:
-        gpu = rate[f"gpu_{CORES}w"]
+        gpu = loader_rates(out)[f"gpu_{CORES}w"]
         t |= {"gpu_loader_images_per_s": gpu, "gpu_over_cached_step_consumption": gpu / CACHED_STEP_IMAGES_PER_S,
               "gpu_over_decode_ceiling": gpu / out["decode_ceiling"]["images_per_s"]}
     return t
 
 
+def pass_rates(out: dict, field: str) -> list:
+    """``field`` of each loader ("<loader>_<workers>w"), one dict per pass of (a)."""
+    return [{f"{r['loader']}_{r['workers']}w": r.get(field) for r in one} for one in out["loaders"]]
+
+
 def loader_rates(out: dict) -> dict:
-    """Each loader's images/s as the step takes the batches ("<loader>_<workers>w"), the median pass."""
-    keys = [f"{r['loader']}_{r['workers']}w" for r in out["loaders"][0]]
-    return {key: statistics.median(next(r["images_per_s"] for r in one if f"{r['loader']}_{r['workers']}w" == key)
-                                   for one in out["loaders"]) for key in keys}
+    """Each loader's images/s as the step takes the batches, its median over the passes."""
+    passes = pass_rates(out, "images_per_s")
+    return {key: statistics.median(p[key] for p in passes) for key in passes[0]}
 
 
 if __name__ == "__main__":

@@ -108,8 +108,8 @@ def random_resized_crop_boxes(
 
 def crop_draws(images: Sequence[torch.Tensor], seed: int, epoch: int, indices, drawn=None) -> tuple:
     """The boxes and flips of ``images`` (decoded) for ``epoch``: ``drawn``
-    (:meth:`kcd_fast.jpeg.EncodedBatch.draws`)
-    where drawn for the size the image has, drawn here (:func:`random_resized_crop_boxes`) for the rest."""
+    (:meth:`kcd_fast.jpeg.EncodedBatch.draws`) where drawn for the size the image has, drawn here
+    (:func:`random_resized_crop_boxes`) for the rest."""
     sizes = torch.tensor([list(img.shape[-2:]) for img in images], dtype=torch.int64).reshape(-1, 2)  # host metadata
     if drawn is None:
         return random_resized_crop_boxes(sizes[:, 0], sizes[:, 1], seed, epoch, indices)

@@ -175,14 +175,14 @@ class InMemoryImageDataset(Dataset):
         )
 
 
-MASK64 = (1 << 64) - 1
+_MASK64 = (1 << 64) - 1
 
 
-def splitmix64(x: int) -> int:
+def _splitmix64(x: int) -> int:
     """One step of the splitmix64 mixer (a bijection on 64-bit integers)."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
 
 
@@ -190,7 +190,7 @@ def mix_seed(*values: int) -> int:
     """Hash integers into one 63-bit seed for a torch.Generator (splitmix64 over each in turn)."""
     h = 0x243F6A8885A308D3
     for v in values:
-        h = splitmix64(h ^ (int(v) & MASK64))
+        h = _splitmix64(h ^ (int(v) & _MASK64))
     return h >> 1
 
 
