@@ -197,7 +197,7 @@ def test_taps_equal_the_layers_outputs(name):
 
 def test_small_cnn_taps_equal_the_layers_outputs():
     model, x = model_and_input("cnn_large")
-    expected, stage, h = {}, 0, x
+    expected, stage, h, pre = {}, 0, x, None
     with torch.no_grad():
         for layer in list(model.features) + [None]:
             if layer is None or isinstance(layer, nn.MaxPool2d):  # a stage ends

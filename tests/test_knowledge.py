@@ -488,7 +488,7 @@ def test_host_memory_check_uses_mem_available(tmp_path, monkeypatch):
 
 
 def test_topk_mix_ties_go_to_the_lower_class_and_fillers():
-    c, k = 8, 3
+    c = 8  # classes; each row keeps k = 3
     values = torch.tensor([[0.1, 0.1, 0.1], [0.1, 0.1, 0.1]])
     classes = torch.tensor([[5, 6, 7], [5, 6, 7]], dtype=torch.int32)
     vaks_mix_topk_(values, classes, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.5]), c)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kcd_fast.distillers import Batch, build_distiller, default_settings
-from kcd_fast.distillers.sskd import (SSKD, SSKDSettings, error_level_keep, head_loss, rotated_views, sskd_terms,
+from kcd_fast.distillers.sskd import (SSKDSettings, error_level_keep, head_loss, rotated_views, sskd_terms,
                                       target_rank, view_similarity)
 from kcd_fast.models import build_model
 from kcd_fast.models.small import FeatureClassifier

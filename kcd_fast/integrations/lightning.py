@@ -170,7 +170,7 @@ class KCDSampler(DistributedSampler):
     starts later).
     """
 
-    def __init__(self, callback, *, shuffle: bool = True, drop_last: bool = False):  # noqa: no super().__init__
+    def __init__(self, callback, *, shuffle: bool = True, drop_last: bool = False):  # no super().__init__
         self.callback = callback
         self.shuffle = check_flag("KCDCallback.sampler", "shuffle", shuffle)
         self.drop_last = check_flag("KCDCallback.sampler", "drop_last", drop_last)
