@@ -17,7 +17,8 @@ grayscale ones), and a validation split. Then, in one process:
     batch, the fused kernel against its twin (v2 image by image);
 (c) ``steps``: seconds per step of the KD step (ResNet34 teacher -> ResNet18 student) and the cached
     step (the student alone, soft labels read from a device buffer), fed by each loader and on one
-    device-resident batch;
+    device-resident batch; on CUDA also fed by ``gpu_in_turn``, the gpu loader preparing each batch
+    when the step asks for it instead of ahead in a thread;
 (d) ``runs``: whole trainer runs on the JPEG folders with ``--loader gpu`` (``cpu`` without CUDA): KD
     (``--no-kcd``), KCD and cached KCD, their training times, ratios to KD and C, as
     ``benchmarks/wall_ratio.py`` measures them on device-resident data.
@@ -172,9 +173,12 @@ def worker_batches(root: Path, teacher: Path, loader: str, workers: int):
     yield from getattr(batches, "loader", batches)
 
 
-def loader_batches(root: Path, teacher: Path, loader: str, workers: int):
-    """The trainer's epoch loader as its step consumes it: (x on the device, channels_last on CUDA; y; index)."""
+def loader_batches(root: Path, teacher: Path, loader: str, workers: int, ahead=None):
+    """The trainer's epoch loader as its step consumes it: (x on the device, channels_last on CUDA; y; index).
+    ``ahead``: the batches its main-process part prepares ahead in a thread (None: the trainer's default)."""
     batches, device = epoch_loader(root, teacher, loader, workers)
+    if ahead is not None:
+        batches.ahead = ahead
     for x, y, index in batches:  # as the trainer's step takes them (kcd_fast/train/engine.py)
         x = x.to(device, non_blocking=True)
         if CUDA:
@@ -305,16 +309,22 @@ def step_time(steps: Steps, batches, cached: bool) -> float:
     return (time.perf_counter() - t0) / max(count, 1)
 
 
+IN_TURN = "_in_turn"  # a feed whose batches are prepared when the step asks for them, not ahead in a thread
+
+
 def fed_steps(root: Path, teacher: Path, loaders_to_feed: list, classes: int) -> dict:
-    """Each step's seconds on one device-resident batch and fed by each loader."""
+    """Each step's seconds on one device-resident batch and fed by each loader; on CUDA also fed by the
+    ``gpu`` loader preparing each batch in turn (``gpu_in_turn``: what its thread buys)."""
     steps = Steps(classes, SIZE["n"])
     resident = next(loader_batches(root, teacher, "cpu", 0))
+    feeds = [(f"{loader}_{workers}w", loader, workers, None) for loader, workers in loaders_to_feed]
+    feeds += [(f"gpu{IN_TURN}_{workers}w", loader, workers, 0) for loader, workers in loaders_to_feed if loader == "gpu"]
     out = {}
     for cached in (False, True):
         name = "cached" if cached else "kd"
         out[name] = {"resident_s": step_time(steps, _repeat(resident), cached)}
-        for loader, workers in loaders_to_feed:
-            out[name][f"{loader}_{workers}w_s"] = step_time(steps, loader_batches(root, teacher, loader, workers), cached)
+        for key, loader, workers, ahead in feeds:
+            out[name][f"{key}_s"] = step_time(steps, loader_batches(root, teacher, loader, workers, ahead), cached)
     return out
 
 
@@ -436,8 +446,9 @@ def targets(out: dict) -> dict:
         for key, seconds in times.items():
             if key != "resident_s":
                 t[f"{name}_step_{key[:-2]}_over_resident"] = seconds / times["resident_s"]
-                if key[:-2] in rates:
-                    bound = max(times["resident_s"], out["size"]["batch"] / rates[key[:-2]])
+                rate = rates.get(key[:-2].replace(IN_TURN, ""))  # the loader alone, either way of preparing
+                if rate:
+                    bound = max(times["resident_s"], out["size"]["batch"] / rate)
                     t[f"{name}_step_{key[:-2]}_over_bound"] = seconds / bound
     for loader, runs in out.get("runs", {}).items():
         t[f"runs_{loader}"] = {name: {"ratio_to_kd": r["ratio_to_kd"], "C": r["C"]} for name, r in runs.items()}

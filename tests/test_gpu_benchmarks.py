@@ -91,8 +91,11 @@ def test_loader_targets_bound_each_fed_step_by_the_step_or_the_loader():
                {"loader": "cpu", "workers": loader.CORES, "images_per_s": cpu, "workers_images_per_s": 2 * cpu}]
               for pil, cpu in ((100.0, 900.0), (300.0, 1000.0), (200.0, 800.0))]
     out = {"size": {"batch": 50}, "loaders": passes,
-           "steps": {"kd": {"resident_s": 0.1, f"pil_{cores}_s": 0.3, f"cpu_{cores}_s": 0.105}}}
+           "steps": {"kd": {"resident_s": 0.1, f"pil_{cores}_s": 0.3, f"cpu_{cores}_s": 0.105,
+                            f"pil_in_turn_{cores}_s": 0.4}}}
     t = loader.targets(out)
+    # a feed prepared in turn is bound by the same loader's rate
+    assert t[f"kd_step_pil_in_turn_{cores}_over_bound"] == pytest.approx(0.4 / 0.25)
     assert t[f"kd_step_pil_{cores}_over_bound"] == pytest.approx(0.3 / (50 / 200.0))  # loader-bound: 0.25 s
     assert t[f"kd_step_cpu_{cores}_over_bound"] == pytest.approx(0.105 / 0.1)  # 50/900 s < the step
     assert t[f"kd_step_pil_{cores}_over_resident"] == pytest.approx(3.0)

@@ -159,6 +159,23 @@ def test_batches_equal_the_pil_path_and_mix_k1l_rows_with_their_partners(folder,
         assert torch.equal(x[rows], u[rows])
 
 
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])
+def test_batches_prepared_ahead_in_a_thread_equal_the_ones_prepared_in_turn(folder, mode):
+    """The thread that prepares batches ahead on CUDA (kcd_fast.train.prefetch), run here on the CPU
+    against its slow twin: the same batches, mixes and order, and the epoch it reports files for."""
+    train = build_datasets("imagenet", folder).train
+    loader, sampler, _ = jpeg_loader.train_loader(loader_cfg(loader=mode, workers=1), SimpleNamespace(train=train),
+                                                  condenser(), True)
+    sampler.set_epoch(3)
+    assert loader.ahead == 0  # the CPU default
+    inline = [(x.clone(), y, i) for x, y, i in loader]
+    loader.ahead = 2
+    threaded = [(x.clone(), y, i) for x, y, i in loader]
+    assert len(threaded) == len(inline) > 1 and loader.epoch == 3
+    for a, b in zip(inline, threaded):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 def test_crops_do_not_depend_on_workers_and_repeat_after_a_resume(folder):
     train = build_datasets("imagenet", folder).train
     torch.manual_seed(1)
@@ -370,13 +387,17 @@ def test_the_gpu_path_adds_no_host_sync_per_step(folder):
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = [loader.prepare(*batch) for batch in collated]
-        streamed = list(loader)  # the same batches through the epoch's iterator: prepared on a side stream
+        assert loader.ahead == 2  # the CUDA default: a thread prepares them ahead, on a side stream
+        streamed = list(loader)  # the same batches through the epoch's iterator
+        loader.ahead = 0
+        in_turn = list(loader)  # each on a side stream when asked for
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(x.is_cuda and torch.isfinite(x.float()).all() for x, _, _ in out)
-    assert len(streamed) == len(out)
-    for (x, y, i), (a, b, c) in zip(out, streamed):
+    assert len(streamed) == len(in_turn) == len(out)
+    for (x, y, i), (a, b, c), (d, e, f) in zip(out, streamed, in_turn):
         assert torch.equal(x, a) and torch.equal(y, b) and torch.equal(i, c)
+        assert torch.equal(x, d) and torch.equal(y, e) and torch.equal(i, f)
 
 
 def test_on_stream_without_cuda_is_the_call_itself():

@@ -7,7 +7,8 @@
 * gpu: the workers read file bytes and the JPEG header only, and draw each crop from the header's size;
   a batch leaves a worker as two tensors (:class:`kcd_fast.jpeg.EncodedBatch`). The main process
   decodes the batch with nvJPEG, then crops, resizes, flips and normalises it in one Triton launch
-  (:func:`kcd_fast.jpeg.train_batch`).
+  (:func:`kcd_fast.jpeg.train_batch`), on a side stream, two batches ahead of the step in a thread of
+  its own (:mod:`kcd_fast.train.prefetch`).
 
 Crops come from per-sample generators, so they do not depend on the worker count, the batch a sample
 lands in or the workers' RNG: the workers persist across epochs, and a resumed run draws the same
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset, de
 
 from kcd_fast import crops, jpeg
 from kcd_fast.sampling import NoSingletonBatches, mix_inputs
+from kcd_fast.train import prefetch
 from kcd_fast.train.options import AMP_DTYPES
 
 __all__ = ["Item", "partner_items", "PartnerBatches", "JpegFolderSet", "collate_items", "TrainBatches",
@@ -178,29 +180,30 @@ class TrainBatches:
     decodes (CMYK on the GPU, data that is not a JPEG) are counted in ``fallbacks`` and, on rank 0,
     reported once an epoch."""
 
-    def __init__(self, loader: DataLoader, dataset: JpegFolderSet, device, dtype: torch.dtype, rank: int = 0):
+    def __init__(self, loader: DataLoader, dataset: JpegFolderSet, device, dtype: torch.dtype, rank: int = 0,
+                 ahead=None):
         self.loader, self.dataset = loader, dataset
         self.device, self.dtype, self.rank = torch.device(device), dtype, rank
-        self.fallbacks = 0
+        self.ahead = prefetch.default_ahead(self.device) if ahead is None else ahead
+        self.fallbacks, self.epoch = 0, None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        self.fallbacks, epoch = 0, None
+        self.fallbacks = 0
         # Each batch's decode, crops and mix are queued on a side stream, beside the step already queued
-        # (as timm's PrefetchLoader and DALI run their input work), not after it.
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        for batch in self.loader:
-            epoch = batch[3]
-            yield jpeg.on_stream(side, self.prepare, *batch)
+        # (as timm's PrefetchLoader and DALI run their input work), not after it; on CUDA a thread
+        # prepares them ahead (kcd_fast.train.prefetch).
+        yield from prefetch.prepared(self.loader, self.prepare, self.device, self.ahead)
         if self.fallbacks and self.rank == 0:
             where = "the GPU's decoder" if self.dataset.on_gpu else "decode_jpeg"
-            print(f"kcd_fast: epoch {epoch + 1}: {self.fallbacks} file(s) of this process's share were decoded by "
-                  f"PIL on the CPU ({where} does not read them: CMYK, or not JPEG data)", flush=True)
+            print(f"kcd_fast: epoch {self.epoch + 1}: {self.fallbacks} file(s) of this process's share were decoded "
+                  f"by PIL on the CPU ({where} does not read them: CMYK, or not JPEG data)", flush=True)
 
     def prepare(self, data, y, index, epoch, own, k1l, partner_rows, eps, fallbacks=0):
         """One collated batch (:func:`collate_items`) -> ``(x, y, index)`` of its own rows."""
+        self.epoch = epoch
         if not k1l.numel():  # the row count is host metadata: no sync
             x, here = to_input(self.dataset, data, index, self.device, self.dtype, epoch)
             self.fallbacks += fallbacks + here
@@ -240,16 +243,15 @@ class JpegSplit:
 
     def batches(self, indices, cfg, device):
         """``(x, y, index)`` over ``indices`` in batches of ``--eval-batch-size``, x on ``device``."""
-        device = torch.device(device)
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        device, dtype = torch.device(device), amp_dtype(cfg)
         loader = DataLoader(self.dataset, sampler=list(indices), batch_size=cfg.eval_batch_size,
                             num_workers=self.workers, collate_fn=collate_items,
                             pin_memory=device.type == "cuda" and not self.dataset.on_gpu)
-        for data, y, index, _ in loader:
-            yield jpeg.on_stream(side, self.eval_input, data, y, index, device, amp_dtype(cfg))
 
-    def eval_input(self, data, y, index, device, dtype):
-        return to_input(self.dataset, data, index, device, dtype)[0], y, index
+        def eval_input(data, y, index, fallbacks):
+            return to_input(self.dataset, data, index, device, dtype)[0], y, index
+
+        yield from prefetch.prepared(loader, eval_input, device, prefetch.default_ahead(device))
 
 
 def train_loader(cfg, data, condenser, mix: bool):
