@@ -191,16 +191,50 @@ def sync():
         torch.cuda.synchronize()
 
 
-def images_per_s(batches) -> tuple[int, float]:
-    """(images, seconds) over ``loader_batches`` batches after the first (the workers' start)."""
-    it = iter(batches)
-    next(it)
-    sync()
-    t0, images = time.perf_counter(), 0
-    for _, batch in zip(range(SIZE["loader_batches"]), it):
+def window(workers: int, wanted: int) -> tuple[int, int]:
+    """(first, count): a timing starts once batch ``first`` is taken and spans the next ``count``.
+
+    The workers start together, so their first round of batches arrives at once; a loader's thread
+    prepares a few more ahead. Timed from the first batch, or over part of a round, a loader-bound
+    rate comes out high (by a quarter for 16 workers over 40 batches). So the timing starts with the
+    second round and spans whole rounds, at least ``wanted`` batches. An epoch too short for that (the
+    CPU sizes) is timed from its second batch, as far as it goes."""
+    rounds = max(workers, 1)
+    first, count = rounds, rounds * -(-wanted // rounds)
+    if first + count < SIZE["n"] // SIZE["batch"]:
+        return first, count
+    return 1, max(1, min(wanted, SIZE["n"] // SIZE["batch"] - 2))
+
+
+class Clock:
+    """Seconds between two points of the current stream's work: CUDA events, so that the start needs no
+    host sync (one would let a prefetching loader run ahead meanwhile); the host's clock without CUDA."""
+
+    def start(self) -> None:
+        self.t0 = torch.cuda.Event(enable_timing=True) if CUDA else time.perf_counter()
+        if CUDA:
+            self.t0.record()
+
+    def seconds(self) -> float:
+        if not CUDA:
+            return time.perf_counter() - self.t0
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self.t0.elapsed_time(end) / 1000
+
+
+def images_per_s(batches, workers: int) -> tuple[int, float]:
+    """(images, seconds) over the :func:`window` of ``loader_batches`` batches, each counted when it is
+    ready on the device."""
+    first, count = window(workers, SIZE["loader_batches"])
+    it, clock, images = iter(batches), Clock(), 0
+    for _, batch in zip(range(first), it):
+        pass
+    clock.start()
+    for _, batch in zip(range(count), it):
         images += len(batch[0])
-    sync()
-    seconds = time.perf_counter() - t0
+    seconds = clock.seconds()
     # End the loader and its workers now: prefetching workers left alive would run into the next timing.
     if hasattr(it, "close"):
         it.close()
@@ -212,10 +246,10 @@ def images_per_s(batches) -> tuple[int, float]:
 def loader_rate(root: Path, teacher: Path, loader: str, workers: int) -> dict:
     """Images/s of one loader alone: the batches as the step takes them, and (except ``gpu``, whose
     workers only read bytes) what its workers deliver before the main process's part."""
-    images, seconds = images_per_s(loader_batches(root, teacher, loader, workers))
+    images, seconds = images_per_s(loader_batches(root, teacher, loader, workers), workers)
     out = {"loader": loader, "workers": workers, "images": images, "seconds": seconds, "images_per_s": images / seconds}
     if loader != "gpu":
-        images, seconds = images_per_s(worker_batches(root, teacher, loader, workers))
+        images, seconds = images_per_s(worker_batches(root, teacher, loader, workers), workers)
         out["workers_images_per_s"] = images / seconds
     return out
 
@@ -295,18 +329,18 @@ class Steps:
         self.optimizer.step()
 
 
-def step_time(steps: Steps, batches, cached: bool) -> float:
-    """Seconds per step over ``steps`` steps after two warm-up steps, fed by ``batches``."""
-    it = iter(batches)
-    for _ in range(2):
-        steps.step(*next(it), cached=cached)
-    sync()
-    t0, count = time.perf_counter(), 0
-    for _, batch in zip(range(SIZE["steps"]), it):
+def step_time(steps: Steps, batches, cached: bool, workers: int = 0) -> float:
+    """Seconds per step over the :func:`window` of ``steps`` steps fed by ``batches`` from ``workers``
+    workers, after at least two warm-up steps."""
+    first, count = window(workers, SIZE["steps"])
+    it, clock, done = iter(batches), Clock(), 0
+    for _, batch in zip(range(max(first, 2)), it):
         steps.step(*batch, cached=cached)
-        count += 1
-    sync()
-    return (time.perf_counter() - t0) / max(count, 1)
+    clock.start()
+    for _, batch in zip(range(count), it):
+        steps.step(*batch, cached=cached)
+        done += 1
+    return clock.seconds() / max(done, 1)
 
 
 IN_TURN = "_in_turn"  # a feed whose batches are prepared when the step asks for them, not ahead in a thread
@@ -324,7 +358,8 @@ def fed_steps(root: Path, teacher: Path, loaders_to_feed: list, classes: int) ->
         name = "cached" if cached else "kd"
         out[name] = {"resident_s": step_time(steps, _repeat(resident), cached)}
         for key, loader, workers, ahead in feeds:
-            out[name][f"{key}_s"] = step_time(steps, loader_batches(root, teacher, loader, workers, ahead), cached)
+            batches = loader_batches(root, teacher, loader, workers, ahead)
+            out[name][f"{key}_s"] = step_time(steps, batches, cached, workers)
     return out
 
 

@@ -101,3 +101,20 @@ def test_loader_targets_bound_each_fed_step_by_the_step_or_the_loader():
     assert t[f"kd_step_pil_{cores}_over_resident"] == pytest.approx(3.0)
     assert t["cpu_over_pil_same_workers"] == pytest.approx(4.0)  # the median pass: 9, 10/3 and 4
     assert "runs_gpu" not in t and loader.targets({"size": {"batch": 1}}) == {}
+
+
+def test_loader_timings_start_after_the_first_round_and_span_whole_rounds(monkeypatch):
+    """16 workers hand over their first 16 batches at once: a timing from the first batch would count
+    15 of them as free. The window opens with the second round and spans whole rounds; an epoch too
+    short for that is timed from its second batch."""
+    from benchmarks import loader
+
+    monkeypatch.setitem(loader.SIZE, "n", 20_000)
+    monkeypatch.setitem(loader.SIZE, "batch", 256)  # 78 batches an epoch
+    assert loader.window(16, 40) == (16, 48) and loader.window(8, 40) == (8, 40) and loader.window(0, 30) == (1, 30)
+    assert loader.window(16, 30) == (16, 32)
+    monkeypatch.setitem(loader.SIZE, "n", 64)
+    monkeypatch.setitem(loader.SIZE, "batch", 16)  # 4 batches
+    assert loader.window(2, 3) == (1, 2)
+    first, count = loader.window(64, 40)
+    assert first + count <= 3
