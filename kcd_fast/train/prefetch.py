@@ -24,8 +24,8 @@ POLL_S = 0.1  # how often a producer blocked on a full queue checks that its con
 
 
 def default_ahead(device) -> int:
-    """Batches prepared ahead by default: 2 on CUDA (one taken by the step, one ready), 0 on the CPU, whose
-    main process trains on the cores a thread would take."""
+    """Batches held ready by default: 2 on CUDA, 0 on the CPU, whose main process trains on the cores a
+    thread would take."""
     return 2 if torch.device(device).type == "cuda" else 0
 
 
@@ -34,7 +34,7 @@ def prepared(batches, work, device, ahead: int):
 
     ``ahead`` 0: each in turn when asked for, queued on a side CUDA stream that the current stream then
     waits for (:func:`kcd_fast.jpeg.on_stream`; on the CPU just the call). ``ahead`` > 0: a background
-    thread prepares up to ``ahead`` batches beyond the one taken, on a side stream of its own; each is
+    thread holds up to ``ahead`` batches ready (and prepares the next), on a side stream of its own; each is
     handed over with a device-side wait on an event recorded after its work (no host sync), its CUDA
     tensors marked as used on the current stream. Both give the same batches. An exception raised by
     ``batches`` or ``work`` reaches the caller at the batch it belongs to; leaving the loop early stops
@@ -50,7 +50,8 @@ def prepared(batches, work, device, ahead: int):
         for batch in batches:
             yield jpeg.on_stream(side, work, *batch)
         return
-    # the iterator is made here, in the caller's thread: a sampler reads its epoch as it starts
+    # the iterator is made in the caller's thread, as without a thread (a DataLoader with workers starts
+    # them and hands out their first indices as it is made)
     yield from _threaded(iter(batches), work, device, side, ahead)
 
 
@@ -94,9 +95,9 @@ def _threaded(it, work, device, side, ahead: int):
             item = slots.get()
             if item is _DONE:
                 return
+            if item[0] is _RAISED:
+                raise item[1]
             out, ready = item
-            if out is _RAISED:
-                raise ready
             if ready is not None:
                 current = torch.cuda.current_stream(device)
                 current.wait_event(ready)
