@@ -72,8 +72,11 @@ def loader(result: dict) -> list:
                   f"{GPU_LOADER_MIN_OVER_CEILING:.0%} of nvJPEG's ceiling")
     if "gpu_over_decode_ceiling" in t:
         over_step, over_ceiling = t["gpu_over_cached_step_consumption"], t["gpu_over_decode_ceiling"]
+        # the step's figure: measured in the same run, or (a loader.json cut before its steps) the documented one
+        step = (f" of {t['cached_step_images_per_s']:.0f} ({t['cached_step_images_per_s_from']})"
+                if "cached_step_images_per_s" in t else "")
         rows.append(row("loader.json", gpu_loader,
-                        f"{t['gpu_loader_images_per_s']:.0f} images/s: {over_step:.2f}x, {over_ceiling:.1%}",
+                        f"{t['gpu_loader_images_per_s']:.0f} images/s: {over_step:.2f}x{step}, {over_ceiling:.1%}",
                         over_step >= GPU_LOADER_MIN_OVER_CACHED_STEP or over_ceiling >= GPU_LOADER_MIN_OVER_CEILING))
     else:
         rows.append(row("loader.json", gpu_loader, None, None))

@@ -101,6 +101,29 @@ def test_loader_targets_bound_each_fed_step_by_the_step_or_the_loader():
     assert t[f"kd_step_pil_{cores}_over_resident"] == pytest.approx(3.0)
     assert t["cpu_over_pil_same_workers"] == pytest.approx(4.0)  # the median pass: 9, 10/3 and 4
     assert "runs_gpu" not in t and loader.targets({"size": {"batch": 1}}) == {}
+    # the GPU loader's yardstick: the cached step of the same run once timed, else the documented figure
+    assert loader.cached_step_consumption({"size": {"batch": 256}, "steps": {"cached": {"resident_s": 0.02}}}) == (
+        pytest.approx(12_800), "measured")
+    assert loader.cached_step_consumption({"size": {"batch": 256}}) == (13_000, "docs/performance.md (H200)")
+
+
+def test_the_gpu_loader_is_read_against_the_cached_step_of_the_same_run(monkeypatch):
+    from benchmarks import loader
+
+    monkeypatch.setattr(loader, "CUDA", True)
+    cores = f"{loader.CORES}w"
+    rates = [{"loader": name, "workers": loader.CORES, "images_per_s": rate, "workers_images_per_s": rate}
+             for name, rate in (("pil", 3000.0), ("cpu", 5000.0), ("gpu", 15000.0))]
+    out = {"size": {"batch": 256}, "loaders": [rates], "decode_ceiling": {"images_per_s": 16000.0}}
+    t = loader.targets(out)
+    assert t["cached_step_images_per_s_from"] == "docs/performance.md (H200)"
+    assert t["gpu_over_cached_step_consumption"] == pytest.approx(15000 / 13000)
+    out["steps"] = {"cached": {"resident_s": 256 / 10000, f"gpu_{cores}_s": 256 / 9000}}
+    t = loader.targets(out)
+    assert t["cached_step_images_per_s_from"] == "measured"
+    assert t["gpu_over_cached_step_consumption"] == pytest.approx(1.5)
+    assert t["gpu_over_decode_ceiling"] == pytest.approx(15000 / 16000)
+    assert t[f"cached_step_gpu_{cores}_over_bound"] == pytest.approx(10000 / 9000)  # the step bounds it
 
 
 def test_loader_timings_start_after_the_first_round_and_span_whole_rounds(monkeypatch):

@@ -88,6 +88,7 @@ def results_folder(path: Path, **changes) -> Path:
         "lightning_callback_step.json": {"device": gpu, "smoke": False, "overhead_pct": 0.05},
         "loader.json": {"device": gpu, "smoke": False, "targets": {
             "gpu_loader_images_per_s": 16000.0, "gpu_over_cached_step_consumption": 1.23,
+            "cached_step_images_per_s": 13008.0, "cached_step_images_per_s_from": "measured",
             "gpu_over_decode_ceiling": 0.8, "kd_step_gpu_16w_over_bound": 1.01,
             "kd_step_pil_8w_over_bound": 1.3, "cached_step_gpu_16w_over_bound": 1.04,
             "cached_step_gpu_in_turn_16w_over_bound": 1.2,
@@ -117,6 +118,7 @@ def test_the_verdict_reads_every_bound_of_a_results_folder(tmp_path):
     assert sum(line.startswith("info") for line in lines) == 4
     assert any(x.startswith("info") and "gpu_in_turn" in x and "1.200x" in x for x in lines)
     assert any("1.200 ms" in x and "<= 1.5 ms" in x for x in lines)
+    assert any(x.startswith("holds") and "16000 images/s: 1.23x of 13008 (measured), 80.0%" in x for x in lines)
 
     # the GPU loader below 1.2x the cached step still holds at >= 90% of nvJPEG's ceiling
     ceiling = results_folder(tmp_path / "ceiling")
