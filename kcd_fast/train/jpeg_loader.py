@@ -178,7 +178,8 @@ class TrainBatches:
     normalised on the device in the AMP dtype, each K1L row mixed with its partner's row in float32
     (:func:`kcd_fast.sampling.mix_inputs`), and only the batch's own rows kept. Files that only PIL
     decodes (CMYK on the GPU, data that is not a JPEG) are counted in ``fallbacks`` and, on rank 0,
-    reported once an epoch."""
+    reported once an epoch. ``ahead``: the batches a thread holds ready (:func:`kcd_fast.train.prefetch.prepared`;
+    None: 2 on CUDA, 0 on the CPU)."""
 
     def __init__(self, loader: DataLoader, dataset: JpegFolderSet, device, dtype: torch.dtype, rank: int = 0,
                  ahead=None):
