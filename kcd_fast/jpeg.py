@@ -35,7 +35,8 @@ from kcd_fast.crops import crop_draws, eval_crops, random_resized_crop_boxes, tr
 from kcd_fast.data import CorruptImageError
 
 __all__ = ["FileBytesDataset", "collate_bytes", "EncodedBatch", "describe_file", "JpegHeader", "read_jpeg_header",
-           "decodes_on_device", "on_stream", "on_decode_stream", "decode_batch", "train_batch", "eval_batch"]
+           "decodes_on_device", "on_stream", "hand_over", "on_decode_stream", "decode_batch", "train_batch",
+           "eval_batch"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -178,15 +179,23 @@ def decode_each(data: list, device: torch.device, mode: ImageReadMode) -> list:
 
 
 def on_stream(stream, work, *args):
-    """``work(*args)`` queued on the CUDA ``stream``; the current stream then waits for it on the device
-    (no host sync), and the CUDA tensors among its outputs (a sequence) are marked as used there, so
-    their memory is not reused while the current stream reads them. ``stream`` None: just the call."""
+    """``work(*args)`` queued on the CUDA ``stream``, then :func:`hand_over` to the current stream.
+    ``stream`` None: just the call."""
     if stream is None:
         return work(*args)
     with torch.cuda.stream(stream):
         out = work(*args)
-    current = torch.cuda.current_stream(stream.device)
-    current.wait_stream(stream)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return hand_over(out, ready, stream.device)
+
+
+def hand_over(out, ready, device):
+    """``out`` (a sequence), made on another stream up to the CUDA event ``ready``, for the current stream
+    of ``device``: it waits for ``ready`` on the device (no host sync), and the CUDA tensors among
+    ``out`` are marked as used there, so their memory is not reused while the current stream reads them."""
+    current = torch.cuda.current_stream(device)
+    current.wait_event(ready)
     for t in out:
         if isinstance(t, torch.Tensor) and t.is_cuda:
             t.record_stream(current)

@@ -98,13 +98,7 @@ def _threaded(it, work, device, side, ahead: int):
             if item[0] is _RAISED:
                 raise item[1]
             out, ready = item
-            if ready is not None:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(ready)
-                for t in out:
-                    if isinstance(t, torch.Tensor) and t.is_cuda:
-                        t.record_stream(current)
-            yield out
+            yield out if ready is None else jpeg.hand_over(out, ready, device)
     finally:
         stop.set()
         thread.join()
